@@ -53,7 +53,7 @@ class Config:
     batch_size: int = field(default=128, metadata={"help": "per process"})
     workers: int = field(default=-1, metadata={"help": "ffcv decoding threads; -1: all cores / processes"})
     optimizer: str = field(default="sgd", metadata={"help": "sgd (nesterov) or adamw"})
-    lr: float = field(default=0.1, metadata={"help": "peak learning rate for a batch of 128 per process"})
+    lr: float = field(default=0.1, metadata={"help": "peak lr at a global batch of 128; scaled linearly with the global batch"})
     weight_decay: float = field(default=5e-4, metadata={"help": "not applied to biases, norms and the temperature"})
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.0
