@@ -47,6 +47,7 @@ class Config:
     max_per_class: int = field(default=500, metadata={"help": "images of the largest class (LT sets, folder)"})
     imbalance: float = field(default=100.0, metadata={"help": "largest / smallest class size; 1 = no subsampling"})
     val_per_class: int = field(default=100, metadata={"help": "balanced val images per class taken from the official test set; the rest is test"})
+    test_per_class: int = field(default=0, metadata={"help": "cap on test images per class (0 = all the rest of the official test set)"})
     seed: int = 0
     source: str = field(default="", metadata={"help": "local copy of the source dataset (fashion-mnist IDX folder, CIFAR root, OOD set root)"})
     lists: str = field(default="", metadata={"help": "folder with the published split lists (imagenet-lt, places-lt, inat2018)"})
@@ -78,13 +79,13 @@ def subsample_lt(labels, counts, rng):
     return keep
 
 
-def split_balanced(labels, per_class, rng):
-    """Split indices into (val, test): per_class of every class to val, the rest to test."""
+def split_balanced(labels, per_class, rng, test_per_class=0):
+    """Split indices into (val, test): per_class of every class to val, the rest (or test_per_class) to test."""
     val, test = [], []
     for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
         val.extend(idx[:per_class].tolist())
-        test.extend(idx[per_class:].tolist())
+        test.extend(idx[per_class:per_class + test_per_class if test_per_class else None].tolist())
     return sorted(val), sorted(test)
 
 
@@ -137,7 +138,7 @@ def prepare_lt(cfg, out):
     rng = np.random.default_rng(cfg.seed)
     counts = lt_counts(len(names), cfg.max_per_class, cfg.imbalance)
     keep = subsample_lt(tr_y, counts, rng)
-    val_idx, test_idx = split_balanced(te_y, cfg.val_per_class, rng)
+    val_idx, test_idx = split_balanced(te_y, cfg.val_per_class, rng, cfg.test_per_class)
     return names, {
         "train": write_pngs(out, "train", tr_x, tr_y, keep),
         "val": write_pngs(out, "test", te_x, te_y, val_idx),

@@ -413,7 +413,7 @@ def group_accuracy(preds, labels, class_counts):
     counts = torch.as_tensor(class_counts)[labels]
     correct = (preds == labels).float()
     result = {"top1": correct.mean().item()}
-    for name, mask in (("many", counts > 100), ("medium", (counts >= 20) & (counts <= 100)), ("few", counts < 20)):
+    for name, mask in (("many", counts > 100), ("medium", (counts >= 20) & (counts <= 100)), ("few", (counts > 0) & (counts < 20))):
         result[name] = correct[mask].mean().item() if mask.any() else None  # no such class in this split
     return result
 

@@ -62,13 +62,14 @@ def test_rerun_is_byte_identical(fmnist, tmp_path):
     prepare("fashion-mnist-lt", "--out", out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     other = tmp_path / "again"
-    prepare("fashion-mnist-lt", "--out", other, "--max-per-class", "50", "--imbalance", "10")
-    prepare("fashion-mnist-lt", "--out", tmp_path / "again2", "--max-per-class", "50", "--imbalance", "10")
+    prepare("fashion-mnist-lt", "--out", other, "--max-per-class", "50", "--imbalance", "10", "--test-per-class", "50")
+    prepare("fashion-mnist-lt", "--out", tmp_path / "again2", "--max-per-class", "50", "--imbalance", "10", "--test-per-class", "50")
     for name in ("train.txt", "val.txt", "test.txt", "classes.txt"):
         assert (other / name).read_bytes() == (tmp_path / "again2" / name).read_bytes()
     assert per_class(lines(other / "train.txt"), 10) == [50, 38, 29, 23, 17, 13, 10, 8, 6, 5]
     seeded = tmp_path / "seed1"
-    prepare("fashion-mnist-lt", "--out", seeded, "--max-per-class", "50", "--imbalance", "10", "--seed", "1")
+    prepare("fashion-mnist-lt", "--out", seeded, "--max-per-class", "50", "--imbalance", "10", "--seed", "1", "--test-per-class", "50")
+    assert per_class(lines(seeded / "test.txt"), 10) == [50] * 10
     assert (seeded / "train.txt").read_bytes() != (other / "train.txt").read_bytes()
 
 

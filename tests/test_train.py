@@ -94,7 +94,7 @@ def test_group_accuracy_boundaries():
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("fm") / "fmnist-lt"
     subprocess.run([sys.executable, REPO / "prepare.py", "fashion-mnist-lt", "--out", out, "--max-per-class", "60",
-                    "--imbalance", "10", "--val-per-class", "10"], check=True, capture_output=True)
+                    "--imbalance", "10", "--val-per-class", "10", "--test-per-class", "10"], check=True, capture_output=True)
     return out
 
 
