@@ -55,6 +55,7 @@ bench: setup
 	$(PY) bench/encode_bench.py
 	$(PY) bench/caption_bench.py
 	$(PY) bench/train_bench.py
+	$(PY) bench/eval_bench.py
 
 clean:
 	rm -rf runs data .pytest_cache
