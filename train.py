@@ -446,6 +446,82 @@ def versions():
     return {n: pkg_metadata.version(n) for n in names} | {"python": sys.version.split()[0]}
 
 
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def pixel_mean_std(device):
+    """ImageNet statistics on the 0-255 scale of ffcv's uint8 batches, shaped to broadcast over NCHW."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255, torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
+def make_optimizer(cfg, model, num_processes, steps_per_epoch):
+    """SGD (nesterov) or AdamW, no decay on biases, norms and the temperature; linear warmup then cosine, per step."""
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad and not n.endswith("log_scale")]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    temp = [p for n, p in model.named_parameters() if n.endswith("log_scale") and p.requires_grad]
+    if temp:  # its own lr: at the backbone's SGD lr it collapses (DESIGN.md)
+        groups.append({"params": temp, "weight_decay": 0.0, "lr": cfg.temp_lr})
+    lr = cfg.lr * cfg.batch_size * num_processes / 128
+    for g in groups:
+        g.setdefault("lr", lr)
+    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True) if cfg.optimizer == "sgd"
+                 else torch.optim.AdamW(groups, lr=lr))
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, text_feats, teacher, teacher_images, log_prior, loss_names):
+    """The hot path: one optimisation step on a loader batch. Returns [loss, *parts] as one device tensor,
+    so the caller decides when to sync. `model` is the prepared (DDP / compiled) Model."""
+    device = accelerator.device
+    core = accelerator.unwrap_model(model)
+    core = getattr(core, "_orig_mod", core)
+    mean, std = pixel_mean_std(device)
+    tau_cls = {"ce": 0.0, "la": cfg.tau_la, "bs": 1.0}[cfg.loss]
+
+    def train_step(images, labels, indices, gen):
+        flip = torch.rand(len(images), device=device, generator=gen) < 0.5
+        images = normalize(torch.where(flip[:, None, None, None], images.flip(3), images), mean, std)
+        images = images.contiguous(memory_format=torch.channels_last)
+        texts = None
+        if text_feats is not None:  # one of each image's P captions, sampled every step
+            slot = torch.randint(text_feats.shape[1], (len(indices),), device=device, generator=gen)
+            texts = text_feats[indices, slot].float()
+        with accelerator.autocast():
+            logits, clip_emb, img_emb, txt_emb = model(images, texts)
+            parts = [prior_adjusted_ce(logits, labels, log_prior, tau_cls, cfg.label_smoothing)]
+            weights = [1.0]
+            if "loss_text" in loss_names:
+                parts.append(info_nce(img_emb, txt_emb, core.text_head.log_scale.exp(), labels, cfg.mask_same_class))
+                weights.append(cfg.text_weight)
+            if "loss_kd" in loss_names:
+                with torch.no_grad():
+                    teacher_logits = teacher(images)[1]
+                parts.append(logit_kd(logits, teacher_logits, cfg.kd_temp))
+                weights.append(cfg.kd_weight)
+            if "loss_imitate" in loss_names:
+                parts.append(imitation_loss(clip_emb, teacher_images[indices], cfg.imitate_loss, 1 / cfg.tau))
+                weights.append(cfg.imitate_weight)
+            if "loss_align" in loss_names:
+                parts.append(alignment_loss(clip_emb, teacher_images[indices], core.student.class_text, cfg.tau,
+                                            labels, cfg.align_topk, cfg.align_correct_only))
+                weights.append(cfg.align_weight)
+            loss = sum(w * p for w, p in zip(weights, parts))
+        accelerator.backward(loss)
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            update_ema(ema, list(core.student.state_dict().values()), cfg.ema)
+        return torch.stack([loss.detach().float()] + [p.detach().float() for p in parts])
+
+    return train_step
+
+
 def main():
     (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses()
     if cfg.loss not in ("ce", "la", "bs") or cfg.head not in ("linear", "cosine") or cfg.imitate_loss not in ("mse", "contrastive"):
@@ -518,17 +594,6 @@ def main():
     loss_names = ["loss_cls"] + (["loss_text"] if text_head else []) + (["loss_kd"] if teacher else []) + \
         (["loss_imitate"] if teacher_images is not None and cfg.imitate_weight > 0 else []) + \
         (["loss_align"] if teacher_images is not None and class_text is not None and cfg.align_weight > 0 else [])
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad and not n.endswith("log_scale")]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if text_head is not None and cfg.learn_temp:
-        groups.append({"params": [text_head.log_scale], "weight_decay": 0.0, "lr": cfg.temp_lr})
-    lr = cfg.lr * cfg.batch_size * accelerator.num_processes / 128
-    for g in groups:
-        g.setdefault("lr", lr)
-    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True) if cfg.optimizer == "sgd"
-                 else torch.optim.AdamW(groups, lr=lr))
-
     train_loader = make_loader(cfg, beton_for(cfg, cfg.train_split, accelerator), True, accelerator)
     val_loader = make_loader(cfg, beton_for(cfg, cfg.val_split, accelerator), False, accelerator)
     accelerator.print(f"train.py: {len(train_items)} train images, {num_classes} classes, world size {accelerator.num_processes}, "
@@ -536,9 +601,8 @@ def main():
     steps_per_epoch = len(train_loader)
     if steps_per_epoch == 0:
         die(f"{train_path}: fewer images than --batch-size {cfg.batch_size} per process")
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    schedule = lambda s: (s + 1) / warmup_steps if s < warmup_steps else 0.5 * (1 + math.cos(math.pi * (s - warmup_steps) / max(1, total_steps - warmup_steps)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    total_steps = cfg.epochs * steps_per_epoch
+    optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes, steps_per_epoch)
     ema = [p.detach().clone() for p in model.student.state_dict().values()] if cfg.ema > 0 else None
 
     start_epoch, step = 0, 0
@@ -565,9 +629,9 @@ def main():
         (out / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")
         if not cfg.resume:
             (out / "metrics.jsonl").write_text("")
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1) * 255
-    tau_cls = {"ce": 0.0, "la": cfg.tau_la, "bs": 1.0}[cfg.loss]
+    mean, std = pixel_mean_std(device)
+    train_step = make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, text_feats, teacher, teacher_images,
+                                 log_prior, loss_names)
 
     def log(row):
         if is_main:
@@ -584,43 +648,8 @@ def main():
         row_seen = torch.zeros(len(train_items), device=device, dtype=torch.int32)
         for images, labels, indices in train_loader:
             row_seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
-            flip = torch.rand(len(images), device=device, generator=gen) < 0.5
-            images = normalize(torch.where(flip[:, None, None, None], images.flip(3), images), mean, std)
-            images = images.contiguous(memory_format=torch.channels_last)
-            texts = None
-            if text_feats is not None:  # one of each image's P captions, sampled every step
-                slot = torch.randint(text_feats.shape[1], (len(indices),), device=device, generator=gen)
-                texts = text_feats[indices, slot].float()
-            with accelerator.autocast():
-                logits, clip_emb, img_emb, txt_emb = model(images, texts)
-                parts = [prior_adjusted_ce(logits, labels, log_prior, tau_cls, cfg.label_smoothing)]
-                weights = [1.0]
-                if text_head is not None:
-                    parts.append(info_nce(img_emb, txt_emb, core.text_head.log_scale.exp(), labels, cfg.mask_same_class))
-                    weights.append(cfg.text_weight)
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)[1]
-                    parts.append(logit_kd(logits, teacher_logits, cfg.kd_temp))
-                    weights.append(cfg.kd_weight)
-                if "loss_imitate" in loss_names:
-                    parts.append(imitation_loss(clip_emb, teacher_images[indices], cfg.imitate_loss, 1 / cfg.tau))
-                    weights.append(cfg.imitate_weight)
-                if "loss_align" in loss_names:
-                    parts.append(alignment_loss(clip_emb, teacher_images[indices], core.student.class_text, cfg.tau,
-                                                labels, cfg.align_topk, cfg.align_correct_only))
-                    weights.append(cfg.align_weight)
-                loss = sum(w * p for w, p in zip(weights, parts))
-            accelerator.backward(loss)
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                update_ema(ema, list(core.student.state_dict().values()), cfg.ema)
+            values = train_step(images, labels, indices, gen)
             with torch.no_grad():  # no host sync here: accumulate on the device, read when logging
-                values = torch.stack([loss.detach().float()] + [p.detach().float() for p in parts])
                 running += values
                 bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values).all(), step, bad_step)
             step += 1
@@ -665,7 +694,7 @@ def main():
         final = {"format": "vlmkd-final-1", "arch": cfg.arch, "num_classes": num_classes, "feat_dim": core.student.feat_dim,
                  "model": {k: v.cpu() for k, v in core.student.state_dict().items()}, "head": cfg.head, "tau": cfg.tau,
                  "classes": class_names, "class_counts": class_counts.tolist(),
-                 "preprocess": {"res": cfg.res, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "crop_ratio": crop_ratio(cfg)},
+                 "preprocess": {"res": cfg.res, "mean": MEAN, "std": STD, "crop_ratio": crop_ratio(cfg)},
                  "train_split_sha256": sha256_file(train_path), "config": asdict(cfg)}
         if class_text is not None and cfg.head == "cosine":
             final["class_text"] = class_text
