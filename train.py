@@ -62,7 +62,7 @@ class Config:
     loss: str = field(default="la", metadata={"help": "ce | la (logit-adjusted) | bs (balanced softmax)"})
     tau_la: float = field(default=1.0, metadata={"help": "logit adjustment strength"})
     head: str = field(default="linear", metadata={"help": "linear | cosine (over --class-text embeddings, Li et al.)"})
-    class_text: str = field(default="", metadata={"help": "classes.npy from encode.py --classes (CLIP text space)"})
+    class_text: str = field(default="", metadata={"help": "classes.npy from encode.py --classes (CLIP text space); rows of the training classes are used"})
     tau: float = field(default=0.07, metadata={"help": "temperature of the cosine head and the VL alignment"})
     text: str = field(default="", metadata={"help": "text.npy from encode.py: VLM caption features [N, P, D]"})
     text_weight: float = field(default=1.0, metadata={"help": "VLM-KD text distillation weight; 0 = off"})
@@ -562,8 +562,14 @@ def main():
     class_text = None
     if cfg.class_text:
         class_text = torch.from_numpy(np.load(cfg.class_text).astype(np.float32))
-        if class_text.shape[0] != num_classes:
+        sidecar = Path(cfg.class_text).with_suffix(".json")
+        text_names = json.loads(sidecar.read_text()).get("names") if sidecar.exists() else None
+        # ID/OOD sets list the ID (training) classes first: their rows are the first num_classes.
+        if text_names is not None and text_names[:num_classes] != class_names:
+            die(f"{cfg.class_text}: its classes ({sidecar.name} names) do not start with the {num_classes} classes of {classes_path}")
+        if class_text.shape[0] < num_classes or (text_names is None and class_text.shape[0] != num_classes):
             die(f"{cfg.class_text} has {class_text.shape[0]} class rows, {classes_path} names {num_classes}")
+        class_text = class_text[:num_classes]
     if cfg.head == "cosine" and class_text is None:
         die("--head cosine needs --class-text classes.npy (encode.py --classes)")
     teacher_images = None

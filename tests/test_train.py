@@ -228,3 +228,12 @@ def test_compile(data, tmp_path):
     run_train(data, run, "--epochs", 1, "--compile", "--max-steps", 3, timeout=600)
     assert (run / "final.pt").exists()
     assert any("loss" in r for r in metrics(run))
+
+
+def test_class_text_must_start_with_training_classes(data, tmp_path):
+    names = (data / "classes.txt").read_text().splitlines()
+    feats = np.eye(12, 8, dtype=np.float16)
+    np.save(tmp_path / "classes.npy", feats)
+    (tmp_path / "classes.json").write_text(json.dumps({"kind": "classes", "names": names[::-1] + ["x", "y"]}))
+    proc = run_train(data, tmp_path / "r", "--head", "cosine", "--class-text", tmp_path / "classes.npy", check=False)
+    assert proc.returncode != 0 and "do not start with the 10 classes" in proc.stderr.strip().splitlines()[-1]

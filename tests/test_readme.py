@@ -1,0 +1,137 @@
+"""The README's shell blocks run as written, on tiny data.
+
+Each block is taken from README.md, continuation lines joined, and run line by line in a scratch folder
+that holds the stages (symlinks) and fake copies of the datasets the README names. What changes is
+listed in SUBSTITUTIONS: sizes (epochs, images, architecture), hub ids replaced by tiny models built from
+configs, dataset paths replaced by the fakes. Every substitution listed for a block must match, so a
+README edit that drifts from these tests fails loudly instead of silently running something else.
+The CIFAR-100-LT block is not run: its first line downloads CIFAR, and its other lines have the same
+form as the quick start's.
+"""
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import build_tiny_clip  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("prepare.py", "caption.py", "encode.py", "train.py", "eval.py", "prompts")
+
+TINY_VLM = "--vlm tiny --tiny-dir {tmp}/tiny-llava --max-new-tokens 8 --dtype float32"
+SUBSTITUTIONS = {
+    "Quick start": [
+        (r"fashion-mnist-lt --out data/fmnist-lt", "fashion-mnist-lt --out data/fmnist-lt --max-per-class 40 --imbalance 10 "
+                                                   "--val-per-class 5 --test-per-class 5"),
+        (r"--vlm HuggingFaceTB/SmolVLM-256M-Instruct", TINY_VLM),
+        (r"--epochs 30", "--epochs 1 --batch-size 16"),
+    ],
+    "ImageNet-LT": [
+        (r"--root /data/imagenet", "--root {tmp}/imagenet"),
+        (r"--nproc_per_node 8", "--nproc_per_node 2 --master_port 29531"),
+        (r"--vlm llava-hf/llava-v1.6-mistral-7b-hf", TINY_VLM),
+        (r"--arch resnet50 --res 176 --max-res 256 --batch-size 128 --epochs 90", "--arch resnet20 --res 32 --max-res 64 --batch-size 8 --epochs 1"),
+        (r"--compile ", ""),  # tested on its own in test_train.py: ~1 min on this CPU
+    ],
+    "Open vocabulary": [
+        (r"--source /data/food101", "--source {tmp}/food"),
+        (r"--vlm llava-hf/llava-v1.6-mistral-7b-hf", TINY_VLM),
+        (r"--model openai/clip-vit-base-patch32", "--model {tmp}/tiny-clip"),
+        (r"--arch resnet18 --res 112", "--arch resnet20 --res 32 --batch-size 8 --epochs 1"),
+    ],
+}
+
+
+def readme_block(heading):
+    """The first ```bash block after the `## heading...` line, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    start = text.index("\n## " + heading)
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.S).group(1)
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def argv_of(line):
+    words = shlex.split(line, comments=True)
+    if words[0] == "python":
+        return [sys.executable] + words[1:]
+    if words[0] == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run"] + words[1:]
+    if words[:2] == ["accelerate", "launch"]:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1"] + words[2:]
+    raise AssertionError(f"README line starts with an unknown command: {line}")
+
+
+def run_block(heading, work):
+    lines = readme_block(heading)
+    joined = "\n".join(lines)
+    for pattern, replacement in SUBSTITUTIONS[heading]:
+        assert re.search(pattern, joined), f"README block {heading!r} no longer has {pattern!r}: update SUBSTITUTIONS"
+        joined = re.sub(pattern, replacement.replace("{tmp}", str(work)), joined)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for line in joined.splitlines():
+        proc = subprocess.run(argv_of(line), cwd=work, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, f"README line failed: {line}\n{proc.stderr[-3000:]}"
+
+
+def scratch(tmp_path):
+    for name in STAGES:
+        (tmp_path / name).symlink_to(REPO / name)
+    return tmp_path
+
+
+def image(path, shade):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 36), (shade * 40 % 255, 90, 160)).save(path)
+
+
+def test_quick_start(tmp_path):
+    work = scratch(tmp_path)
+    run_block("Quick start", work)
+    report = work / "runs/demo/report"
+    results = json.loads((report / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["baseline", "vlmkd"]
+    assert (report / "report.md").exists() and (report / "per_class_vs_frequency.png").stat().st_size > 10_000
+    assert "text_head" in __import__("torch").load(work / "runs/demo/vlmkd/final.pt", weights_only=True)
+
+
+def test_imagenet_lt(tmp_path):
+    work = scratch(tmp_path)
+    lists = work / "ImageNet_LT"
+    lists.mkdir()
+    train = [f"train/n0{c}/{c}_{i}.JPEG {c}" for c, n in enumerate((12, 8, 6, 4)) for i in range(n)]
+    held = {s: [f"{s}/n0{c}/{s}{c}_{i}.JPEG {c}" for c in range(4) for i in range(2)] for s in ("val", "test")}
+    for rel in [line.split()[0] for line in train + held["val"] + held["test"]]:
+        image(work / "imagenet" / rel, len(rel))
+    for split, lines in (("train", train), ("val", held["val"]), ("test", held["test"])):
+        (lists / f"ImageNet_LT_{split}.txt").write_text("\n".join(lines) + "\n")
+    run_block("ImageNet-LT", work)
+    merged = [json.loads(line) for line in (work / "runs/inlt/captions.jsonl").read_text().splitlines()]
+    assert len(merged) == 30 * 5 and len({(r["index"], r["prompt"]) for r in merged}) == 150
+    assert (work / "runs/inlt/report/results.json").exists()
+
+
+def test_open_vocabulary(tmp_path):
+    work = scratch(tmp_path)
+    build_tiny_clip(work / "tiny-clip")
+    food = work / "food/food-101"
+    names = ["apple_pie", "baklava", "churros", "donuts"]
+    meta = {"train": {n: [f"{n}/{i}" for i in range(6)] for n in names}, "test": {n: [f"{n}/{i}" for i in range(6, 9)] for n in names}}
+    for split, per_class in meta.items():
+        for rels in per_class.values():
+            for rel in rels:
+                image(food / "images" / f"{rel}.jpg", len(rel) + int(rel.split("/")[1]))
+        (food / "meta").mkdir(parents=True, exist_ok=True)
+        (food / "meta" / f"{split}.json").write_text(json.dumps(per_class))
+    (food / "meta" / "classes.txt").write_text("\n".join(names) + "\n")
+    run_block("Open vocabulary", work)
+    results = json.loads((work / "runs/food/report/results.json").read_text())
+    assert results["runs"][0]["name"] == "li"
+    final = __import__("torch").load(work / "runs/food/li/final.pt", weights_only=True)
+    assert final["head"] == "cosine" and "clip_proj.weight" in final["model"] and final["num_classes"] == 2
