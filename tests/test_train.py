@@ -175,6 +175,10 @@ def test_prompt_subset_uses_only_those_slots(data, tmp_path):
     run = tmp_path / "subset"
     run_train(data, run, "--epochs", 1, "--text", text, "--prompts", "general,t3")
     assert torch.load(run / "final.pt", weights_only=True)["text_head"]["prompts"] == ["general", "t3"]
+    deploy = tmp_path / "deploy"
+    run_train(data, deploy, "--epochs", 1, "--text", text, "--prompts", "general,t3", "--drop-text-head")
+    final = torch.load(deploy / "final.pt", weights_only=True)
+    assert "text_head" not in final and not any(k.startswith(("proj", "adaptor", "text_head")) for k in final["model"])
     proc = run_train(data, tmp_path / "all", "--epochs", 1, "--text", text, check=False)
     assert proc.returncode != 0 and "non-finite loss at step" in proc.stderr
     proc = run_train(data, tmp_path / "bad", "--epochs", 1, "--text", text, "--prompts", "general,t9", check=False)
