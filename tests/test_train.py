@@ -145,6 +145,12 @@ def test_train_plain_then_with_text(data, tmp_path):
     assert (plain / "train.py").read_text() == (REPO / "train.py").read_text()
     assert json.loads((plain / "config.json").read_text())["epochs"] == 3
 
+    # The plain run as a frozen vision teacher: logit KD is logged beside the classification loss.
+    kd = tmp_path / "kd"
+    run_train(data, kd, "--epochs", 1, "--teacher", plain / "final.pt", "--kd-weight", 0.5, "--kd-temp", 2)
+    rows = [r for r in metrics(kd) if "loss_kd" in r]
+    assert rows and all(r["loss"] == pytest.approx(r["loss_cls"] + 0.5 * r["loss_kd"], rel=1e-4) for r in rows)
+
     text = write_text_feats(data, tmp_path / "text", labels_of(data))
     with_text = tmp_path / "text-run"
     run_train(data, with_text, "--epochs", 3, "--lr", 0.05, "--text", text, "--text-weight", 1.0, "--learn-temp")
