@@ -26,6 +26,14 @@ $(STAMP): requirements.txt
 test: setup
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
+# Random captions from VLM=tiny must never pass for results: say so on screen and in the report ($1).
+define warn_if_tiny
+if grep -q '"tiny_random": true' $(DEMO)/captions.meta.json; then \
+  echo "!!! VLM=tiny: the captions are RANDOM text from an untrained stand-in model. This run proves the plumbing only;" ; \
+  echo "!!! the text-distillation numbers above mean nothing. Pass VLM=<hub id or /local/dir> for a real run." ; \
+  printf '\n> **VLM=tiny: captions are random text from an untrained stand-in; the text-distillation numbers mean nothing.**\n' >> $1/report.md; fi
+endef
+
 # The pipeline, one stage a line: the same commands as the README's quick start.
 demo: setup
 	$(PY) prepare.py fashion-mnist-lt --out $(DATA)
@@ -37,10 +45,7 @@ demo: setup
 	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --out $(DEMO)/vlmkd
 	$(PY) eval.py $(DEMO)/baseline/final.pt $(DEMO)/vlmkd/final.pt --data $(DATA) --split test \
 	    --class-text $(DEMO)/text/classes.npy --out $(DEMO)/report
-	@if grep -q '"tiny_random": true' $(DEMO)/captions.meta.json; then \
-	  echo "!!! VLM=tiny: the captions are RANDOM text from an untrained stand-in model. This run proves the plumbing only;" ; \
-	  echo "!!! the text-distillation numbers above mean nothing. Pass VLM=<hub id or /local/dir> for a real run." ; \
-	  printf '\n> **VLM=tiny: captions are random text from an untrained stand-in; the text-distillation numbers mean nothing.**\n' >> $(DEMO)/report/report.md; fi
+	@$(call warn_if_tiny,$(DEMO)/report)
 
 # VLM-KD's prompt ablation (their Figure 3): general prompt only vs general + T1..T4, same budget.
 ablate: setup
@@ -50,6 +55,7 @@ ablate: setup
 	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --prompts general --out $(DEMO)/ablate-general
 	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --out $(DEMO)/ablate-all
 	$(PY) eval.py $(DEMO)/ablate-general/final.pt $(DEMO)/ablate-all/final.pt --data $(DATA) --split test --out $(DEMO)/ablate
+	@$(call warn_if_tiny,$(DEMO)/ablate)
 
 bench: setup
 	$(PY) bench/encode_bench.py
