@@ -480,6 +480,7 @@ def make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, text_fea
     core = getattr(core, "_orig_mod", core)
     mean, std = pixel_mean_std(device)
     tau_cls = {"ce": 0.0, "la": cfg.tau_la, "bs": 1.0}[cfg.loss]
+    live = list(core.student.state_dict().values())  # aliases of the parameters and buffers, updated in place
 
     def train_step(images, labels, indices, gen):
         flip = torch.rand(len(images), device=device, generator=gen) < 0.5
@@ -516,7 +517,7 @@ def make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, text_fea
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            update_ema(ema, list(core.student.state_dict().values()), cfg.ema)
+            update_ema(ema, live, cfg.ema)
         return torch.stack([loss.detach().float()] + [p.detach().float() for p in parts])
 
     return train_step
