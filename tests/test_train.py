@@ -247,3 +247,17 @@ def test_class_text_must_start_with_training_classes(data, tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps({"kind": "classes", "names": names[::-1] + ["x", "y"]}))
     proc = run_train(data, tmp_path / "r", "--head", "cosine", "--class-text", tmp_path / "classes.npy", check=False)
     assert proc.returncode != 0 and "do not start with the 10 classes" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_unreadable_image_recorded_and_skipped(data, tmp_path):
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns(".ffcv"))
+    bad = (copy / "train.txt").read_text().splitlines()[3].rsplit(maxsplit=1)[0]
+    (copy / bad).write_bytes(b"not a png")
+    run = tmp_path / "run"
+    run_train(copy, run, "--epochs", 1, "--batch-size", 16)
+    errors = [json.loads(line) for path in (copy / ".ffcv").glob("train-*.errors.jsonl") for line in path.read_text().splitlines()]
+    assert [(e["index"], e["path"]) for e in errors] == [(3, bad)]
+    cover = [r for r in metrics(run) if "rows_seen" in r][0]
+    assert cover["rows_max_repeat"] == 1 and cover["rows_seen"] <= len(labels_of(copy)) - 1
