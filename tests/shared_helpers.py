@@ -1,0 +1,203 @@
+"""The canonical copy of the helpers several stages carry.
+
+Each stage imports nothing of ours (a stage is copied alone into other projects), so a helper that several stages
+need is repeated in each of them. tests/test_shared.py pins every copy byte-identical to the function of the same
+name here: change a helper here, then paste it into every stage that carries it (`python tests/test_shared.py
+--sync` does the pasting). Imports used below: argparse, dataclasses (field, fields), hashlib, json, os, shutil,
+sys, typing, pathlib.Path, importlib.metadata as pkg_metadata, numpy as np.
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import typing
+from dataclasses import field, fields
+from importlib import metadata as pkg_metadata
+from pathlib import Path
+
+import numpy as np
+
+GROUPS = ("many", "medium", "few")
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # one spelling of a dtype in every stage
+
+
+def opt(default, help, heading=""):
+    """A config field with its --help line; `heading` starts a new group of flags in --help."""
+    return field(default=default, metadata={"help": help, "heading": heading})
+
+
+def parse_config(config_cls, argv=None, positional=()):
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group, hints = parser, typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        kind, meta = hints[f.name], f.metadata
+        if meta.get("heading"):
+            group = parser.add_argument_group(meta["heading"])
+        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
+        kwargs = {"help": meta.get("help", "")}
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
+        if f.name not in positional:
+            kwargs["default"] = f.default
+        group.add_argument(*names, **kwargs)
+    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+            action.help += " (default: %(default)r)"
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def die(msg):
+    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def warn(msg):
+    print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def is_main_process():
+    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def sha256_file(path):
+    """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(path, num_classes=None):
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
+    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
+    out of the data root with `..` (a split only ever names files under its root)."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"split file {path} not found (prepare.py writes it)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+        rel, label = parts[0], int(parts[1])
+        if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+            die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
+        if num_classes is not None and label >= num_classes:
+            die(f"{path}:{n}: label {label}, but there are only {num_classes} classes")
+        items.append((rel, label))
+    if not items:
+        die(f"split file {path} has no images")
+    return items
+
+
+def read_classes(path):
+    """Class names, line i naming label i."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"classes file {path} not found (prepare.py writes it)")
+    names = path.read_text(encoding="utf-8").splitlines()
+    for n, name in enumerate(names, 1):
+        if not name.strip():
+            die(f"{path}:{n}: empty class name")
+    if not names:
+        die(f"classes file {path} is empty")
+    return names
+
+
+def class_group(count):
+    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
+    return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
+
+
+def parse_shard(text):
+    """`i/n` -> (i, n); empty -> the launcher's (RANK, WORLD_SIZE), (0, 1) when run alone."""
+    if not text:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        die(f"--shard {text}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return int(i), int(n)
+
+
+def versions(*names):
+    """Versions of the packages that made an artifact, for its sidecar or run folder."""
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename: a kill never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def writable_dir(path):
+    """Make --out now and prove it writable, so a bad --out fails before any work is spent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        die(f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"{path} is not writable ({e.strerror})")
+    return path
+
+
+def require_free_space(folder, nbytes, what):
+    """Refuse to start what would fill the disk half way (a memmap on a full disk dies of SIGBUS)."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        die(f"{what} needs {nbytes / 2**30:.2f} GiB in {folder}, only {free / 2**30:.2f} GiB is free")
+
+
+def sidecar_digest(array_path, sidecar):
+    """sha256 of an array's bytes and of every other field of its sidecar: editing either by hand is caught."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in sidecar.items() if k != "sha256"}, sort_keys=True).encode())
+    digest.update(sha256_file(array_path).encode())
+    return digest.hexdigest()
+
+
+def load_artifact(path, kind):
+    """(array opened as a memmap, sidecar) of an encode.py artifact. Refused with one line unless the sidecar is
+    there, names this kind and matches the array (sidecar_digest), and every row is finite."""
+    path, sidecar_path = Path(path), Path(path).with_suffix(".json")
+    for p in (path, sidecar_path):
+        if not p.is_file():
+            die(f"{p} not found: an array is used only with the sidecar encode.py wrote next to it")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        die(f"{path} or {sidecar_path.name} cannot be read ({e}); re-run encode.py")
+    if sidecar.get("kind") != kind:
+        die(f"{sidecar_path}: kind is {sidecar.get('kind')!r}, expected {kind!r}")
+    if sidecar.get("sha256") != sidecar_digest(path, sidecar):
+        die(f"{path} and {sidecar_path.name} do not match (sha256): one was changed after encode.py wrote them")
+    for start in range(0, len(array), 8192):
+        chunk = np.asarray(array[start:start + 8192])
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if not finite.all():
+            die(f"{path}: row {start + int(np.flatnonzero(~finite)[0])} holds NaN or inf")
+    return array, sidecar
