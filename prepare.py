@@ -1,103 +1,275 @@
-"""Prepare a dataset as vlmkd split files.
+"""Prepare a dataset as vlmkd split files: `relative/path label` lines (paths relative to --out), `classes.txt`
+(line i names label i) and `prepare.json` (what made them), ending with the statistics next to the published ones.
 
     python prepare.py fashion-mnist-lt --out data/fmnist-lt                  # embedded default, 500 -> 5
-    python prepare.py cifar100-lt --out data/c100-lt --imbalance 100        # downloads when online
-    python prepare.py cifar100-lt --out data/c100-lt --source ~/cifar       # an already-downloaded copy
+    python prepare.py cifar100-lt --out data/c100-lt --imbalance 100        # downloads when online; or --source DIR
     python prepare.py imagenet-lt --lists ImageNet_LT/ --root /data/imagenet --out data/imagenet-lt
     python prepare.py places-lt   --lists Places_LT/   --root /data/places365 --out data/places-lt
     python prepare.py inat2018    --lists iNat18/      --root /data/inat2018  --out data/inat
     python prepare.py folder --root photos/ --out data/photos --imbalance 50
     python prepare.py food101 --source /data/food101 --out data/food101-ood  # ID/OOD class halves
+    python prepare.py cub --source /data/cub --protocol li --li-lists large_vlm_distillation_ood/data/CaltechBirds
 
-Writes into --out: `train.txt`, `val.txt`, `test.txt` (`relative/path label`, one image a line,
-paths relative to --out), `classes.txt` (line i names label i) and `prepare.json` (what made them).
-Where the source has no image files (IDX, pickles) the images are written as PNG under --out;
-where it has files, `--out/images` is a symlink to the image root. OOD datasets (Li et al.) write
-`id_train.txt`, `id_val.txt`, `ood_train.txt`, `ood_val.txt`, `id_classes.txt`, `ood_classes.txt`
-instead, with ID classes first in `classes.txt` (ID labels are 0..C_id-1).
+Long-tail sets keep n_i = floor(n_max * IF^(-i/(C-1))) training images of class i (Cao et al. 2019) as PNGs, val
+from training images the long tail left unused, test = the whole official test set. Published lists link
+`--out/images` to --root and name classes from torchvision's ImageNet categories, `categories_places365.txt`,
+iNat's `categories.json`; iNat 2018 has no public test labels, so no test.txt. OOD sets put the ID classes first
+(`id_classes.txt`, `ood_classes.txt`); `--protocol ours` writes id_train/id_val/ood_train/ood_val.txt from the
+official split; `--protocol li` (Li et al., ICCV 2023) id_train/id_test.txt (ID pooled, 70/30), ood_test.txt (all
+OOD images), li_train.txt (ID train + the first 5 sorted images of each OOD class), li_ood_test.txt (the rest).
 """
+import argparse
 import gzip
 import hashlib
 import json
 import os
+import pickle
+import re
 import sys
+import typing
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata as pkg_metadata
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
-from transformers import HfArgumentParser
+from tqdm import tqdm
+
+# --- shared helpers (byte-identical in every stage: tests/test_shared.py)
+
+GROUPS = ("many", "medium", "few")
+
+
+def opt(default, help, heading=""):
+    """A config field with its --help line; `heading` starts a new group of flags in --help."""
+    return field(default=default, metadata={"help": help, "heading": heading})
+
+
+def parse_config(config_cls, argv=None, positional=()):
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group, hints = parser, typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        kind, meta = hints[f.name], f.metadata
+        if meta.get("heading"):
+            group = parser.add_argument_group(meta["heading"])
+        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
+        kwargs = {"help": meta.get("help", "")}
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
+        if f.name not in positional:
+            kwargs["default"] = f.default
+        group.add_argument(*names, **kwargs)
+    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+            action.help += " (default: %(default)r)"
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def die(msg):
+    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def warn(msg):
+    print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def sha256_file(path):
+    """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(path, num_classes=None):
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
+    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
+    out of the data root with `..` (a split only ever names files under its root)."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"split file {path} not found (prepare.py writes it)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+        rel, label = parts[0], int(parts[1])
+        if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+            die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
+        if num_classes is not None and label >= num_classes:
+            die(f"{path}:{n}: label {label}, but there are only {num_classes} classes")
+        items.append((rel, label))
+    if not items:
+        die(f"split file {path} has no images")
+    return items
+
+
+def class_group(count):
+    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
+    return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
+
+
+def versions(*names):
+    """Versions of the packages that made an artifact, for its sidecar or run folder."""
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename: a kill never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def writable_dir(path):
+    """Make --out now and prove it writable, so a bad --out fails before any work is spent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        die(f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"{path} is not writable ({e.strerror})")
+    return path
+
+
+# --- configuration
 
 LT_SETS = ("fashion-mnist-lt", "cifar10-lt", "cifar100-lt")
-LIST_SETS = {  # published split lists: (train, val, test) file names inside --lists
-    "imagenet-lt": ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
-    "places-lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
-    "inat2018": ("iNaturalist18_train.txt", "iNaturalist18_val.txt", "iNaturalist18_val.txt"),
-}
+LIST_SETS = ("imagenet-lt", "places-lt", "inat2018")
 OOD_SETS = ("flowers102", "food101", "stanford-cars", "sun397", "cub")
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 
 
 @dataclass
 class Config:
-    dataset: str = field(metadata={"help": f"one of {', '.join(LT_SETS + tuple(LIST_SETS) + ('folder',) + OOD_SETS)}"})
-    out: str = field(default="data/fmnist-lt", metadata={"help": "output folder"})
-    max_per_class: int = field(default=500, metadata={"help": "images of the largest class (LT sets, folder)"})
-    imbalance: float = field(default=100.0, metadata={"help": "largest / smallest class size; 1 = no subsampling"})
-    val_per_class: int = field(default=100, metadata={"help": "balanced val images per class taken from the official test set; the rest is test"})
-    test_per_class: int = field(default=0, metadata={"help": "cap on test images per class (0 = all the rest of the official test set)"})
-    seed: int = 0
-    source: str = field(default="", metadata={"help": "local copy of the source dataset (fashion-mnist IDX folder, CIFAR root, OOD set root)"})
-    lists: str = field(default="", metadata={"help": "folder with the published split lists (imagenet-lt, places-lt, inat2018)"})
-    root: str = field(default="", metadata={"help": "image root the lists / folder refer to"})
-    class_names: str = field(default="", metadata={"help": "optional file, one class name a line, overriding the derived names"})
-    val_frac: float = field(default=0.1, metadata={"help": "folder: fraction of each class for val"})
-    test_frac: float = field(default=0.1, metadata={"help": "folder: fraction of each class for test"})
+    dataset: Literal["fashion-mnist-lt", "cifar10-lt", "cifar100-lt", "imagenet-lt", "places-lt", "inat2018", "folder",
+                     "flowers102", "food101", "stanford-cars", "sun397", "cub"] = opt(
+        "fashion-mnist-lt", "the dataset to prepare", heading="Dataset")
+    out: str = opt("data/fmnist-lt", "output folder (made if missing; must be writable)")
+    seed: int = opt(0, "seed of every random choice: long-tail subsets, val images, class halves")
+    max_per_class: int = opt(0, "training images of the largest class, n_max (0: the published 5000 for cifar10-lt, "
+                                "500 for cifar100-lt, fashion-mnist-lt and folder)",
+                             heading="Long-tail profile (fashion-mnist-lt, cifar10-lt, cifar100-lt, folder)")
+    imbalance: float = opt(100.0, "imbalance factor IF = largest / smallest class; 1 = no subsampling")
+    val_per_class: int = opt(-1, "val images per class, taken from training images the long tail left unused "
+                                 "(-1: 20 for cifar100-lt, whose head classes have few left, 100 otherwise)")
+    test_per_class: int = opt(0, "cap on test images per class (0: the whole official test set)")
+    val_frac: float = opt(0.1, "folder: fraction of each class for val")
+    test_frac: float = opt(0.1, "folder: fraction of each class for test")
+    source: str = opt("", "local copy of the dataset: the fashion-mnist IDX folder; the folder holding "
+                          "cifar-10-batches-py / cifar-100-python (without it CIFAR is downloaded to "
+                          "data/cifar-download); an OOD set's root in torchvision's layout",
+                      heading="Sources")
+    lists: str = opt("", "folder with the published split lists (imagenet-lt, places-lt, inat2018)")
+    root: str = opt("", "image root the published lists are relative to; folder: one subfolder of images per class")
+    categories: str = opt("", "class names: places-lt categories_places365.txt, inat2018 categories.json "
+                              "(default: that file inside --lists)")
+    class_names: str = opt("", "optional file, one class name a line, replacing the names found")
+    protocol: Literal["ours", "li"] = opt("ours", "OOD sets: ours = official train/test split of each class half; "
+                                                  "li = Li et al. 2023 (ID pooled 70/30, all OOD images, 5-shot files)",
+                                          heading="OOD protocol (flowers102, food101, stanford-cars, sun397, cub)")
+    li_lists: str = opt("", "--protocol li: Li et al.'s data/<Dataset> folder (train_data.txt, val_on_train_data.txt, "
+                            "val_data.txt): their class halves and images; without it a seeded half and 70/30 split")
+    li_shots: int = opt(5, "--protocol li: images of each OOD class (the first in sorted order) moved to li_train.txt")
 
 
-def die(msg):
-    sys.exit(f"prepare.py: error: {msg}")
+def check_flags(cfg):
+    """One line for a bad combination of flags, before any image is read."""
+    if cfg.imbalance < 1 or cfg.max_per_class < 0 or cfg.test_per_class < 0 or cfg.li_shots < 0:
+        die("--imbalance must be >= 1 and --max-per-class, --test-per-class, --li-shots >= 0")
+    if cfg.dataset in LIST_SETS and not (cfg.lists and cfg.root):
+        die(f"{cfg.dataset} needs --lists DIR (the published split lists) and --root DIR (the images)")
+    if cfg.dataset == "folder" and not cfg.root:
+        die("folder needs --root DIR with one subfolder of images per class")
+    if cfg.dataset in OOD_SETS and not (cfg.source and Path(cfg.source).is_dir()):
+        die(f"{cfg.dataset} needs --source DIR: a local copy in torchvision's layout (cub: CUB_200_2011 or its parent)")
+    if cfg.protocol == "li" and cfg.dataset not in OOD_SETS or cfg.li_lists and cfg.protocol != "li":
+        die("--protocol li is for the OOD sets (flowers102, food101, stanford-cars, sun397, cub); --li-lists needs it")
+    for flag in ("class_names", "categories"):
+        if getattr(cfg, flag) and not Path(getattr(cfg, flag)).is_file():
+            die(f"--{flag.replace('_', '-')} {getattr(cfg, flag)} is not a file")
+
+
+def write_lines(path, lines):
+    """A text file of lines, through a temporary file and a rename (a kill never leaves half a split)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# --- long-tail sets: fashion-mnist-lt, cifar10-lt, cifar100-lt
+
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CIFAR = {  # folder of the python version, training files, test file, label key, meta file, names key
+    "cifar10-lt": ("cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)], "test_batch", "labels",
+                   "batches.meta", "label_names"),
+    "cifar100-lt": ("cifar-100-python", ["train"], "test", "fine_labels", "meta", "fine_label_names"),
+}
 
 
 def lt_counts(num_classes, max_per_class, imbalance):
-    """The usual exponential long-tail profile: n_c = max * imbalance^(-c / (C - 1))."""
+    """n_i = floor(n_max * IF^(-i / (C - 1))) (Cao et al. 2019): IF 100 gives CIFAR-10/100-LT 12,406 / 10,847."""
     if num_classes == 1 or imbalance <= 1:
         return [max_per_class] * num_classes
-    return [int(max_per_class * imbalance ** (-c / (num_classes - 1))) for c in range(num_classes)]
+    return [int(max_per_class * (1 / imbalance) ** (i / (num_classes - 1))) for i in range(num_classes)]
 
 
-def subsample_lt(labels, counts, rng):
-    """Indices keeping counts[c] images of class c, chosen at random but deterministic for rng."""
-    keep = []
+def pick_long_tail(labels, counts, val_per_class, rng):
+    """(train, val) indices: counts[c] random training images of class c, then up to val_per_class of its unused rest
+    (never an official test image); also {class: unused images} where fewer than val_per_class were left."""
+    train, val, short = [], [], {}
     for c, n in enumerate(counts):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < n:
-            die(f"class {c} has {len(idx)} images, the profile asks for {n}: lower --max-per-class")
-        keep.extend(np.sort(rng.permutation(idx)[:n]).tolist())
-    return keep
-
-
-def split_balanced(labels, per_class, rng, test_per_class=0):
-    """Split indices into (val, test): per_class of every class to val, the rest (or test_per_class) to test."""
-    val, test = [], []
-    for c in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        val.extend(idx[:per_class].tolist())
-        test.extend(idx[per_class:per_class + test_per_class if test_per_class else None].tolist())
-    return sorted(val), sorted(test)
+        if len(idx) < n:
+            die(f"class {c} has {len(idx)} training images, the profile asks for {n}: lower --max-per-class")
+        train.extend(idx[:n].tolist())
+        val.extend(idx[n:n + val_per_class].tolist())
+        if len(idx) - n < val_per_class:
+            short[c] = len(idx) - n
+    return sorted(train), sorted(val), short
+
+
+def pick_test(labels, per_class, rng):
+    """The whole official test set, or per_class random images of each class."""
+    if not per_class:
+        return list(range(len(labels)))
+    return sorted(i for c in np.unique(labels) for i in rng.permutation(np.flatnonzero(labels == c))[:per_class])
 
 
 def write_pngs(out, name, images, labels, indices):
-    """Write images[indices] as PNG files and return the split lines."""
+    """Write images[indices] as PNG files (skipping those a killed run finished) and return the split lines."""
     lines = []
-    for i in indices:
+    for i in tqdm(indices, desc=f"{name} images", unit="img", dynamic_ncols=True, disable=None):
         rel = f"images/{name}/{int(labels[i])}/{i:06d}.png"
         path = out / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
-            Image.fromarray(images[i]).save(path, optimize=False)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            Image.fromarray(images[i]).save(tmp, format="PNG", optimize=False)
+            os.replace(tmp, path)
         lines.append(f"{rel} {int(labels[i])}")
     return lines
 
@@ -112,38 +284,131 @@ def read_idx(path):
 
 def load_fashion(cfg):
     src = Path(cfg.source or "/usr/share/datasets/fashion-mnist")
-    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    files = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+             "t10k-labels-idx1-ubyte.gz"]
     missing = [f for f in files if not (src / f).exists()]
     if missing:
-        die(f"{src / missing[0]} not found: install the Debian package dataset-fashion-mnist (`make setup` does) or pass --source DIR")
+        die(f"{src / missing[0]} not found: install the Debian package dataset-fashion-mnist (`make setup` does) "
+            f"or pass --source DIR")
     tr_x, tr_y, te_x, te_y = (read_idx(src / f) for f in files)
     return tr_x, tr_y, te_x, te_y, FASHION_CLASSES
 
 
-def load_cifar(cfg):
-    from torchvision.datasets import CIFAR10, CIFAR100
-    cls = CIFAR10 if cfg.dataset == "cifar10-lt" else CIFAR100
-    root = cfg.source or "data/cifar-download"
+class ArrayUnpickler(pickle.Unpickler):
+    """CIFAR's pickles hold dicts of lists and numpy arrays: any other global is refused, so a file cannot run code."""
+
+    def find_class(self, module, name):
+        if (module.split(".")[0], name) in (("numpy", "_reconstruct"), ("numpy", "ndarray"), ("numpy", "dtype"),
+                                            ("_codecs", "encode")):  # how protocol 2 spells bytes
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def read_cifar_file(path, keys):
+    """One CIFAR python pickle as a dict with str keys (Python 2 pickles: latin1 strings; rewritten ones: bytes)."""
     try:
-        train = cls(root, train=True, download=not cfg.source)
-        test = cls(root, train=False, download=not cfg.source)
-    except Exception as e:  # offline, or a --source that is not a CIFAR copy
-        die(f"cannot load {cls.__name__} from {root} ({type(e).__name__}: {str(e)[:120]}); "
-            f"offline, pass --source DIR holding an already-downloaded copy (the folder with cifar-*-python)")
-    return train.data, np.array(train.targets), test.data, np.array(test.targets), train.classes
+        with open(path, "rb") as f:
+            raw = ArrayUnpickler(f, encoding="latin1").load()
+        record = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+    except (OSError, EOFError, ValueError, AttributeError, pickle.UnpicklingError) as e:
+        die(f"{path} is not a CIFAR python pickle ({type(e).__name__}: {str(e)[:120]})")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        die(f"{path} has no {missing[0]!r} entry: not the python version of CIFAR")
+    return record
 
 
-def prepare_lt(cfg, out):
+def cifar_folder(cfg):
+    """The folder of the python version: inside --source, or downloaded (once) by torchvision."""
+    folder = CIFAR[cfg.dataset][0]
+    if cfg.source:
+        src = Path(cfg.source)
+        base = src if src.name == folder else src / folder
+        if not base.is_dir():
+            die(f"{src / folder} not found: --source must hold the {folder} folder of CIFAR's python version")
+        return base
+    root = Path("data/cifar-download")
+    if not (root / folder).is_dir():
+        from torchvision.datasets import CIFAR10, CIFAR100
+        try:
+            (CIFAR10 if cfg.dataset == "cifar10-lt" else CIFAR100)(root, train=True, download=True)
+        except Exception as e:  # offline, or the mirror is down
+            die(f"cannot download {folder} ({type(e).__name__}: {str(e)[:120]}); offline, pass --source DIR "
+                f"holding an already-downloaded {folder} folder")
+    return root / folder
+
+
+def load_cifar(cfg):
+    base = cifar_folder(cfg)
+    _, train_files, test_file, label_key, meta_file, names_key = CIFAR[cfg.dataset]
+    for name in train_files + [test_file, meta_file]:
+        if not (base / name).is_file():
+            die(f"{base / name} not found: --source must hold CIFAR's python version ({', '.join(train_files)}, "
+                f"{test_file}, {meta_file})")
+
+    def images_labels(names):
+        records = [read_cifar_file(base / n, ("data", label_key)) for n in names]
+        images = np.concatenate([np.asarray(r["data"], np.uint8) for r in records])
+        return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), np.concatenate([r[label_key] for r in records])
+
+    tr_x, tr_y = images_labels(train_files)
+    te_x, te_y = images_labels([test_file])
+    names = read_cifar_file(base / meta_file, (names_key,))[names_key]
+    names = [(n.decode() if isinstance(n, bytes) else n).replace("_", " ") for n in names]
+    return tr_x, tr_y, te_x, te_y, names
+
+
+def prepare_long_tail(cfg, out):
     tr_x, tr_y, te_x, te_y, names = load_fashion(cfg) if cfg.dataset == "fashion-mnist-lt" else load_cifar(cfg)
     rng = np.random.default_rng(cfg.seed)
-    counts = lt_counts(len(names), cfg.max_per_class, cfg.imbalance)
-    keep = subsample_lt(tr_y, counts, rng)
-    val_idx, test_idx = split_balanced(te_y, cfg.val_per_class, rng, cfg.test_per_class)
-    return names, {
-        "train": write_pngs(out, "train", tr_x, tr_y, keep),
-        "val": write_pngs(out, "test", te_x, te_y, val_idx),
-        "test": write_pngs(out, "test", te_x, te_y, test_idx),
-    }
+    n_max = cfg.max_per_class or (5000 if cfg.dataset == "cifar10-lt" else 500)
+    val_per_class = cfg.val_per_class if cfg.val_per_class >= 0 else 20 if cfg.dataset == "cifar100-lt" else 100
+    train, val, short = pick_long_tail(tr_y, lt_counts(len(names), n_max, cfg.imbalance), val_per_class, rng)
+    test = pick_test(te_y, cfg.test_per_class, rng)
+    notes = [f"val.txt gets {k} of {val_per_class} images of class {c} ({names[c]}): train.txt uses the rest"
+             for c, k in short.items()]
+    lines = {"train": write_pngs(out, "train", tr_x, tr_y, train), "val": write_pngs(out, "train", tr_x, tr_y, val),
+             "test": write_pngs(out, "test", te_x, te_y, test)}
+    return names, lines, {"notes": notes}
+
+
+# --- published lists: imagenet-lt, places-lt, inat2018
+
+LIST_FILES = {  # train, val, test list inside --lists (Liu et al. 2019, OLTR; Kang et al. 2020 for iNat)
+    "imagenet-lt": ("ImageNet_LT_train.txt", "ImageNet_LT_val.txt", "ImageNet_LT_test.txt"),
+    "places-lt": ("Places_LT_train.txt", "Places_LT_val.txt", "Places_LT_test.txt"),
+    "inat2018": ("iNaturalist18_train.txt", "iNaturalist18_val.txt", None),  # no public test labels
+}
+CATEGORY_FILES = {"places-lt": "categories_places365.txt", "inat2018": "categories.json"}
+
+
+def list_class_names(cfg):
+    """Human names, index = label: torchvision's ImageNet categories (the standard label order the ImageNet-LT
+    lists use), Places365's `/a/apartment_building/outdoor 8` lines, iNat's categories.json `{"id", "name"}`."""
+    if cfg.dataset == "imagenet-lt":
+        from torchvision.models import ResNet50_Weights
+        return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+    default = CATEGORY_FILES[cfg.dataset]
+    path = Path(cfg.categories or Path(cfg.lists) / default)
+    if not path.is_file():
+        die(f"{path} not found: {cfg.dataset} takes its class names from the published {default} "
+            f"(put it in --lists or pass --categories FILE)")
+    names = {}
+    if cfg.dataset == "places-lt":
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            parts = line.split()
+            if len(parts) != 2 or not parts[1].isdigit() or parts[0].count("/") < 2:
+                die(f"{path}:{n}: expected `/a/abbey 0`, got {line[:80]!r}")
+            names[int(parts[1])] = parts[0].split("/", 2)[2]  # second level kept: `apartment_building/outdoor`
+    else:
+        try:
+            names = {int(c["id"]): str(c["name"]) for c in json.loads(path.read_text(encoding="utf-8"))}
+        except (ValueError, KeyError, TypeError) as e:
+            die(f"{path}: expected a JSON list of {{\"id\": ..., \"name\": ...}} ({type(e).__name__}: {e})")
+    gaps = [c for c in range(len(names)) if c not in names]
+    if gaps or not names:
+        die(f"{path}: no name for class {gaps[0] if gaps else 0} (ids must run 0..{len(names) - 1})")
+    return [names[c] for c in range(len(names))]
 
 
 def link_images(out, root):
@@ -158,69 +423,43 @@ def link_images(out, root):
     return root
 
 
-def read_list(path):
-    """Published LT lists: `relative/path label` per line; a bad line names file and line."""
-    items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit() or int(parts[1]) < 0:
-            die(f"{path}:{n}: expected `relative/path label`, got {line[:80]!r}")
-        items.append((parts[0], int(parts[1])))
-    return items
-
-
-def check_exist(root, items, what):
-    missing = [p for p, _ in items if not (root / p).is_file()]
-    if missing:
-        print(f"prepare.py: {len(missing)} of {len(items)} {what} images missing under {root}, e.g. {missing[:3]}", file=sys.stderr)
-    return missing
-
-
-def derive_names(items, num_classes):
-    """A class's name is the folder its images share (places365 `a/abbey`, imagenet wnids), else class_i."""
-    folders = [Counter() for _ in range(num_classes)]
-    for path, label in items:
-        folders[label][Path(path).parent.name] += 1
-    names = [f.most_common(1)[0][0] if f else f"class_{c}" for c, f in enumerate(folders)]
-    return names if len(set(names)) == num_classes else [f"class_{c}" for c in range(num_classes)]
-
-
 def prepare_lists(cfg, out):
-    if not cfg.lists or not cfg.root:
-        die(f"{cfg.dataset} needs --lists DIR (the published split lists) and --root DIR (the images)")
+    names = list_class_names(cfg)
+    files = {s: Path(cfg.lists) / f for s, f in zip(("train", "val", "test"), LIST_FILES[cfg.dataset]) if f}
+    for path in files.values():
+        if not path.is_file():
+            die(f"{path} not found: --lists must hold {', '.join(f for f in LIST_FILES[cfg.dataset] if f)}")
+    items = {split: read_split(path, len(names)) for split, path in files.items()}  # every line checked first
     root = link_images(out, cfg.root)
-    splits, missing = {}, {}
-    for split, fname in zip(("train", "val", "test"), LIST_SETS[cfg.dataset]):
-        path = Path(cfg.lists) / fname
-        if not path.exists():
-            die(f"{path} not found: --lists must hold {', '.join(LIST_SETS[cfg.dataset])}")
-        items = read_list(path)
-        missing[split] = check_exist(root, items, split)
-        skip = set(missing[split])
-        splits[split] = [(p, y) for p, y in items if p not in skip]
-    num_classes = 1 + max(y for items in splits.values() for _, y in items)
-    names = derive_names(splits["train"], num_classes)
-    lines = {s: [f"images/{p} {y}" for p, y in items] for s, items in splits.items()}
-    return names, lines, {s: len(m) for s, m in missing.items()}
+    lines, missing = {}, {}
+    for split, split_items in items.items():
+        gone = {p for p, _ in tqdm(split_items, desc=f"checking {split}", unit="img", disable=None)
+                if not (root / p).is_file()}
+        if gone:
+            warn(f"{len(gone)} of {len(split_items)} {split} images missing under {root}, left out, "
+                 f"e.g. {sorted(gone)[:3]}")
+        lines[split] = [f"images/{p} {y}" for p, y in split_items if p not in gone]
+        missing[split] = len(gone)
+    used = 1 + max(y for split_items in items.values() for _, y in split_items)  # a subset of the first classes
+    return names[:used], lines, {"missing": missing}
 
+
+# --- folder
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 def prepare_folder(cfg, out):
-    if not cfg.root:
-        die("folder needs --root DIR with one subfolder of images per class")
     root = link_images(out, cfg.root)
     names = sorted(d.name for d in root.iterdir() if d.is_dir())
     if not names:
         die(f"--root {root} has no class subfolders")
     rng = np.random.default_rng(cfg.seed)
-    per_class = [sorted(str(p.relative_to(root)) for p in (root / n).rglob("*") if p.suffix.lower() in IMAGE_EXT) for n in names]
+    per_class = [sorted(str(p.relative_to(root)) for p in (root / n).rglob("*") if p.suffix.lower() in IMAGE_EXT)
+                 for n in names]
     # Largest classes become the head of the profile; ties keep alphabetical order.
     order = sorted(range(len(names)), key=lambda c: -len(per_class[c]))
-    counts = lt_counts(len(names), cfg.max_per_class, cfg.imbalance)
+    counts = lt_counts(len(names), cfg.max_per_class or 500, cfg.imbalance)
     lines = {"train": [], "val": [], "test": []}
     for rank, c in enumerate(order):
         files = [per_class[c][i] for i in rng.permutation(len(per_class[c]))]
@@ -230,112 +469,227 @@ def prepare_folder(cfg, out):
             parts["train"] = parts["train"][:counts[rank]]
         for split, fs in parts.items():
             lines[split].extend(f"images/{f} {c}" for f in sorted(fs))
-    return names, lines
+    return names, lines, {}
 
 
-def load_ood_source(cfg):
-    """(names, [(abs_path, label)] train, [(abs_path, label)] test) from a local copy."""
-    src = Path(cfg.source)
-    if not cfg.source or not src.is_dir():
-        die(f"{cfg.dataset} needs --source DIR with a local copy (torchvision's layout; for cub the CUB_200_2011 folder)")
-    if cfg.dataset == "cub":
-        base = src / "CUB_200_2011" if (src / "CUB_200_2011").is_dir() else src
-        for f in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"):
-            if not (base / f).exists():
-                die(f"{base / f} not found: --source must be the CUB_200_2011 folder")
-        read = lambda f: [line.split() for line in (base / f).read_text().splitlines() if line.strip()]
-        paths = {i: p for i, p in read("images.txt")}
-        labels = {i: int(y) - 1 for i, y in read("image_class_labels.txt")}
-        is_train = {i: t == "1" for i, t in read("train_test_split.txt")}
-        names = [n.split(".", 1)[-1].replace("_", " ") for _, n in read("classes.txt")]
-        items = lambda train: [(str(base / "images" / paths[i]), labels[i]) for i in paths if is_train[i] == train]
-        return names, items(True), items(False)
+# --- OOD sets: flowers102, food101, stanford-cars, sun397, cub
+
+def read_table(path):
+    return [line.split(maxsplit=1) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_cub(src):
+    base = src / "CUB_200_2011" if (src / "CUB_200_2011").is_dir() else src
+    for f in ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt"):
+        if not (base / f).is_file():
+            die(f"{base / f} not found: --source must be the CUB_200_2011 folder or its parent")
+    paths = dict(read_table(base / "images.txt"))
+    labels = {i: int(y) - 1 for i, y in read_table(base / "image_class_labels.txt")}
+    is_train = {i: t.strip() == "1" for i, t in read_table(base / "train_test_split.txt")}
+    names = [n.split(".", 1)[-1].replace("_", " ") for _, n in read_table(base / "classes.txt")]  # 001.Black_footed_..
+    split = {True: [], False: []}
+    for i, p in paths.items():
+        split[is_train[i]].append((str(base / "images" / p), labels[i]))
+    return names, split[True], split[False]
+
+
+def load_flowers(src):
+    """flowers-102/{jpg, imagelabels.mat, setid.mat}, read here (torchvision insists on the files' md5). The files
+    hold no names: those are torchvision's list, in label order."""
+    from scipy.io import loadmat
+    from torchvision.datasets import Flowers102
+    base = src / "flowers-102" if (src / "flowers-102").is_dir() else src
+    for f in ("jpg", "imagelabels.mat", "setid.mat"):
+        if not (base / f).exists():
+            die(f"{base / f} not found: --source must hold flowers-102/ (jpg/, imagelabels.mat, setid.mat)")
+    labels = np.atleast_1d(loadmat(base / "imagelabels.mat", squeeze_me=True)["labels"]) - 1
+    split_ids = loadmat(base / "setid.mat", squeeze_me=True)
+    items = {key: [(str(base / "jpg" / f"image_{i:05d}.jpg"), int(labels[i - 1]))
+                   for i in np.atleast_1d(split_ids[key]).tolist()] for key in ("trnid", "valid", "tstid")}
+    return list(Flowers102.classes), items["trnid"] + items["valid"], items["tstid"]
+
+
+def load_ood(cfg):
+    """(class names, train [(absolute path, label)], test [...]) from a local copy in torchvision's layout."""
+    if cfg.dataset in ("cub", "flowers102"):
+        return (load_cub if cfg.dataset == "cub" else load_flowers)(Path(cfg.source))
     from torchvision import datasets
-    make = {"flowers102": lambda s: datasets.Flowers102(cfg.source, split=s),
-            "food101": lambda s: datasets.Food101(cfg.source, split=s),
-            "stanford-cars": lambda s: datasets.StanfordCars(cfg.source, split=s),
-            "sun397": lambda s: datasets.SUN397(cfg.source)}[cfg.dataset]
+
+    def items(ds):
+        pairs = ds._samples if hasattr(ds, "_samples") else zip(ds._image_files, ds._labels)
+        return [(str(p), int(y)) for p, y in pairs]
+
     try:
-        if cfg.dataset == "sun397":  # one pool: a seeded 80/20 split per class
-            ds = make(None)
-            rng = np.random.default_rng(cfg.seed)
-            test_mask = rng.random(len(ds._labels)) < 0.2
-            all_items = [(str(p), int(y)) for p, y in zip(ds._image_files, ds._labels)]
-            return ds.classes, [x for x, t in zip(all_items, test_mask) if not t], [x for x, t in zip(all_items, test_mask) if t]
-        train, test = make("train"), make("test")
-    except Exception as e:
-        die(f"cannot read {cfg.dataset} from {cfg.source} ({type(e).__name__}: {str(e)[:120]}); it must be in torchvision's layout")
-    items = lambda ds: [(str(p), int(y)) for p, y in zip(ds._image_files, ds._labels)]
-    names = getattr(train, "classes", None) or [f"class_{c}" for c in range(1 + max(train._labels))]
-    return names, items(train), items(test)
+        if cfg.dataset == "sun397":  # one pool: a seeded 80/20 split per image
+            ds = datasets.SUN397(cfg.source)
+            pool = items(ds)
+            test_mask = np.random.default_rng(cfg.seed).random(len(pool)) < 0.2
+            splits = ([x for x, t in zip(pool, test_mask) if not t], [x for x, t in zip(pool, test_mask) if t])
+        else:
+            make = datasets.Food101 if cfg.dataset == "food101" else datasets.StanfordCars
+            ds = make(cfg.source, split="train")
+            splits = (items(ds), items(make(cfg.source, split="test")))
+    except Exception as e:  # torchvision raises RuntimeError, FileNotFoundError, KeyError... for a wrong layout
+        die(f"cannot read {cfg.dataset} from {cfg.source} ({type(e).__name__}: {str(e)[:120]}); "
+            f"it must be in torchvision's layout")
+    names = [str(n).replace("_", " ") for n in getattr(ds, "classes", [])]
+    if len(names) <= max(y for _, y in splits[0] + splits[1]):
+        die(f"{cfg.source}: torchvision found no class names for {cfg.dataset} (a partial copy?)")
+    return names, *splits
+
+
+def class_key(name):
+    """`063.Ivory_Gull`, `Ivory Gull`, `apartment_building_outdoor`, `apartment building/outdoor` -> one key."""
+    return re.sub(r"[^a-z0-9]+", "_", re.sub(r"^\d+\.", "", name.lower())).strip("_")
+
+
+def li_lists_split(cfg, names, train, test):
+    """Li et al.'s own files (`split/class_folder/file` lines): ID train, ID test and OOD images, matched to the
+    local copy by class and file name. A line that matches no local image names file and line."""
+    index = {(class_key(names[y]), Path(p).name): (p, y) for p, y in test + train}  # train wins (their cars_train)
+    parts = {}
+    for part, fname in (("id_train", "train_data.txt"), ("id_test", "val_on_train_data.txt"), ("ood", "val_data.txt")):
+        path = Path(cfg.li_lists) / fname
+        if not path.is_file():
+            die(f"{path} not found: --li-lists must be Li et al.'s data/<Dataset> folder")
+        parts[part] = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            bits = line.strip().split("/")
+            if not line.strip():
+                continue
+            if len(bits) < 2 or (class_key(bits[-2]), bits[-1]) not in index:
+                die(f"{path}:{n}: {line.strip()[:80]!r} matches no image of --source {cfg.source}")
+            parts[part].append(index[class_key(bits[-2]), bits[-1]])
+    id_cls, ood_cls = sorted({y for _, y in parts["id_train"]}), sorted({y for _, y in parts["ood"]})
+    if set(id_cls) & set(ood_cls):
+        die(f"{cfg.li_lists}: classes {sorted(set(id_cls) & set(ood_cls))[:3]} are both ID and OOD")
+    return id_cls, ood_cls, parts["id_train"], parts["id_test"], parts["ood"]
+
+
+def pooled_70_30(items, classes, rng):
+    """Li et al.'s ID split without their files: each ID class's images pooled, 70% train, 30% test, seeded."""
+    id_train, id_test = [], []
+    for c in classes:
+        pool = sorted(x for x in items if x[1] == c)
+        pool = [pool[i] for i in rng.permutation(len(pool))]
+        id_train += pool[: round(0.7 * len(pool))]
+        id_test += pool[round(0.7 * len(pool)):]
+    return sorted(id_train), sorted(id_test)
 
 
 def prepare_ood(cfg, out):
-    names, train, test = load_ood_source(cfg)
+    names, train, test = load_ood(cfg)
     root = Path(os.path.commonpath([p for p, _ in train + test]))
     root = root if root.is_dir() else root.parent
     link_images(out, root)
     rng = np.random.default_rng(cfg.seed)
-    perm = rng.permutation(len(names))
+    perm = rng.permutation(len(names))  # our class halves (and li's without their files)
     id_cls, ood_cls = sorted(perm[: len(names) // 2].tolist()), sorted(perm[len(names) // 2:].tolist())
+    if cfg.protocol == "li" and cfg.li_lists:
+        id_cls, ood_cls, id_train, id_test, ood = li_lists_split(cfg, names, train, test)
+    elif cfg.protocol == "li":
+        warn("--protocol li without --li-lists: a seeded half of the classes and a seeded 70/30 split, not Li et "
+             "al.'s published ones (pass their data/<Dataset> folder to compare with their table)")
+        id_train, id_test = pooled_70_30(train + test, id_cls, rng)
+        ood = sorted(x for x in train + test if x[1] in set(ood_cls))
     new_label = {c: i for i, c in enumerate(id_cls + ood_cls)}
-    rel = lambda p: "images/" + str(Path(p).relative_to(root))
-    pick = lambda items, keep: [f"{rel(p)} {new_label[y]}" for p, y in items if y in keep]
-    lines = {"id_train": pick(train, set(id_cls)), "id_val": pick(test, set(id_cls)),
-             "ood_train": pick(train, set(ood_cls)), "ood_val": pick(test, set(ood_cls))}
+
+    def split_lines(items, keep):
+        return [f"images/{Path(p).relative_to(root)} {new_label[y]}" for p, y in items if y in keep]
+
+    if cfg.protocol == "ours":
+        lines = {"id_train": split_lines(train, set(id_cls)), "id_val": split_lines(test, set(id_cls)),
+                 "ood_train": split_lines(train, set(ood_cls)), "ood_val": split_lines(test, set(ood_cls))}
+    else:  # their 5-shot: the first li_shots sorted images of each OOD class join the training set
+        shots = {x for c in ood_cls for x in sorted(x for x in ood if x[1] == c)[:cfg.li_shots]}
+        everything = set(range(len(names)))
+        lines = {"id_train": split_lines(id_train, everything), "id_test": split_lines(id_test, everything),
+                 "ood_test": split_lines(ood, everything),
+                 "li_train": split_lines(id_train + sorted(shots), everything),
+                 "li_ood_test": split_lines([x for x in ood if x not in shots], everything)}
     all_names = [names[c] for c in id_cls + ood_cls]
-    (out / "id_classes.txt").write_text("".join(n + "\n" for n in all_names[: len(id_cls)]))
-    (out / "ood_classes.txt").write_text("".join(n + "\n" for n in all_names[len(id_cls):]))
-    return all_names, lines
+    write_lines(out / "id_classes.txt", all_names[: len(id_cls)])
+    write_lines(out / "ood_classes.txt", all_names[len(id_cls):])
+    return all_names, lines, {"id_classes": len(id_cls), "ood_classes": len(ood_cls)}
 
 
-def sha256(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+# --- statistics
+
+PUBLISHED = {  # images per split, classes with training images, OLTR's many (>100) / medium / few (<20) classes
+    "cifar10-lt": {"train.txt": 12406, "test.txt": 10000, "classes": 10, "many/medium/few": "8/2/0"},
+    "cifar100-lt": {"train.txt": 10847, "test.txt": 10000, "classes": 100, "many/medium/few": "35/35/30"},
+    "imagenet-lt": {"train.txt": 115846, "val.txt": 20000, "test.txt": 50000, "classes": 1000,
+                    "many/medium/few": "385/479/136"},
+    "places-lt": {"train.txt": 62500, "val.txt": 7300, "test.txt": 36500, "classes": 365,
+                  "many/medium/few": "131/163/71"},
+    "inat2018": {"train.txt": 437513, "val.txt": 24426, "classes": 8142, "many/medium/few": "842/4076/3224"},
+}
 
 
-def profile(lines, num_classes):
-    counts = Counter(int(line.rsplit(maxsplit=1)[1]) for line in lines)
-    per_class = [counts.get(c, 0) for c in range(num_classes)]
-    groups = {"many": sum(n > 100 for n in per_class), "medium": sum(20 <= n <= 100 for n in per_class),
-              "few": sum(0 < n < 20 for n in per_class)}
-    return per_class, groups
+def published_for(cfg):
+    """The published statistics this run should reproduce: CIFAR's only with the published IF 100 and n_max."""
+    n_max = {"cifar10-lt": 5000, "cifar100-lt": 500}.get(cfg.dataset)
+    if n_max and (cfg.imbalance != 100 or cfg.max_per_class not in (0, n_max) or cfg.test_per_class):
+        return {}
+    return PUBLISHED.get(cfg.dataset, {})
+
+
+def statistics(lines, per_class):
+    groups = Counter(class_group(n) for n in per_class)
+    found = {f"{split}.txt": len(split_lines) for split, split_lines in lines.items()}
+    found["classes"] = sum(n > 0 for n in per_class)
+    found["many/medium/few"] = "/".join(str(groups[g]) for g in GROUPS)
+    return found
+
+
+def print_report(cfg, out, names, train_key, per_class, found, published, notes):
+    """What was written, next to the published benchmark; a difference is a warning line naming it."""
+    print(f"{cfg.dataset}: {len(names)} classes -> {out}")
+    print(f"  {'':16s}{'found':>10s}{'published' if published else '':>15s}")
+    for key, value in found.items():
+        print(f"  {key:16s}{value:>10}{published.get(key, ''):>15}")
+    shown = per_class if len(per_class) <= 20 else str(per_class[:10])[:-1] + ", ...]"
+    print(f"  {train_key} per class: {shown} (max {max(per_class)}, min {min(per_class)})")
+    for note in notes:
+        print(f"  note: {note}")
+    for key, value in published.items():
+        if found.get(key) != value:
+            warn(f"{cfg.dataset}: {key} is {found.get(key, 'absent')}, the published benchmark has {value} "
+                 f"(fine for a subset; otherwise check --lists / --source)")
 
 
 def main():
-    argv = sys.argv[1:]
-    if argv and not argv[0].startswith("-"):  # the dataset may be given positionally
-        argv = ["--dataset"] + argv
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(argv)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    missing = {}
+    cfg = parse_config(Config, positional=("dataset",))
+    check_flags(cfg)
+    out = writable_dir(cfg.out)
     if cfg.dataset in LT_SETS:
-        names, lines = prepare_lt(cfg, out)
+        names, lines, info = prepare_long_tail(cfg, out)
     elif cfg.dataset in LIST_SETS:
-        names, lines, missing = prepare_lists(cfg, out)
+        names, lines, info = prepare_lists(cfg, out)
     elif cfg.dataset == "folder":
-        names, lines = prepare_folder(cfg, out)
-    elif cfg.dataset in OOD_SETS:
-        names, lines = prepare_ood(cfg, out)
+        names, lines, info = prepare_folder(cfg, out)
     else:
-        die(f"unknown dataset {cfg.dataset!r}: choose one of {', '.join(LT_SETS + tuple(LIST_SETS) + ('folder',) + OOD_SETS)}")
+        names, lines, info = prepare_ood(cfg, out)
     if cfg.class_names:
-        names = [n.strip() for n in Path(cfg.class_names).read_text().splitlines() if n.strip()]
-    (out / "classes.txt").write_text("".join(n + "\n" for n in names))
+        given = [n.strip() for n in Path(cfg.class_names).read_text(encoding="utf-8").splitlines() if n.strip()]
+        if len(given) != len(names):
+            die(f"{cfg.class_names} names {len(given)} classes, {cfg.dataset} has {len(names)}")
+        names = given
+    write_lines(out / "classes.txt", names)
     for split, split_lines in lines.items():
-        (out / f"{split}.txt").write_text("".join(line + "\n" for line in split_lines))
+        write_lines(out / f"{split}.txt", split_lines)
     train_key = "train" if "train" in lines else "id_train"
-    per_class, groups = profile(lines[train_key], len(names))
-    sidecar = {"made_by": "prepare.py", "config": asdict(cfg), "num_classes": len(names),
-               "splits": {s: {"file": f"{s}.txt", "lines": len(v), "sha256": sha256(out / f"{s}.txt")} for s, v in lines.items()},
-               "train_class_counts": per_class, "groups": groups, "missing": missing}
-    (out / "prepare.json").write_text(json.dumps(sidecar, indent=1) + "\n")
-    print(f"{cfg.dataset}: {len(names)} classes -> {out}")
-    for s, v in lines.items():
-        print(f"  {s + '.txt':14s} {len(v):7d} images")
-    print(f"  {train_key} per class: {per_class if len(per_class) <= 20 else str(per_class[:10])[:-1] + ', ...]'}"
-          f" (max {max(per_class)}, min {min(per_class)})")
-    print(f"  many (>100): {groups['many']}  medium (20-100): {groups['medium']}  few (<20): {groups['few']}")
+    per_class = np.bincount([int(line.rsplit(maxsplit=1)[1]) for line in lines[train_key]],
+                            minlength=len(names)).tolist()
+    found, published = statistics(lines, per_class), published_for(cfg)
+    write_json(out / "prepare.json", {
+        "made_by": "prepare.py", "config": asdict(cfg), "num_classes": len(names),
+        "splits": {s: {"file": f"{s}.txt", "lines": len(v), "sha256": sha256_file(out / f"{s}.txt")}
+                   for s, v in lines.items()},
+        "train_class_counts": per_class, "groups": dict(zip(GROUPS, map(int, found["many/medium/few"].split("/")))),
+        "published": published, "versions": versions("numpy", "pillow", "torchvision"),
+        **{k: v for k, v in info.items() if k != "notes"}})
+    print_report(cfg, out, names, train_key, per_class, found, published, info.get("notes", []))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 
 def prepare(*args, check=True):
-    proc = subprocess.run([sys.executable, REPO / "prepare.py", *map(str, args)], capture_output=True, text=True, env=ENV)
+    proc = subprocess.run([sys.executable, REPO / "prepare.py", *map(str, args)], capture_output=True, text=True,
+                          env=ENV)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -38,10 +39,11 @@ def fmnist(tmp_path_factory):
 def test_fashion_profile_is_exact(fmnist):
     out, stdout = fmnist
     assert per_class(lines(out / "train.txt"), 10) == [500, 299, 179, 107, 64, 38, 23, 13, 8, 5]
-    assert per_class(lines(out / "val.txt"), 10) == [100] * 10
-    assert per_class(lines(out / "test.txt"), 10) == [900] * 10
+    assert per_class(lines(out / "val.txt"), 10) == [100] * 10  # unused training images
+    assert per_class(lines(out / "test.txt"), 10) == [1000] * 10  # the whole official test set
+    assert all(line.startswith("images/train/") for line in lines(out / "val.txt"))
     assert lines(out / "classes.txt")[0] == "T-shirt/top" and len(lines(out / "classes.txt")) == 10
-    assert "many (>100): 4  medium (20-100): 3  few (<20): 3" in stdout
+    assert "  many/medium/few      4/3/3" in stdout
     sidecar = json.loads((out / "prepare.json").read_text())
     assert sidecar["splits"]["train"]["lines"] == 1236 and sidecar["groups"] == {"many": 4, "medium": 3, "few": 3}
     first = lines(out / "train.txt")[0].rsplit(maxsplit=1)[0]
@@ -52,8 +54,9 @@ def test_fashion_profile_is_exact(fmnist):
 def test_splits_are_disjoint(fmnist):
     out, _ = fmnist
     splits = {s: {line.rsplit(maxsplit=1)[0] for line in lines(out / f"{s}.txt")} for s in ("train", "val", "test")}
-    assert sum(map(len, splits.values())) == 1236 + 1000 + 9000  # no duplicate inside a split either
-    assert not splits["train"] & splits["val"] and not splits["train"] & splits["test"] and not splits["val"] & splits["test"]
+    assert sum(map(len, splits.values())) == 1236 + 1000 + 10000  # no duplicate inside a split either
+    assert not splits["train"] & splits["val"] and not splits["train"] & splits["test"]
+    assert not splits["val"] & splits["test"]
 
 
 def test_rerun_is_byte_identical(fmnist, tmp_path):
@@ -62,13 +65,14 @@ def test_rerun_is_byte_identical(fmnist, tmp_path):
     prepare("fashion-mnist-lt", "--out", out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     other = tmp_path / "again"
-    prepare("fashion-mnist-lt", "--out", other, "--max-per-class", "50", "--imbalance", "10", "--test-per-class", "50")
-    prepare("fashion-mnist-lt", "--out", tmp_path / "again2", "--max-per-class", "50", "--imbalance", "10", "--test-per-class", "50")
+    small = ("--max-per-class", "50", "--imbalance", "10", "--test-per-class", "50")
+    prepare("fashion-mnist-lt", "--out", other, *small)
+    prepare("fashion-mnist-lt", "--out", tmp_path / "again2", *small)
     for name in ("train.txt", "val.txt", "test.txt", "classes.txt"):
         assert (other / name).read_bytes() == (tmp_path / "again2" / name).read_bytes()
     assert per_class(lines(other / "train.txt"), 10) == [50, 38, 29, 23, 17, 13, 10, 8, 6, 5]
     seeded = tmp_path / "seed1"
-    prepare("fashion-mnist-lt", "--out", seeded, "--max-per-class", "50", "--imbalance", "10", "--seed", "1", "--test-per-class", "50")
+    prepare("fashion-mnist-lt", "--out", seeded, *small, "--seed", "1")
     assert per_class(lines(seeded / "test.txt"), 10) == [50] * 10
     assert (seeded / "train.txt").read_bytes() != (other / "train.txt").read_bytes()
 
@@ -94,7 +98,7 @@ def test_list_dataset_missing_and_malformed(tmp_path):
     assert "1 of 4 test images missing" in proc.stderr and "gone.JPEG" in proc.stderr
     assert per_class(lines(out / "train.txt"), 3) == [4, 3, 2]
     assert len(lines(out / "test.txt")) == 3
-    assert lines(out / "classes.txt") == ["n00", "n01", "n02"]
+    assert lines(out / "classes.txt") == ["tench", "goldfish", "great white shark"]  # torchvision's names
     assert (out / lines(out / "train.txt")[0].rsplit(maxsplit=1)[0]).is_file()
     (lists / "ImageNet_LT_val.txt").write_text("val/n00/v0.JPEG 0\nval/n01/v1.JPEG one\n")
     proc = prepare("imagenet-lt", "--lists", lists, "--root", root, "--out", out, check=False)
