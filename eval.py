@@ -1,26 +1,35 @@
-"""Evaluate vlmkd students: long-tail accuracy (many / medium / few-shot), calibration, open-vocabulary
-zero-shot and k-shot accuracy (ID / OOD classes), one comparison table and plots for several runs.
+"""Evaluate vlmkd students: long-tail accuracy (many / medium / few-shot), calibration, open-vocabulary zero-shot
+and k-shot accuracy (ID / OOD classes), one comparison table and plots for several runs.
 
-    python eval.py runs/fmnist/ce/final.pt runs/fmnist/vlmkd/final.pt --data data/fmnist-lt --split test --out runs/fmnist/report
-    python eval.py runs/fmnist/vlmkd/final.pt --data data/fmnist-lt --class-text runs/fmnist/text/classes.npy --out runs/fmnist/zs
-    python eval.py runs/food/li/final.pt --data data/food101-ood --split id_val,ood_val --class-text runs/food/clip/classes.npy \
-        --few-shot 5 --few-shot-split ood_train.txt --out runs/food/report          # Li et al.: ID / OOD, zero- and 5-shot
-    python eval.py runs/x/final.pt --data data/x --tta --tsne-samples 2000 --out runs/x/report   # flip TTA, bigger t-SNE
+    python eval.py runs/ce/final.pt runs/vlmkd/final.pt --data data/fmnist-lt --split test --out runs/report
+    python eval.py runs/vlmkd/final.pt --data data/fmnist-lt --class-text runs/text/classes.npy --out runs/zs
+    python eval.py runs/food/li/final.pt --data data/food-ood --split id_val,ood_val --few-shot 5 \
+        --class-text runs/food/clip/classes.npy --out runs/food/report  # ours: ID / OOD, zero-shot, 5-shot probe
+    python eval.py runs/food/li5/final.pt --data data/food-ood --split li_ood_test --out runs/food/li5
+        # Li et al.'s 5-shot: a student finetuned on li_train.txt, scored within the OOD classes
+    python eval.py runs/x/final.pt --data data/x --tta --tsne-samples 2000 --out runs/x/report  # flip TTA
 
 Writes into --out: results.json (every metric, per-class accuracies, per checkpoint), report.md (one row per
 checkpoint, deltas against the first), per_class_vs_frequency.png, tsne.png and curves.png (from each run's
-metrics.jsonl beside its final.pt). Features are extracted once per checkpoint and reused for every metric and plot.
-Groups follow the OLTR convention over the checkpoint's training counts: many > 100, medium 20..100, few 1..19;
-classes with no training image (or past the checkpoint's classes) are OOD. Nothing is selected on the evaluated
-split: the k-shot probe has fixed settings and trains only on --few-shot-split.
+metrics.jsonl beside its final.pt). Every metric is counted in one streaming pass over the images per checkpoint;
+features are kept only for the t-SNE sample and, with --few-shot, for the images of unseen classes.
+Groups follow OLTR over the checkpoint's training counts: many > 100, medium 20..100, few 1..19; a class with no
+training image is unseen. With DATA/id_classes.txt (prepare.py's OOD sets) the classifier is also scored within the
+ID classes and within the OOD classes (Li et al.). Nothing is selected on the evaluated split: the k-shot probe has
+fixed settings and trains only on --few-shot-split. Epochs are numbered from 0, as train.py logs and prints them.
 """
+import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata as pkg_metadata
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,38 +37,219 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from tqdm import tqdm
-from transformers import HfArgumentParser
+
+# ----------------------------------------------------------------------------- shared helpers
+# Byte-identical in every stage (tests/test_shared.py): change tests/shared_helpers.py, then run its --sync.
+
 
 GROUPS = ("many", "medium", "few")
 
 
-@dataclass
-class Config:
-    checkpoints: list[str] = field(default_factory=list, metadata={"help": "final.pt files from train.py (also positional); the first is the baseline"})
-    data: str = field(default="data/fmnist-lt", metadata={"help": "folder from prepare.py"})
-    split: str = field(default="test", metadata={"help": "split(s) inside --data to evaluate, comma-separated (`test`, `id_val,ood_val`)"})
-    classes: str = field(default="classes.txt", metadata={"help": "class names inside --data; a checkpoint's classes must be these or a prefix (ID first)"})
-    out: str = field(default="runs/report", metadata={"help": "output folder"})
-    batch_size: int = 256
-    workers: int = field(default=-1, metadata={"help": "image decoding processes; -1: min(8, cores)"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available, else cpu) | cpu | cuda"})
-    tta: bool = field(default=False, metadata={"help": "average over the image and its horizontal flip"})
-    ece_bins: int = field(default=15, metadata={"help": "equal-width confidence bins of the expected calibration error"})
-    class_text: str = field(default="", metadata={"help": "classes.npy from encode.py --classes: zero-shot through the text head or clip_proj"})
-    zero_shot_head: str = field(default="auto", metadata={"help": "auto | text (VLM-KD proj/adaptor) | clip (Li et al. clip_proj); auto picks by width"})
-    few_shot: int = field(default=0, metadata={"help": "k: fit a probe on the first k images per OOD class of --few-shot-split; 0 = off"})
-    few_shot_split: str = field(default="ood_train.txt", metadata={"help": "training split for the k-shot probe (never the evaluated split)"})
-    few_shot_c: float = field(default=1.0, metadata={"help": "inverse L2 strength of the k-shot logistic regression (fixed, never tuned here)"})
-    tsne_samples: int = field(default=1000, metadata={"help": "eval images in the t-SNE plot; 0 = no t-SNE"})
-    seed: int = 0
+def opt(default, help, heading=""):
+    """A config field with its --help line; `heading` starts a new group of flags in --help."""
+    return field(default=default, metadata={"help": help, "heading": heading})
+
+
+def parse_config(config_cls, argv=None, positional=()):
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group, hints = parser, typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        kind, meta = hints[f.name], f.metadata
+        if meta.get("heading"):
+            group = parser.add_argument_group(meta["heading"])
+        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
+        kwargs = {"help": meta.get("help", "")}
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
+        if f.name not in positional:
+            kwargs["default"] = f.default
+        group.add_argument(*names, **kwargs)
+    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+            action.help += " (default: %(default)r)"
+    return config_cls(**vars(parser.parse_args(argv)))
 
 
 def die(msg):
-    sys.exit(f"eval.py: error: {msg}")
+    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
 
 
 def warn(msg):
-    print(f"eval.py: warning: {msg}", file=sys.stderr)
+    print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def sha256_file(path):
+    """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(path, num_classes=None):
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
+    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
+    out of the data root with `..` (a split only ever names files under its root)."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"split file {path} not found (prepare.py writes it)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+        rel, label = parts[0], int(parts[1])
+        if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+            die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
+        if num_classes is not None and label >= num_classes:
+            die(f"{path}:{n}: label {label}, but there are only {num_classes} classes")
+        items.append((rel, label))
+    if not items:
+        die(f"split file {path} has no images")
+    return items
+
+
+def read_classes(path):
+    """Class names, line i naming label i."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"classes file {path} not found (prepare.py writes it)")
+    names = path.read_text(encoding="utf-8").splitlines()
+    for n, name in enumerate(names, 1):
+        if not name.strip():
+            die(f"{path}:{n}: empty class name")
+    if not names:
+        die(f"classes file {path} is empty")
+    return names
+
+
+def class_group(count):
+    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
+    return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
+
+
+def versions(*names):
+    """Versions of the packages that made an artifact, for its sidecar or run folder."""
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename: a kill never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def writable_dir(path):
+    """Make --out now and prove it writable, so a bad --out fails before any work is spent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        die(f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"{path} is not writable ({e.strerror})")
+    return path
+
+
+def sidecar_digest(array_path, sidecar):
+    """sha256 of an array's bytes and of every other field of its sidecar: editing either by hand is caught."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in sidecar.items() if k != "sha256"}, sort_keys=True).encode())
+    digest.update(sha256_file(array_path).encode())
+    return digest.hexdigest()
+
+
+def load_artifact(path, kind):
+    """(array opened as a memmap, sidecar) of an encode.py artifact. Refused with one line unless the sidecar is
+    there, names this kind and matches the array (sidecar_digest), and every row is finite."""
+    path, sidecar_path = Path(path), Path(path).with_suffix(".json")
+    for p in (path, sidecar_path):
+        if not p.is_file():
+            die(f"{p} not found: an array is used only with the sidecar encode.py wrote next to it")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        die(f"{path} or {sidecar_path.name} cannot be read ({e}); re-run encode.py")
+    if sidecar.get("kind") != kind:
+        die(f"{sidecar_path}: kind is {sidecar.get('kind')!r}, expected {kind!r}")
+    if sidecar.get("sha256") != sidecar_digest(path, sidecar):
+        die(f"{path} and {sidecar_path.name} do not match (sha256): one was changed after encode.py wrote them")
+    for start in range(0, len(array), 8192):
+        chunk = np.asarray(array[start:start + 8192])
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if not finite.all():
+            die(f"{path}: row {start + int(np.flatnonzero(~finite)[0])} holds NaN or inf")
+    return array, sidecar
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class Config:
+    checkpoints: str = opt("", "final.pt files of train.py, comma-separated, or given as positionals (eval.py A.pt "
+                           "B.pt ...); the first is the baseline of the deltas", heading="what to evaluate")
+    data: str = opt("data/fmnist-lt", "folder from prepare.py")
+    split: str = opt("test", "split(s) inside --data, comma-separated: test | id_val,ood_val | li_ood_test")
+    classes: str = opt("classes.txt", "class names in --data; a checkpoint's classes must be these or the first ones")
+    id_classes: str = opt("id_classes.txt", "ID classes in --data, the first lines of --classes: when the file exists, "
+                          "the classifier is also scored within the ID and within the OOD classes")
+    out: str = opt("runs/report", "folder for results.json, report.md and the plots (checked before any work)")
+    batch_size: int = opt(256, "images per forward pass", heading="feature extraction")
+    workers: int = opt(-1, "image decoding processes; -1: min(8, cores)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
+    tta: bool = opt(False, "average the logits and features of the image and of its horizontal flip")
+    ece_bins: int = opt(15, "equal-width confidence bins of the expected calibration error", heading="metrics")
+    class_text: str = opt("", "classes.npy of encode.py --classes (with its .json): zero-shot through the text head "
+                          "(VLM-KD) or clip_proj (Li et al.)")
+    zero_shot_head: Literal["auto", "text", "clip"] = opt(
+        "auto", "text: VLM-KD's proj + adaptor; clip: Li et al.'s clip_proj; auto: the one of the class text's width")
+    few_shot: int = opt(0, "k: a logistic-regression probe on the first k images of each unseen class of "
+                        "--few-shot-split; 0: off")
+    few_shot_split: str = opt("ood_train.txt", "training split of the k-shot probe in --data (never an evaluated one)")
+    few_shot_c: float = opt(1.0, "inverse L2 strength of the k-shot probe (fixed: nothing is tuned on the test)")
+    tsne_samples: int = opt(1000, "evaluated images drawn at random for tsne.png (only their features are kept); "
+                            "0: none", heading="plots")
+    seed: int = opt(0, "seed of the t-SNE sample, the t-SNE and the probe")
+
+
+def read_command_line(argv):
+    """The typed Config. Checkpoints given as positionals (parse_config takes one value a field) are joined into
+    --checkpoints; a flag that takes a value keeps the word after it."""
+    hints = typing.get_type_hints(Config)
+    takes_value = {"--" + f.name.replace("_", "-") for f in fields(Config) if hints[f.name] is not bool}
+    words, paths, rest = iter(argv), [], []
+    for word in words:
+        if word.startswith("-") and len(word) > 1:
+            rest += [word, *itertools.islice(words, 1)] if word in takes_value else [word]
+        else:
+            paths.append(word)
+    cfg = parse_config(Config, rest + (["--checkpoints", ",".join(paths)] if paths else []))
+    if not cfg.checkpoints:
+        die("no checkpoint given: python eval.py RUN/final.pt [RUN2/final.pt ...] --data DATA --out REPORT")
+    if min(cfg.batch_size, cfg.ece_bins) < 1 or min(cfg.few_shot, cfg.tsne_samples) < 0 or cfg.few_shot_c <= 0:
+        die("--batch-size and --ece-bins must be >= 1, --few-shot and --tsne-samples >= 0, --few-shot-c > 0")
+    return cfg
 
 
 # ----------------------------------------------------------------------------- models
@@ -154,32 +344,10 @@ class TextHead(nn.Module):
 # ----------------------------------------------------------------------------- end of models
 
 
-# ----------------------------------------------------------------------------- metrics (pure functions)
+# ----------------------------------------------------------------------------- metrics (streaming, O(classes) memory)
 
-def class_groups(class_counts):
-    """'many' (> 100 training images), 'medium' (20..100), 'few' (1..19) or 'ood' (never trained on), per class."""
-    counts = np.asarray(class_counts)
-    return np.where(counts > 100, "many", np.where(counts >= 20, "medium", np.where(counts > 0, "few", "ood")))
-
-
-def group_accuracy(preds, labels, class_counts):
-    """Top-1 over all samples and over the samples of many / medium / few classes (None: no such sample)."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    correct = preds == labels
-    groups = class_groups(class_counts)[labels]
-    result = {"top1": float(correct.mean()) if len(correct) else None}
-    for name in GROUPS:
-        mask = groups == name
-        result[name] = float(correct[mask].mean()) if mask.any() else None
-    return result
-
-
-def per_class_accuracy(preds, labels, num_classes):
-    """Accuracy of each class over its samples; None for a class with no sample."""
-    preds, labels = np.asarray(preds), np.asarray(labels)
-    correct = np.bincount(labels, weights=preds == labels, minlength=num_classes)
-    total = np.bincount(labels, minlength=num_classes)
-    return [float(c / t) if t else None for c, t in zip(correct, total)]
+def ratio(num, den):
+    return float(num / den) if den else None
 
 
 def mean_of(values):
@@ -187,90 +355,78 @@ def mean_of(values):
     return float(np.mean(values)) if values else None
 
 
-def topk_accuracy(scores, labels, k):
-    k = min(k, scores.shape[1])
-    top = torch.as_tensor(scores).topk(k, dim=1).indices.numpy()
-    return float((top == np.asarray(labels)[:, None]).any(1).mean())
+class Tally:
+    """Per-class right / total of one scorer, counted batch by batch: a pass costs memory per class, never per image.
+    `allowed` (bool per class): only images of those classes count, and the prediction is the best of those classes
+    (Li et al. score ID images among ID classes, OOD among OOD). `ece_bins` > 0 also counts top-5 and the
+    calibration bins (bin b holds confidences in (b/bins, (b+1)/bins])."""
+
+    def __init__(self, num_classes, allowed=None, ece_bins=0):
+        self.allowed = None if allowed is None else torch.as_tensor(allowed, dtype=torch.bool)
+        self.right, self.total = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+        self.bins, self.top5, self.bin_conf, self.bin_right = ece_bins, 0, np.zeros(ece_bins), np.zeros(ece_bins)
+
+    def add(self, scores, labels):
+        """scores [B, num_classes] and labels [B] on one device."""
+        if self.allowed is not None:
+            allowed = self.allowed.to(scores.device)
+            keep = allowed[labels]
+            scores, labels = scores[keep].masked_fill(~allowed, float("-inf")), labels[keep]
+        right = scores.argmax(1) == labels
+        label_np, right_np = labels.cpu().numpy(), right.cpu().numpy()
+        self.total += np.bincount(label_np, minlength=len(self.total))
+        self.right += np.bincount(label_np, weights=right_np, minlength=len(self.total)).astype(np.int64)
+        if self.bins and len(labels):
+            top = scores.topk(min(5, scores.shape[1]), dim=1).indices
+            self.top5 += int((top == labels[:, None]).any(1).sum())
+            confidence = scores.float().softmax(1).amax(1)
+            which = ((confidence * self.bins).ceil().long().clamp(1, self.bins) - 1).cpu().numpy()
+            self.bin_conf += np.bincount(which, weights=confidence.cpu().numpy(), minlength=self.bins)
+            self.bin_right += np.bincount(which, weights=right_np, minlength=self.bins)
+
+    def groups(self, class_counts):
+        """Top-1 over all images and over the images of many / medium / few classes (None: no such image)."""
+        group = np.array([class_group(int(c)) for c in class_counts])
+        return {"top1": ratio(self.right.sum(), self.total.sum())} | {
+            g: ratio(self.right[group == g].sum(), self.total[group == g].sum()) for g in GROUPS}
+
+    def per_class(self):
+        return [ratio(r, t) for r, t in zip(self.right, self.total)]
+
+    def calibration(self):
+        """top-5 and the expected calibration error: sum over bins of |right - confidence| over all images."""
+        n = self.total.sum()
+        return {"top5": ratio(self.top5, n), "ece": ratio(np.abs(self.bin_right - self.bin_conf).sum(), n)}
+
+    def within(self):
+        """Li et al.'s numbers: top-1 and mean per-class accuracy over the allowed classes' images."""
+        per_class = self.per_class()
+        classes = np.flatnonzero(self.allowed.numpy())
+        return {"top1": ratio(self.right.sum(), self.total.sum()), "classes": int(len(classes)),
+                "mean_class": mean_of([per_class[c] for c in classes]), "samples": int(self.total.sum())}
 
 
-def expected_calibration_error(probs, labels, bins=15):
-    """Sum over equal-width confidence bins of |accuracy - mean confidence| weighted by the bin's share of samples."""
-    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
-    confidence, preds = probs.max(1), probs.argmax(1)
-    correct = preds == labels
-    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)  # bin b holds (b/bins, (b+1)/bins]
-    ece = 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            ece += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
-    return float(ece)
-
-
-def classification_metrics(logits, labels, class_counts, bins):
-    """Everything about the checkpoint's own classifier, on the samples of its classes."""
-    logits = torch.as_tensor(logits).float()
-    probs = logits.softmax(1).numpy()
-    preds = probs.argmax(1)
-    per_class = per_class_accuracy(preds, labels, len(class_counts))
-    return group_accuracy(preds, labels, class_counts) | {
-        "mean_class": mean_of(per_class), "top5": topk_accuracy(logits, labels, 5),
-        "ece": expected_calibration_error(probs, labels, bins), "per_class": per_class, "samples": int(len(labels))}
-
-
-def zero_shot_metrics(scores, labels, class_counts):
-    """Zero-shot accuracy over all class texts (overall, many/medium/few, per class), and Li et al.'s protocol:
-    ID samples among ID classes only and OOD samples among OOD classes only, mean per-class accuracy."""
-    scores, labels = torch.as_tensor(scores).float(), np.asarray(labels)
-    num_text = scores.shape[1]
-    counts = np.zeros(num_text, dtype=np.int64)
-    counts[:min(num_text, len(class_counts))] = np.asarray(class_counts)[:num_text]
-    preds = scores.argmax(1).numpy()
-    per_class = per_class_accuracy(preds, labels, num_text)
-    result = group_accuracy(preds, labels, counts) | {"mean_class": mean_of(per_class), "per_class": per_class}
-    is_id = counts > 0
-    for name, classes in (("id", np.flatnonzero(is_id)), ("ood", np.flatnonzero(~is_id))):
-        mask = np.isin(labels, classes)
-        if not mask.any():
-            result[name] = None
-            continue
-        local = classes[scores[torch.from_numpy(mask)][:, torch.from_numpy(classes)].argmax(1).numpy()]
-        sub = per_class_accuracy(local, labels[mask], num_text)
-        result[name] = {"top1": float((local == labels[mask]).mean()), "mean_class": mean_of([sub[c] for c in classes]),
-                        "classes": int(len(classes)), "samples": int(mask.sum())}
-    return result
+def report_of(tally, class_counts):
+    per_class = tally.per_class()
+    return tally.groups(class_counts) | {"mean_class": mean_of(per_class), "per_class": per_class,
+                                         "samples": int(tally.total.sum())}
 
 
 # ----------------------------------------------------------------------------- data
 
-def sha256_file(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def split_path(data, name):
     """DATA/name, with `.txt` added when name has no suffix; a missing split names itself and what exists."""
     path = Path(data) / (name if name.endswith(".txt") else f"{name}.txt")
-    if not path.exists():
+    if not path.is_file():
         have = sorted(p.name for p in Path(data).glob("*.txt")) if Path(data).is_dir() else []
-        die(f"split {name!r} not found: {path} does not exist (splits in {data}: {', '.join(have) or 'none'}; make them with prepare.py)")
+        die(f"split {name!r} not found: {path} does not exist (splits in {data}: {', '.join(have) or 'none'}; "
+            f"prepare.py writes them)")
     return path
 
 
-def read_split(path, num_classes):
-    """[(relative path, label)] from `relative/path label` lines; a bad line names file and line."""
-    items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].isdigit():
-            die(f"{path}:{n}: expected `relative/path label`, got {line[:80]!r}")
-        if int(parts[1]) >= num_classes:
-            die(f"{path}:{n}: label {parts[1]} but the class list names {num_classes} classes")
-        items.append((parts[0], int(parts[1])))
-    return items
-
-
 class SplitImages(torch.utils.data.Dataset):
-    """(normalised image, label, row, error) per split line; an unreadable image is a zero image with its error."""
+    """(normalised image, label, row, error) per split line. An image that cannot be decoded (missing, not an image,
+    truncated data) is a zero image with its error: recorded and left out of every metric, never a traceback."""
 
     def __init__(self, root, items, preprocess):
         from torchvision import transforms
@@ -288,106 +444,210 @@ class SplitImages(torch.utils.data.Dataset):
         try:
             with Image.open(self.root / path) as image:
                 return self.transform(image.convert("RGB")), label, i, ""
-        except Exception as e:
+        except Exception as e:  # decoding only: the model runs outside, so its failures are never blamed on an image
             return torch.zeros(3, self.res, self.res), label, i, f"{type(e).__name__}: {e}"[:200]
 
 
 @torch.no_grad()
-def extract(student, root, items, preprocess, cfg, device, desc):
-    """Penultimate features and classifier logits of every image (flip-averaged with --tta), and the bad images."""
+def batches(student, root, items, preprocess, cfg, device, desc):
+    """Yields (features, logits, labels, rows, decoded) per batch on `device`, flip-averaged with --tta, and the
+    errors of the images that could not be decoded (a list of {index, path, error})."""
     workers = cfg.workers if cfg.workers >= 0 else min(8, os.cpu_count() or 1)
     loader = torch.utils.data.DataLoader(SplitImages(root, items, preprocess), batch_size=cfg.batch_size,
-                                         num_workers=workers if len(items) > cfg.batch_size else 0, pin_memory=device.type == "cuda")
-    feats, logits, errors = [], [], []
+                                         num_workers=workers if len(items) > cfg.batch_size else 0,
+                                         pin_memory=device.type == "cuda")
     with tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
-        for images, _, rows, errs in loader:
+        for images, labels, rows, errors in loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            f, z, _ = student(images)
+            feats, logits, _ = student(images)
             if cfg.tta:
-                f_flip, z_flip, _ = student(images.flip(3))
-                f, z = (f + f_flip) / 2, (z + z_flip) / 2
-            feats.append(f.float().cpu())
-            logits.append(z.float().cpu())
-            errors += [{"index": int(r), "path": items[int(r)][0], "error": e} for r, e in zip(rows, errs) if e]
+                feats_flip, logits_flip, _ = student(images.flip(3))
+                feats, logits = (feats + feats_flip) / 2, (logits + logits_flip) / 2
+            decoded = torch.tensor([not e for e in errors], device=device)
+            bad = [{"index": int(r), "path": items[int(r)][0], "error": e} for r, e in zip(rows, errors) if e]
+            yield feats.float(), logits.float(), labels.to(device), rows, decoded, bad
             bar.update(len(images))
-    return torch.cat(feats), torch.cat(logits), errors
+
+
+def extract(student, root, items, preprocess, cfg, device, desc):
+    """(features [N, D] float32 on the CPU, errors) of a small split: the k-shot probe's training images."""
+    feats, errors = [], []
+    for f, _, _, _, _, bad in batches(student, root, items, preprocess, cfg, device, desc):
+        feats.append(f.cpu())
+        errors += bad
+    return torch.cat(feats), errors
+
+
+def first_k_per_class(items, classes, k):
+    """Rows of the first k images of each class in `classes`, in split order (Li et al.'s k-shot protocol)."""
+    taken, rows = {c: 0 for c in classes}, []
+    for row, (_, label) in enumerate(items):
+        if label in taken and taken[label] < k:
+            taken[label] += 1
+            rows.append(row)
+    return rows, taken
+
+
+@dataclass
+class Inputs:
+    """Everything read from --data and --class-text, checked before any image is decoded."""
+    classes: list
+    classes_path: Path
+    id_count: int  # ID classes (the first lines of classes.txt); 0: no id_classes.txt
+    split_paths: list
+    items: list
+    labels: np.ndarray
+    few_items: list
+    class_text: torch.Tensor = None
+    text_encoder: str = None
+    tsne_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+
+def read_id_classes(cfg, classes):
+    path = Path(cfg.data) / cfg.id_classes
+    if not path.is_file():
+        return 0
+    names = read_classes(path)
+    if names != classes[:len(names)]:
+        warn(f"{path} is not the first lines of {Path(cfg.data) / cfg.classes}: no ID / OOD scores of the classifier")
+        return 0
+    return len(names)
+
+
+def read_few_shot_items(cfg, split_paths, items, num_classes):
+    path = split_path(cfg.data, cfg.few_shot_split)
+    if path.resolve() in [p.resolve() for p in split_paths]:
+        die(f"--few-shot-split {path} is an evaluated split: k-shot images must come from a training split")
+    few_items = read_split(path, num_classes)
+    shared = {p for p, _ in few_items} & {p for p, _ in items}
+    if shared:
+        die(f"{path} and {cfg.split} share {len(shared)} images (e.g. {sorted(shared)[0]}): k-shot images must not be "
+            f"evaluated")
+    return few_items
+
+
+def load_class_text(path, classes_path, num_classes):
+    """classes.npy [C, D] float32 and its encoder, refused (load_artifact) without its sidecar, with a sidecar that
+    does not match it, or with a NaN row; and unless its rows are the classes of classes_path, in order."""
+    array, sidecar = load_artifact(path, "classes")
+    if array.ndim != 2 or array.shape[0] != num_classes:
+        die(f"{path} has shape {list(array.shape)}, expected [{num_classes}, D]: one row per line of {classes_path}")
+    names = sidecar.get("names")
+    if names is not None and list(names) != read_classes(classes_path):
+        die(f"{Path(path).with_suffix('.json')}: its class names are not those of {classes_path} "
+            f"(re-run encode.py --classes {classes_path})")
+    if names is None and sidecar.get("classes_sha256") != sha256_file(classes_path):
+        die(f"{Path(path).with_suffix('.json')}: classes_sha256 is not sha256({classes_path}): its rows follow another "
+            f"class list (re-run encode.py --classes {classes_path})")
+    # As train.py's cosine head uses them: rows are unit vectors by contract, not renormalised here.
+    return torch.from_numpy(np.asarray(array, dtype=np.float32)), sidecar.get("encoder")
+
+
+def read_inputs(cfg):
+    """Classes, the evaluated split(s), the k-shot split and the class text: a bad line or file is one line here."""
+    classes_path = Path(cfg.data) / cfg.classes
+    classes = read_classes(classes_path)
+    split_paths = [split_path(cfg.data, s.strip()) for s in cfg.split.split(",") if s.strip()]
+    if not split_paths:
+        die("--split names no split")
+    items = [item for p in split_paths for item in read_split(p, len(classes))]
+    inputs = Inputs(classes, classes_path, read_id_classes(cfg, classes), split_paths, items,
+                    np.array([y for _, y in items]), read_few_shot_items(cfg, split_paths, items, len(classes))
+                    if cfg.few_shot > 0 else [])
+    if cfg.class_text:
+        inputs.class_text, inputs.text_encoder = load_class_text(cfg.class_text, classes_path, len(classes))
+    rng = np.random.default_rng(cfg.seed)
+    inputs.tsne_rows = np.sort(rng.choice(len(items), min(cfg.tsne_samples, len(items)), replace=False))
+    return inputs
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def load_checkpoint(path, data_classes, classes_path, device):
-    """(checkpoint dict, student in eval mode); refused unless its classes are the data's (or their ID prefix)."""
-    if not Path(path).exists():
+FINAL_KEYS = ("arch", "num_classes", "classes", "class_counts", "model", "head", "tau", "preprocess")
+
+
+def non_finite_tensor(ckpt):
+    """Name of the first weight or buffer that holds NaN or inf (a diverged run), or None."""
+    tensors = list(ckpt["model"].items()) + [("class_text", ckpt.get("class_text"))]
+    for part in ("proj", "adaptor"):
+        tensors += [(f"text_head.{part}.{k}", v) for k, v in (ckpt.get("text_head") or {}).get(part, {}).items()]
+    return next((name for name, t in tensors if torch.is_tensor(t) and t.is_floating_point()
+                 and not torch.isfinite(t).all()), None)
+
+
+def load_checkpoint(path, inputs):
+    """(checkpoint dict, student in eval mode on the CPU). Refused with one line: a file torch cannot read (torn by a
+    kill), anything but train.py's final.pt, missing keys, non-finite tensors, weights that do not fit the arch, and
+    classes that are not the data's (or their first ones)."""
+    if not Path(path).is_file():
         die(f"checkpoint {path} not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        die(f"{path}: cannot load ({type(e).__name__}: {str(e)[:120]})")
+    except Exception as e:  # a torn zip, a pickle torch refuses: the file is at fault, say which
+        die(f"{path}: cannot be read, torn or not a checkpoint ({type(e).__name__}: {str(e)[:120]})")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "vlmkd-final-1":
-        die(f"{path}: format {ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__!r}, expected 'vlmkd-final-1' (train.py's final.pt; ckpt.pt only resumes)")
-    names = list(ckpt["classes"])
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        die(f"{path}: format {found!r}, expected 'vlmkd-final-1' (train.py's final.pt; ckpt.pt only resumes)")
+    missing = [k for k in FINAL_KEYS if k not in ckpt]
+    if missing:
+        die(f"{path}: no {', '.join(missing)}: not a complete final.pt")
+    bad = non_finite_tensor(ckpt)
+    if bad:
+        die(f"{path}: tensor {bad} holds NaN or inf (the run diverged): no numbers are reported from it")
+    names, data_classes = list(ckpt["classes"]), inputs.classes
     if names != data_classes[:len(names)]:
-        first = next((i for i, (a, b) in enumerate(zip(names, data_classes)) if a != b), min(len(names), len(data_classes)))
+        first = next((i for i, (a, b) in enumerate(zip(names, data_classes)) if a != b),
+                     min(len(names), len(data_classes)))
         got = names[first] if first < len(names) else "<end>"
         want = data_classes[first] if first < len(data_classes) else "<end>"
-        die(f"{path} was trained on other classes than {classes_path}: class {first} is {got!r} there, {want!r} here "
-            f"({len(names)} vs {len(data_classes)} classes)")
-    if len(ckpt["class_counts"]) != ckpt["num_classes"]:
-        die(f"{path}: class_counts has {len(ckpt['class_counts'])} entries for {ckpt['num_classes']} classes")
+        die(f"{path} was trained on other classes than {inputs.classes_path}: class {first} is {got!r} there, {want!r} "
+            f"here ({len(names)} vs {len(data_classes)} classes)")
+    if not len(ckpt["class_counts"]) == len(names) == ckpt["num_classes"]:
+        die(f"{path}: {len(ckpt['class_counts'])} class counts, {len(names)} names, {ckpt['num_classes']} classes")
     clip_dim = ckpt["model"]["clip_proj.weight"].shape[0] if "clip_proj.weight" in ckpt["model"] else 0
-    student = Student(ckpt["arch"], ckpt["num_classes"], ckpt["preprocess"]["res"], ckpt["head"], clip_dim, ckpt.get("class_text"), ckpt["tau"])
-    student.load_state_dict(ckpt["model"])
-    return ckpt, student.to(device, memory_format=torch.channels_last).eval()  # 1.4x on this CPU too
+    student = Student(ckpt["arch"], ckpt["num_classes"], ckpt["preprocess"]["res"], ckpt["head"], clip_dim,
+                      ckpt.get("class_text"), ckpt["tau"])
+    try:
+        student.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        die(f"{path}: its weights do not fit a {ckpt['arch']} ({str(e).splitlines()[0][:160]})")
+    return ckpt, student.to(memory_format=torch.channels_last).eval()  # channels_last: 1.4x on this CPU too
 
 
-def load_class_text(path, num_classes, classes_path):
-    """classes.npy [C, D] and its sidecar from encode.py --classes, refused unless it has a row per data class."""
-    sidecar_path = Path(path).with_suffix(".json")
-    if not Path(path).exists() or not sidecar_path.exists():
-        die(f"{path} or its sidecar {sidecar_path.name} not found (make them with encode.py --classes)")
-    sidecar = json.loads(sidecar_path.read_text())
-    if sidecar.get("kind") != "classes":
-        die(f"{sidecar_path}: kind is {sidecar.get('kind')!r}, expected 'classes'")
-    array = np.load(path)
-    if array.ndim != 2 or array.shape[0] != num_classes:
-        die(f"{path} has shape {list(array.shape)}, expected [{num_classes}, D]: one row per line of {classes_path}")
-    names = sidecar.get("names")
-    if names is not None and [n for n in names if n.strip()] != [n for n in Path(classes_path).read_text().splitlines() if n.strip()]:
-        die(f"{sidecar_path}: its class names are not those of {classes_path} (re-run encode.py --classes {classes_path})")
-    if names is None and sidecar.get("classes_sha256") not in (None, sha256_file(classes_path)):
-        warn(f"{sidecar_path}: classes_sha256 differs from sha256({classes_path}); rows are taken to follow its order")
-    # As train.py's cosine head uses them: rows are unit vectors by contract, not renormalised here.
-    return torch.from_numpy(array.astype(np.float32)), sidecar
-
-
-def zero_shot_scores(feats, class_text, ckpt, student, choice, encoder, what):
-    """(scores [N, C] or None, route or why not): normalize(proj(f)) . normalize(adaptor(t)) through the VLM-KD
-    text head, or normalize(clip_proj(f)) . t for Li et al.'s students; `auto` picks the one of the class-text width."""
+def zero_shot_scorer(class_text, encoder, ckpt, student, choice, what):
+    """(function features -> scores [B, C] or None, route or why not): normalize(proj(f)) . normalize(adaptor(t))
+    through the VLM-KD text head, or normalize(clip_proj(f)) . t for Li et al.'s students; `auto` picks the one of
+    the class text's width (clip_proj when the text head was trained on another encoder's features)."""
     width, head = class_text.shape[1], ckpt.get("text_head")
     text_ok = head is not None and head["text_dim"] == width
     clip_ok = student.clip_proj is not None and student.clip_proj.out_features == width
     other_encoder = bool(encoder and head and head.get("encoder") and str(encoder) != head["encoder"])
     route = {"text": "text_head" if text_ok else None, "clip": "clip_proj" if clip_ok else None,
-             "auto": "clip_proj" if clip_ok and (other_encoder or not text_ok) else "text_head" if text_ok else None}[choice]
+             "auto": "clip_proj" if clip_ok and (other_encoder or not text_ok) else "text_head" if text_ok else None
+             }[choice]
     if route is None:
-        have = [f"a {head['text_dim']}-d text head" if head else "no text head (trained without --text, or with --drop-text-head)",
-                f"a {student.clip_proj.out_features}-d clip_proj" if student.clip_proj is not None else "no clip_proj"]
+        have = [f"a {head['text_dim']}-d text head" if head else "no text head (trained without --text, or with "
+                "--drop-text-head)", f"a {student.clip_proj.out_features}-d clip_proj" if clip_ok or
+                student.clip_proj is not None else "no clip_proj"]
         return None, f"class text is {width}-d, {what} has {' and '.join(have)}"
-    if route == "text_head":
-        if other_encoder:  # two text encoders' spaces: the numbers would mean nothing
-            die(f"--class-text was encoded with {encoder}, the text head of {what} was trained on {head['encoder']} features")
-        text_head = TextHead(head["feat_dim"], head["text_dim"], head["embed_dim"], head["hidden"], 1 / head["logit_scale"], False)
-        text_head.proj.load_state_dict(head["proj"])
-        text_head.adaptor.load_state_dict(head["adaptor"])
-        with torch.no_grad():
-            image_emb = F.normalize(text_head.proj(feats), dim=-1)
-            return image_emb @ F.normalize(text_head.adaptor(class_text), dim=-1).T, route
-    trained_text = ckpt.get("class_text")
-    if trained_text is not None and not torch.allclose(trained_text.float(), class_text[:len(trained_text)], atol=1e-2):
-        warn(f"{what}: --class-text rows of its own classes differ from the class text it was trained with (other prompts or descriptions?)")
-    device = student.clip_proj.weight.device
+    device = next(student.parameters()).device
+    if route == "clip_proj":
+        trained = ckpt.get("class_text")
+        if trained is not None and not torch.allclose(trained.float(), class_text[:len(trained)], atol=1e-2):
+            warn(f"{what}: --class-text rows of its own classes differ from the class text it was trained with "
+                 f"(other prompts or descriptions?)")
+        text = class_text.to(device)
+        return (lambda feats: F.normalize(student.clip_proj(feats), dim=-1) @ text.T), route
+    if other_encoder:  # two text encoders' spaces: the numbers would mean nothing
+        die(f"--class-text was encoded with {encoder}, the text head of {what} learnt {head['encoder']} features")
+    text_head = TextHead(head["feat_dim"], head["text_dim"], head["embed_dim"], head["hidden"], 1 / head["logit_scale"],
+                         False)
+    text_head.proj.load_state_dict(head["proj"])
+    text_head.adaptor.load_state_dict(head["adaptor"])
+    text_head.to(device)
     with torch.no_grad():
-        return F.normalize(student.clip_proj(feats.to(device)).float().cpu(), dim=-1) @ class_text.T, route
+        text = F.normalize(text_head.adaptor(class_text.to(device)), dim=-1)
+    return (lambda feats: F.normalize(text_head.proj(feats), dim=-1) @ text.T), route
 
 
 def few_shot_probe(train_feats, train_labels, eval_feats, eval_labels, classes, c_reg, seed):
@@ -396,12 +656,144 @@ def few_shot_probe(train_feats, train_labels, eval_feats, eval_labels, classes, 
     probe = LogisticRegression(C=c_reg, max_iter=2000, random_state=seed)
     probe.fit(F.normalize(train_feats, dim=-1).numpy(), train_labels)
     preds = probe.predict(F.normalize(eval_feats, dim=-1).numpy())
-    per_class = per_class_accuracy(preds, eval_labels, int(max(classes)) + 1)
-    return {"top1": float((preds == eval_labels).mean()), "mean_class": mean_of([per_class[c] for c in classes]),
-            "classes": len(classes), "samples": int(len(eval_labels)), "train_images": int(len(train_labels))}
+    per_class = [ratio(((preds == c) & (eval_labels == c)).sum(), (eval_labels == c).sum()) for c in classes]
+    return {"top1": float((preds == eval_labels).mean()), "mean_class": mean_of(per_class), "classes": len(classes),
+            "samples": int(len(eval_labels)), "train_images": int(len(train_labels))}
 
 
-# ----------------------------------------------------------------------------- plots and report
+def few_shot(student, ckpt, kept, cfg, inputs, device, name):
+    """k-shot accuracy over the unseen classes with a probe on frozen features; `kept`: (rows, features) of the
+    evaluated images of those classes, from the streaming pass."""
+    counts = np.zeros(len(inputs.classes), dtype=np.int64)
+    counts[:ckpt["num_classes"]] = ckpt["class_counts"]
+    unseen = np.flatnonzero(counts == 0)
+    if not len(unseen):
+        return {"skipped": f"{name} trained on every class of {cfg.classes}: no unseen class"}
+    rows, taken = first_k_per_class(inputs.few_items, set(unseen.tolist()), cfg.few_shot)
+    short = [inputs.classes[c] for c, n in taken.items() if n < cfg.few_shot]
+    if short:
+        warn(f"{cfg.few_shot_split} has fewer than {cfg.few_shot} images of {len(short)} unseen classes "
+             f"(e.g. {short[0]!r})")
+    items = [inputs.few_items[r] for r in rows]
+    train_feats, errors = extract(student, cfg.data, items, ckpt["preprocess"], cfg, device, f"{name} k-shot")
+    keep = sorted(set(range(len(items))) - {e["index"] for e in errors})
+    train_labels = np.array([items[i][1] for i in keep])
+    classes = sorted(set(train_labels.tolist()))
+    eval_rows, eval_feats = kept
+    target = np.isin(inputs.labels[eval_rows], classes)
+    if len(classes) < 2 or not target.any():
+        return {"skipped": f"{len(classes)} unseen classes with images in {cfg.few_shot_split}, {int(target.sum())} of "
+                           f"their images in {cfg.split}"}
+    return few_shot_probe(train_feats[keep], train_labels, eval_feats[torch.from_numpy(target)],
+                          inputs.labels[eval_rows][target], classes, cfg.few_shot_c, cfg.seed) | {
+        "k": cfg.few_shot, "split": cfg.few_shot_split, "probe": f"logistic regression, C={cfg.few_shot_c}, "
+                                                                  f"L2-normalised features"}
+
+
+# ----------------------------------------------------------------------------- one streaming pass per checkpoint
+
+class Pass:
+    """What one checkpoint's pass counts and keeps: the tallies of its classifier (and of its ID / OOD halves), of
+    zero-shot, and the features of the rows that the t-SNE sample and the k-shot probe need, nothing per image else."""
+
+    def __init__(self, ckpt, inputs, cfg, scorer, keep_rows):
+        own, every = ckpt["num_classes"], len(inputs.classes)
+        self.counts = np.zeros(every, np.int64)
+        self.counts[:own] = ckpt["class_counts"]
+        self.tallies = {"classifier": Tally(own, ece_bins=cfg.ece_bins)}
+        if 0 < inputs.id_count < own:  # a student that also learnt OOD classes (Li et al.'s finetuned 5-shot)
+            self.tallies |= {"classifier.id": Tally(own, np.arange(own) < inputs.id_count),
+                             "classifier.ood": Tally(own, np.arange(own) >= inputs.id_count)}
+        if scorer is not None:
+            self.tallies |= {"zero_shot": Tally(every), "zero_shot.id": Tally(every, self.counts > 0),
+                             "zero_shot.ood": Tally(every, self.counts == 0)}
+        self.own, self.scorer, self.keep_rows = own, scorer, torch.as_tensor(keep_rows, dtype=torch.bool)
+        self.kept_rows, self.kept_feats, self.errors = [], [], []
+
+    def add(self, feats, logits, labels, rows, decoded, errors):
+        self.errors += errors
+        own = decoded & (labels < self.own)  # the classifier can only name the checkpoint's classes
+        for key, tally in self.tallies.items():
+            if key.startswith("classifier"):
+                tally.add(logits[own], labels[own])
+        if self.scorer is not None:
+            scores = self.scorer(feats[decoded])
+            for key, tally in self.tallies.items():
+                if key.startswith("zero_shot"):
+                    tally.add(scores, labels[decoded])
+        keep = self.keep_rows[rows] & decoded.cpu()
+        if keep.any():
+            self.kept_rows.append(rows[keep].numpy())
+            self.kept_feats.append(feats[keep.to(feats.device)].cpu())
+
+    def kept(self):
+        """(rows, float32 features [len(rows), D]) of the kept rows, in row order."""
+        if not self.kept_rows:
+            return np.zeros(0, np.int64), torch.zeros(0, 0)
+        return np.concatenate(self.kept_rows), torch.cat(self.kept_feats)
+
+    def results(self):
+        t, counts = self.tallies, self.counts
+        result = {"classifier": report_of(t["classifier"], counts[:self.own]) | t["classifier"].calibration()
+                  if t["classifier"].total.sum() else None, "zero_shot": None}
+        if result["classifier"] and "classifier.id" in t:
+            result["classifier"] |= {"id": t["classifier.id"].within(), "ood": t["classifier.ood"].within()}
+        if "zero_shot" in t:
+            result["zero_shot"] = report_of(t["zero_shot"], counts) | {
+                half: t[f"zero_shot.{half}"].within() if t[f"zero_shot.{half}"].total.sum() else None
+                for half in ("id", "ood")}
+        return result
+
+
+def evaluate(path, name, ckpt, student, cfg, inputs, device):
+    """Every metric of one checkpoint from one pass over the evaluated images."""
+    train_split = Path(cfg.data) / ckpt.get("config", {}).get("train_split", "train.txt")
+    if train_split.is_file() and ckpt.get("train_split_sha256") not in (None, sha256_file(train_split)):
+        warn(f"{path} was trained on another {train_split.name} than {train_split}: its test images may overlap its "
+             f"training images")
+    student.to(device)
+    scorer, route = None, None
+    if inputs.class_text is not None:
+        scorer, route = zero_shot_scorer(inputs.class_text, inputs.text_encoder, ckpt, student, cfg.zero_shot_head,
+                                         name)
+        if scorer is None:
+            warn(f"no zero-shot for {name}: {route}")
+    keep = np.zeros(len(inputs.items), bool)
+    keep[inputs.tsne_rows] = True
+    if cfg.few_shot > 0:  # the probe is scored on the evaluated images of the classes the checkpoint never saw
+        keep |= inputs.labels >= ckpt["num_classes"]
+        keep |= np.isin(inputs.labels, np.flatnonzero(np.asarray(ckpt["class_counts"]) == 0))
+    state = Pass(ckpt, inputs, cfg, scorer, keep)
+    for batch in batches(student, cfg.data, inputs.items, ckpt["preprocess"], cfg, device, f"{name} {cfg.split}"):
+        state.add(*batch)
+    if len(state.errors) == len(inputs.items):
+        die(f"none of the {len(inputs.items)} images of {cfg.split} could be decoded (first: "
+            f"{state.errors[0]['path']}: {state.errors[0]['error']})")
+    if state.errors:
+        warn(f"{len(state.errors)} images of {cfg.split} could not be decoded: skipped, listed in results.json (first: "
+             f"{state.errors[0]['path']}: {state.errors[0]['error']})")
+    rows, feats = state.kept()
+    tsne = np.isin(rows, inputs.tsne_rows)
+    counts = np.asarray(ckpt["class_counts"])
+    run = {"checkpoint": str(path), "name": name, "arch": ckpt["arch"], "head": ckpt["head"],
+           "num_classes": ckpt["num_classes"], "class_counts": counts.tolist(),
+           "groups": {g: sum(class_group(int(c)) == g for c in counts) for g in GROUPS},
+           "has_text_head": "text_head" in ckpt, "has_clip_proj": student.clip_proj is not None} | state.results()
+    if run["zero_shot"] is not None:
+        run["zero_shot"]["via"] = route
+    elif route is not None:
+        run["zero_shot"] = {"skipped": route}
+    run["few_shot"] = few_shot(student, ckpt, (rows, feats), cfg, inputs, device, name) if cfg.few_shot else None
+    run |= {"skipped_images": state.errors, "tsne": (rows[tsne], feats[torch.from_numpy(tsne)])}
+    student.cpu()
+    return run
+
+
+# ----------------------------------------------------------------------------- plots
+
+GROUP_COLOURS = {"few": "#f4cccc", "medium": "#fff2cc", "many": "#d9ead3"}
+RUN_MARKERS = "osD^vP*X"
+
 
 def pyplot():
     import matplotlib
@@ -410,63 +802,80 @@ def pyplot():
     return plt
 
 
-def plot_per_class(runs, path):
-    """Per-class accuracy against training images of the class (log x), a line per run, group bands shaded."""
+def plot_per_class(runs, classes):
+    """Per-class accuracy as points (a marker per run) over the classes, named with their training images and sorted
+    from the most to the fewest, with the group bands of the run with the most classes."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    seen = []
-    for run in runs:
-        counts, acc = np.asarray(run["class_counts"]), run["classifier"]["per_class"] if run["classifier"] else []
-        order = sorted((c for c in range(len(acc)) if counts[c] > 0 and acc[c] is not None), key=lambda c: counts[c])
-        ax.plot(counts[order], [100 * acc[c] for c in order], marker="o", ms=3, lw=1.2, label=run["name"])
-        seen += counts[order].tolist()
-    lo, hi = (min(seen) / 1.3, max(seen) * 1.3) if seen else (1, 1000)
-    for name, start, stop, colour in (("few", lo, 19.5, "#f4cccc"), ("medium", 19.5, 100.5, "#fff2cc"), ("many", 100.5, hi, "#d9ead3")):
-        if max(start, lo) < min(stop, hi):
-            ax.axvspan(max(start, lo), min(stop, hi), color=colour, alpha=0.6, zorder=0)
-            ax.text(math.sqrt(max(start, lo) * min(stop, hi)), 102, name, ha="center", va="bottom", fontsize=9)
-    ax.set(xscale="log", xlim=(lo, hi), ylim=(-2, 110), xlabel="training images of the class (log)",
-           ylabel="per-class top-1 (%)", title="Per-class accuracy vs training frequency")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    scored = [r for r in runs if r["classifier"]]
+    ref = max(scored, key=lambda r: r["num_classes"])
+    counts = np.asarray(ref["class_counts"])
+    order = [c for c in np.argsort(-counts, kind="stable") if counts[c] > 0]
+    groups = [class_group(int(counts[c])) for c in order]
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.32 * len(order) + 3) if len(order) <= 60 else 14, 5))  # named: <= 60
+    for group in GROUPS:
+        at = [i for i, g in enumerate(groups) if g == group]  # contiguous: classes are sorted by count
+        if at:
+            ax.axvspan(at[0] - 0.5, at[-1] + 0.5, color=GROUP_COLOURS[group], alpha=0.6, zorder=0)
+            ax.text((at[0] + at[-1]) / 2, 103, group, ha="center", va="bottom", fontsize=9)
+    for i, run in enumerate(scored):
+        acc, shift = run["classifier"]["per_class"], (i - (len(scored) - 1) / 2) * 0.5 / max(1, len(scored) - 1)
+        points = [(j + shift, 100 * acc[c]) for j, c in enumerate(order) if c < len(acc) and acc[c] is not None]
+        ax.scatter(*zip(*points), marker=RUN_MARKERS[i % len(RUN_MARKERS)], label=run["name"], zorder=3,
+                   s=28 if len(order) <= 60 else 6)
+    if len(order) <= 60:
+        ax.set_xticks(range(len(order)), [f"{classes[c]} ({counts[c]})" for c in order], rotation=60, ha="right",
+                      fontsize=8)
+    else:
+        ax.set_xticks([])
+    ax.set(xlim=(-0.7, len(order) - 0.3), ylim=(-3, 112), ylabel="per-class top-1 (%)",
+           xlabel=f"class (training images in {ref['name']}), most to fewest",
+           title="Per-class accuracy by training frequency (bands: many > 100, medium 20-100, few < 20)")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    return fig
 
 
-def plot_tsne(runs, labels, num_classes, path, seed):
-    """t-SNE of penultimate features on the same sample for every run: colour = class, marker = group."""
+def plot_tsne(runs, inputs, seed):
+    """t-SNE of penultimate features on the same sample for every run: colour = class, marker = group. The legend
+    lists the groups and classes drawn, nothing else."""
+    from matplotlib.lines import Line2D
     from sklearn.manifold import TSNE
     plt = pyplot()
-    from matplotlib.lines import Line2D
+    num_classes = len(inputs.classes)
+    cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")
+    markers = {"many": "o", "medium": "s", "few": "^", "unseen": "x"}
     fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 5), squeeze=False)
-    colours = plt.get_cmap("tab20" if num_classes > 10 else "tab10")(labels % (20 if num_classes > 10 else 10))
-    markers = {"many": "o", "medium": "s", "few": "^", "ood": "x"}
+    drawn_groups, drawn_classes = set(), set()
     for ax, run in zip(axes[0], runs):
-        feats = run["tsne_feats"].numpy()
-        method = "exact" if len(feats) <= 500 else "barnes_hut"  # exact is faster below a few hundred points
-        points = TSNE(2, perplexity=max(2.0, min(30.0, (len(feats) - 1) / 3)), init="pca", method=method,
-                      random_state=seed).fit_transform(feats)
-        counts = np.zeros(num_classes, dtype=np.int64)
+        rows, feats = run["tsne"]
+        labels = inputs.labels[rows]
+        points = TSNE(2, perplexity=max(2.0, min(30.0, (len(feats) - 1) / 3)), init="pca", random_state=seed,
+                      method="exact" if len(feats) <= 500 else "barnes_hut").fit_transform(feats.numpy())
+        counts = np.zeros(num_classes, np.int64)
         counts[:len(run["class_counts"])] = run["class_counts"]
-        groups = class_groups(counts)[labels]
+        groups = np.array([class_group(int(counts[y])) for y in labels])
         for name, marker in markers.items():
             mask = groups == name
-            ax.scatter(points[mask, 0], points[mask, 1], color=colours[mask], marker=marker, s=14, linewidths=0.8)
-        ax.set(title=run["name"], xticks=[], yticks=[])
-    handles = [Line2D([], [], ls="", marker=m, color="grey", label=g) for g, m in markers.items()]
+            if mask.any():
+                ax.scatter(points[mask, 0], points[mask, 1], color=cmap(labels[mask] % cmap.N), marker=marker, s=14,
+                           linewidths=0.8)
+                drawn_groups.add(name)
+        drawn_classes |= set(labels.tolist())
+        ax.set(title=f"{run['name']} ({len(rows)} images)", xticks=[], yticks=[])
+    handles = [Line2D([], [], ls="", marker=m, color="grey", label=g) for g, m in markers.items() if g in drawn_groups]
     if num_classes <= 20:
-        cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")
-        handles += [Line2D([], [], ls="", marker="o", color=cmap(c), label=n) for c, n in enumerate(runs[0]["data_classes"])]
+        handles += [Line2D([], [], ls="", marker="o", color=cmap(c % cmap.N), label=inputs.classes[c])
+                    for c in sorted(drawn_classes)]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle(f"t-SNE of penultimate features ({len(labels)} images): colour = class, marker = group")
+    fig.suptitle("t-SNE of penultimate features: colour = class" + (" (legend)" if num_classes <= 20 else "")
+                 + ", marker = the class's group in that run")
     fig.tight_layout(rect=(0, 0, 0.85 if num_classes <= 20 else 0.93, 0.95))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def read_metrics(path):
     rows = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
@@ -474,46 +883,89 @@ def read_metrics(path):
     return rows
 
 
-def plot_curves(runs, path):
-    """Training loss per logged step and val top-1 / few per epoch, from each run's metrics.jsonl. False: no data."""
-    plt = pyplot()
-    fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-    drawn = False
+CLASSIFICATION_LOSS = ("loss_cls", "loss_ce")  # train.py's name, and the one older runs logged
+OTHER_LOSSES = ("loss_kd", "loss_imitate", "loss_align")
+
+
+def plot_curves(runs):
+    """Loss parts per logged step, each compared with the same part of the other runs (classification; VLM-KD's text
+    term; the other distillation terms), and val top-1 / few per epoch (from 0, as train.py logs and prints it).
+    The weighted total is not drawn: with the text term it is not comparable to a run without it. A series with
+    few points gets markers, so a single logged point still shows. None: no run has metrics."""
+    series = {}
     for run in runs:
         metrics_path = Path(run["checkpoint"]).parent / "metrics.jsonl"
-        if not metrics_path.exists():
+        if not metrics_path.is_file():
             warn(f"{metrics_path} not found: no curves for {run['name']}")
             continue
         rows = read_metrics(metrics_path)
-        train = [r for r in rows if "loss" in r and "step" in r]
-        val = [r for r in rows if r.get("val_top1") is not None]
-        line = ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1.2, label=run["name"])[0]
-        ax_val.plot([r["epoch"] + 1 for r in val], [100 * r["val_top1"] for r in val], marker="o", ms=3, color=line.get_color(), label=f"{run['name']} top-1")
-        few = [r for r in val if r.get("val_few") is not None]
-        ax_val.plot([r["epoch"] + 1 for r in few], [100 * r["val_few"] for r in few], ls=":", color=line.get_color(), label=f"{run['name']} few")
-        drawn |= bool(train or val)
-    ax_loss.set(xlabel="step", ylabel="training loss (all parts, weighted)", title="Training loss")
-    ax_val.set(xlabel="epoch", ylabel="val accuracy (%)", title="Validation top-1 (solid) and few-shot (dotted)")
-    for ax in (ax_loss, ax_val):
+        cls_key = next((k for k in CLASSIFICATION_LOSS if any(k in r for r in rows)), None)
+        for panel, keys in (("classification loss", (cls_key,)), ("text loss (VLM-KD)", ("loss_text",)),
+                            ("other distillation losses", OTHER_LOSSES), ("val top-1", ("val_top1",)),
+                            ("val few", ("val_few",))):
+            for key in keys:
+                x_key = "epoch" if key.startswith("val_") else "step"
+                points = [(r[x_key], r[key]) for r in rows if r.get(key) is not None and x_key in r]
+                if points:
+                    label = run["name"] if len(keys) == 1 else f"{run['name']} {key[5:]}"
+                    series.setdefault(panel, []).append((run["name"], label, points))
+    loss_panels = [p for p in ("classification loss", "text loss (VLM-KD)", "other distillation losses") if p in series]
+    if not series:
+        return None
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(loss_panels) + 1, figsize=(4.6 * (len(loss_panels) + 1), 4), squeeze=False)
+    colour = {r["name"]: f"C{i}" for i, r in enumerate(runs)}
+    for ax, panel in zip(axes[0], loss_panels + ["val"]):
+        drawn = [(s, "-") for s in series.get(panel, [])] if panel != "val" else \
+            [(s, "-") for s in series.get("val top-1", [])] + [(s, ":") for s in series.get("val few", [])]
+        for (run_name, label, points), style in drawn:
+            x, y = zip(*points)
+            y = [100 * v for v in y] if panel == "val" else y
+            ax.plot(x, y, ls=style, color=colour[run_name], marker="o" if len(x) <= 30 else None, ms=4,
+                    label=label + (" few" if style == ":" else " top-1" if panel == "val" else ""))
+        is_val = panel == "val"
+        ax.set(xlabel="epoch (from 0, as train.py prints it)" if is_val else "step",
+               ylabel="val accuracy (%)" if is_val else "mean loss since the previous log (unweighted)",
+               title="Validation top-1 (solid), few (dotted)" if is_val else panel[0].upper() + panel[1:])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        xs = sorted({x for (_, _, points), _ in drawn for x, _ in points})
+        if len(xs) <= 8:  # steps and epochs are whole numbers: tick the logged ones
+            ax.set_xticks(xs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if drawn:
+            ax.legend(fontsize=8)
     fig.tight_layout()
-    if drawn:
-        fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return drawn
+    return fig
 
+
+def draw_plots(runs, inputs, cfg, out):
+    """{name: path} of the plots drawn."""
+    figures = {"per_class_vs_frequency": plot_per_class(runs, inputs.classes) if any(r["classifier"] for r in runs)
+               else None, "tsne": plot_tsne(runs, inputs, cfg.seed) if min(len(r["tsne"][0]) for r in runs) >= 5
+               else None, "curves": plot_curves(runs)}
+    plots = {}
+    for name, fig in figures.items():
+        if fig is not None:
+            plots[name] = out / f"{name}.png"
+            fig.savefig(plots[name], dpi=120, bbox_inches="tight")
+            pyplot().close(fig)
+    return plots
+
+
+# ----------------------------------------------------------------------------- report
 
 COLUMNS = [("classifier", "top1", "top-1"), ("classifier", "many", "many"), ("classifier", "medium", "medium"),
            ("classifier", "few", "few"), ("classifier", "mean_class", "mean/class"), ("classifier", "top5", "top-5"),
-           ("classifier", "ece", "ECE"), ("zero_shot", "top1", "zero-shot"), ("zero_shot", "many", "zs many"),
-           ("zero_shot", "medium", "zs medium"), ("zero_shot", "few", "zs few"), ("zero_shot", "id", "zs ID/class"),
-           ("zero_shot", "ood", "zs OOD/class"), ("few_shot", "mean_class", "k-shot OOD/class")]
+           ("classifier", "ece", "ECE"), ("classifier", "id", "ID/class"), ("classifier", "ood", "OOD/class"),
+           ("zero_shot", "top1", "zero-shot"), ("zero_shot", "many", "zs many"), ("zero_shot", "medium", "zs medium"),
+           ("zero_shot", "few", "zs few"), ("zero_shot", "id", "zs ID/class"), ("zero_shot", "ood", "zs OOD/class"),
+           ("few_shot", "mean_class", "k-shot OOD/class")]
 
 
 def column_value(run, section, key):
-    part = run.get(section) or {}
-    value = part.get(key)
+    value = (run.get(section) or {}).get(key)
     return value.get("mean_class") if isinstance(value, dict) else value
 
 
@@ -542,137 +994,48 @@ def run_names(paths):
     return [f"{Path(p).resolve().parent.name}#{i + 1}" for i, p in enumerate(paths)]  # one file given twice
 
 
-# ----------------------------------------------------------------------------- main
-
-def first_k_per_class(items, classes, k):
-    """Rows of the first k images of each class in `classes`, in split order (Li et al.'s k-shot protocol)."""
-    taken, rows = {c: 0 for c in classes}, []
-    for row, (_, label) in enumerate(items):
-        if label in taken and taken[label] < k:
-            taken[label] += 1
-            rows.append(row)
-    return rows, taken
-
-
-def evaluate_checkpoint(path, name, cfg, ctx, device):
-    ckpt, student = load_checkpoint(path, ctx["classes"], ctx["classes_path"], device)
-    train_split = Path(cfg.data) / ckpt.get("config", {}).get("train_split", "train.txt")
-    if train_split.exists() and ckpt.get("train_split_sha256") not in (None, sha256_file(train_split)):
-        warn(f"{path} was trained on another {train_split.name} than {train_split}: its test images may overlap its training images")
-    items, labels, num_classes, counts = ctx["items"], ctx["labels"], ckpt["num_classes"], np.asarray(ckpt["class_counts"])
-    feats, logits, errors = extract(student, cfg.data, items, ckpt["preprocess"], cfg, device, f"{name} {cfg.split}")
-    good = np.ones(len(items), dtype=bool)
-    good[[e["index"] for e in errors]] = False
-    if errors:
-        warn(f"{len(errors)} unreadable images in {cfg.split} skipped, listed in results.json (first: {errors[0]['path']}: {errors[0]['error']})")
-    own = good & (labels < num_classes)  # the classifier can only name the checkpoint's classes
-    run = {"checkpoint": str(path), "name": name, "arch": ckpt["arch"], "head": ckpt["head"], "num_classes": num_classes,
-           "class_counts": counts.tolist(), "groups": {g: int((class_groups(counts) == g).sum()) for g in GROUPS},
-           "has_text_head": "text_head" in ckpt, "has_clip_proj": student.clip_proj is not None, "data_classes": ctx["classes"],
-           "classifier": classification_metrics(logits[own], labels[own], counts, cfg.ece_bins) if own.any() else None,
-           "zero_shot": None, "few_shot": None, "skipped_images": errors, "tsne_feats": feats[ctx["tsne_rows"]]}
-    if ctx["class_text"] is not None:
-        scores, route = zero_shot_scores(feats[good], ctx["class_text"], ckpt, student, cfg.zero_shot_head, ctx["encoder"], path)
-        if scores is None:
-            warn(f"no zero-shot for {name}: {route}")
-            run["zero_shot"] = {"skipped": route}
-        else:
-            run["zero_shot"] = zero_shot_metrics(scores, labels[good], counts) | {"via": route}
-    if cfg.few_shot > 0:
-        run["few_shot"] = few_shot(student, ckpt, feats, labels, good, cfg, ctx, device, name)
-    return run
-
-
-def few_shot(student, ckpt, feats, labels, good, cfg, ctx, device, name):
-    """k-shot accuracy over the OOD classes (those the checkpoint never trained on) with a probe on frozen features."""
-    counts = np.zeros(len(ctx["classes"]), dtype=np.int64)
-    counts[:ckpt["num_classes"]] = ckpt["class_counts"]
-    ood = np.flatnonzero(counts == 0)
-    if not len(ood):
-        return {"skipped": f"{name} trained on every class of {cfg.classes}: no OOD class"}
-    rows, taken = first_k_per_class(ctx["few_items"], set(ood.tolist()), cfg.few_shot)
-    short = [ctx["classes"][c] for c, n in taken.items() if n < cfg.few_shot]
-    if short:
-        warn(f"{cfg.few_shot_split} has fewer than {cfg.few_shot} images of {len(short)} OOD classes (e.g. {short[0]!r})")
-    items = [ctx["few_items"][r] for r in rows]
-    train_feats, _, errors = extract(student, cfg.data, items, ckpt["preprocess"], cfg, device, f"{name} {cfg.few_shot}-shot")
-    bad = {e["index"] for e in errors}
-    keep = [i for i in range(len(items)) if i not in bad]
-    train_labels = np.array([items[i][1] for i in keep])
-    classes = sorted(set(train_labels.tolist()))
-    target = good & np.isin(labels, classes)
-    if len(classes) < 2 or not target.any():
-        return {"skipped": f"{len(classes)} OOD classes with images in {cfg.few_shot_split}, {int(target.sum())} of their images in {cfg.split}"}
-    return few_shot_probe(train_feats[keep], train_labels, feats[target], labels[target], classes, cfg.few_shot_c, cfg.seed) | {
-        "k": cfg.few_shot, "split": cfg.few_shot_split, "probe": f"logistic regression, C={cfg.few_shot_c}, L2-normalised features"}
-
-
-def main():
-    cfg, rest = HfArgumentParser(Config).parse_args_into_dataclasses(return_remaining_strings=True)
-    flags = [a for a in rest if a.startswith("-")]
-    if flags:
-        die(f"unknown argument {flags[0]} (see python eval.py --help)")
-    cfg.checkpoints = list(cfg.checkpoints) + rest
-    if not cfg.checkpoints:
-        die("no checkpoint given: python eval.py RUN/final.pt [RUN2/final.pt ...] --data DATA --out REPORT")
-    if cfg.zero_shot_head not in ("auto", "text", "clip") or cfg.device not in ("auto", "cpu", "cuda"):
-        die(f"--zero-shot-head must be auto|text|clip and --device auto|cpu|cuda (got {cfg.zero_shot_head}, {cfg.device})")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        die("--device cuda, but torch sees no CUDA device (use --device cpu)")
-    device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    classes_path = Path(cfg.data) / cfg.classes
-    if not classes_path.exists():
-        die(f"{classes_path} not found (make it with prepare.py)")
-    classes = [n for n in classes_path.read_text().splitlines() if n.strip()]
-    split_paths = [split_path(cfg.data, s.strip()) for s in cfg.split.split(",") if s.strip()]
-    items = [item for p in split_paths for item in read_split(p, len(classes))]
-    if not items:
-        die(f"{cfg.split}: no images in {', '.join(map(str, split_paths))}")
-    few_items = []
-    if cfg.few_shot > 0:
-        few_path = split_path(cfg.data, cfg.few_shot_split)
-        if few_path.resolve() in [p.resolve() for p in split_paths]:
-            die(f"--few-shot-split {few_path} is the evaluated split: k-shot images must come from a training split")
-        few_items = read_split(few_path, len(classes))
-        shared = {p for p, _ in few_items} & {p for p, _ in items}
-        if shared:
-            die(f"{few_path} and {cfg.split} share {len(shared)} images (e.g. {sorted(shared)[0]}): k-shot images must not be evaluated")
-    class_text, encoder = None, None
-    if cfg.class_text:
-        class_text, sidecar = load_class_text(cfg.class_text, len(classes), classes_path)
-        encoder = sidecar.get("encoder")
-    labels = np.array([y for _, y in items])
-    rng = np.random.default_rng(cfg.seed)
-    tsne_rows = np.sort(rng.choice(len(items), min(cfg.tsne_samples, len(items)), replace=False)) if cfg.tsne_samples > 0 else np.array([], dtype=np.int64)
-    ctx = {"classes": classes, "classes_path": classes_path, "items": items, "labels": labels, "few_items": few_items,
-           "class_text": class_text, "encoder": encoder, "tsne_rows": torch.from_numpy(tsne_rows)}
-    runs = [evaluate_checkpoint(p, n, cfg, ctx, device) for p, n in zip(cfg.checkpoints, run_names(cfg.checkpoints))]
-
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plots = {}
-    if any(r["classifier"] for r in runs):
-        plots["per_class_vs_frequency"] = out / "per_class_vs_frequency.png"
-        plot_per_class(runs, plots["per_class_vs_frequency"])
-    if len(tsne_rows) >= 5:
-        plots["tsne"] = out / "tsne.png"
-        plot_tsne(runs, labels[tsne_rows], len(classes), plots["tsne"], cfg.seed)
-    if plot_curves(runs, out / "curves.png"):
-        plots["curves"] = out / "curves.png"
+def write_report(runs, plots, inputs, cfg, out):
     table = comparison_table(runs)
-    header = (f"# Evaluation on {cfg.data} / {cfg.split} ({len(items)} images{', flip TTA' if cfg.tta else ''})\n\n"
-              f"Accuracies and ECE in %; many > 100, medium 20-100, few < 20 training images; zs: zero-shot through class texts; "
-              f"ID/OOD and k-shot: mean per-class within those classes; deltas in points against {runs[0]['name']}.\n\n")
-    (out / "report.md").write_text(header + table + "\n\n" + "".join(f"![{k}]({v.name})\n" for k, v in plots.items()))
-    results = {"made_by": "eval.py", "config": asdict(cfg), "classes": classes, "num_images": len(items),
-               "splits": {p.name: sha256_file(p) for p in split_paths}, "plots": {k: str(v) for k, v in plots.items()},
-               "runs": [{k: v for k, v in r.items() if k not in ("tsne_feats", "data_classes")} for r in runs]}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    header = (f"# Evaluation on {cfg.data} / {cfg.split} ({len(inputs.items)} images{', flip TTA' if cfg.tta else ''})"
+              f"\n\nAccuracies and ECE in %; many > 100, medium 20-100, few < 20 training images; ID/class and "
+              f"OOD/class: the classifier within the ID classes ({cfg.id_classes}) and within the classes after them, "
+              f"mean per class (Li et al.'s 5-shot number for a student finetuned on li_train.txt); zs: zero-shot "
+              f"through class texts, ID/OOD within the classes the checkpoint trained on / never saw; k-shot: a linear "
+              f"probe on frozen features; deltas in points against {runs[0]['name']}.\n\n")
+    tmp = out / f".report.md.{os.getpid()}.tmp"
+    tmp.write_text(header + table + "\n\n" + "".join(f"![{k}]({v.name})\n" for k, v in plots.items()), encoding="utf-8")
+    os.replace(tmp, out / "report.md")
+    write_json(out / "results.json", {
+        "made_by": "eval.py", "config": asdict(cfg), "versions": versions("torch", "torchvision", "numpy"),
+        "classes": inputs.classes, "id_classes": inputs.id_count or None, "num_images": len(inputs.items),
+        "splits": {p.name: sha256_file(p) for p in inputs.split_paths}, "plots": {k: str(v) for k, v in plots.items()},
+        "runs": [{k: v for k, v in r.items() if k != "tsne"} for r in runs]})
     print(table)
     for name, path in plots.items():
         print(f"{name}: {path}")
     print(f"results: {out / 'results.json'}, table: {out / 'report.md'}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def pick_device(choice):
+    if choice == "cuda" and not torch.cuda.is_available():
+        die("--device cuda, but torch sees no CUDA device (use --device cpu)")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def main(argv=None):
+    cfg = read_command_line(sys.argv[1:] if argv is None else argv)
+    device = pick_device(cfg.device)
+    inputs = read_inputs(cfg)                         # classes, splits, labels, k-shot split, class text
+    out = writable_dir(cfg.out)                       # a bad --out fails now, not after the work
+    paths = cfg.checkpoints.split(",")
+    checkpoints = [load_checkpoint(p, inputs) for p in paths]  # every checkpoint is checked before any image is read
+    runs = [evaluate(path, name, ckpt, student, cfg, inputs, device)
+            for path, name, (ckpt, student) in zip(paths, run_names(paths), checkpoints)]
+    plots = draw_plots(runs, inputs, cfg, out)
+    write_report(runs, plots, inputs, cfg, out)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""eval.py: metric functions against hand-made predictions, and real runs on checkpoints made by train.py.
+"""eval.py: streaming metrics against hand-made predictions, and real runs on checkpoints made by train.py.
 
     .venv/bin/pytest -q tests/test_eval.py
 
 The module fixture prepares tiny fashion-mnist-lt data, makes class-derived caption features with numpy (the
-format encode.py writes), and trains three real students with train.py: a 1-epoch ID-only run (classes 0-5,
-text head + Li et al.'s cosine head over a 24-d "CLIP" class text), and two short runs on all classes, one on
-class-derived captions and one on the same captions shuffled across images.
+format encode.py writes, sidecar digest included), and trains three real students with train.py: a 1-epoch ID-only
+run (classes 0-5, text head + Li et al.'s cosine head over a 24-d "CLIP" class text), and two short runs on all
+classes, one on class-derived captions and one on the same captions shuffled across images. Attacks on eval.py's
+inputs (issue 15) run main() in this process: the import alone is most of a subprocess's time here.
 """
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,6 +20,9 @@ import numpy as np
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared_helpers import sidecar_digest  # noqa: E402  (what encode.py writes as sidecar["sha256"])
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 ID_CLASSES = 6  # classes 0-5 are in-distribution for the ID-only run, 6-9 are OOD
@@ -31,64 +34,123 @@ spec.loader.exec_module(ev)
 
 
 def run(*args, ok=True):
-    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=ENV, capture_output=True, text=True,
+                            timeout=900)
     if ok:
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return result
 
 
-# ----------------------------------------------------------------------------- metric functions
+def main_fails(monkeypatch, *argv):
+    """eval.py's main in this process: the one-line error it exits with."""
+    monkeypatch.setattr(sys, "argv", ["eval.py"])
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main([str(a) for a in argv])
+    message = str(exit_info.value)
+    assert message.startswith("eval.py: error:") and "\n" not in message, message
+    return message
+
+
+# ----------------------------------------------------------------------------- streaming metrics by hand
+
+def tally_of(scores, labels, num_classes=None, **kwargs):
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    tally = ev.Tally(num_classes or scores.shape[1], **kwargs)
+    for start in range(0, len(labels), 2):  # batches of two: the counts must not depend on the batching
+        tally.add(scores[start:start + 2], torch.as_tensor(labels[start:start + 2]))
+    return tally
+
 
 def test_groups_at_the_boundaries():
     counts = [0, 1, 19, 20, 21, 100, 101, 500]
-    assert ev.class_groups(counts).tolist() == ["ood", "few", "few", "medium", "medium", "medium", "many", "many"]
+    scores = torch.eye(8)  # every image right: a group's accuracy is 1.0 exactly where it has a class
+    groups = tally_of(scores, list(range(8))).groups(counts)
+    assert groups == {"top1": 1.0, "many": 1.0, "medium": 1.0, "few": 1.0}
+    assert tally_of(scores[:2], [0, 1]).groups(counts) == {"top1": 1.0, "many": None, "medium": None, "few": 1.0}
+    assert [ev.class_group(c) for c in counts] == ["unseen", "few", "few", "medium", "medium", "medium", "many", "many"]
 
 
 def test_group_and_per_class_accuracy_by_hand():
-    counts = [101, 100, 20, 19]  # many, medium, medium, few
+    counts = [101, 100, 20, 19, 0]  # many, medium, medium, few, unseen
     labels = [0, 0, 1, 1, 2, 2, 3, 3]
     preds = [0, 1, 1, 1, 0, 2, 3, 0]  # right: 0 | 1 1 | 2 | 3  -> 5 of 8
-    acc = ev.group_accuracy(preds, labels, counts)
-    assert acc == {"top1": 5 / 8, "many": 1 / 2, "medium": 3 / 4, "few": 1 / 2}
-    assert ev.per_class_accuracy(preds, labels, 5) == [0.5, 1.0, 0.5, 0.5, None]
-    assert ev.mean_of(ev.per_class_accuracy(preds, labels, 5)) == pytest.approx(0.625)
+    tally = tally_of(torch.eye(5)[preds], labels)
+    assert tally.groups(counts) == {"top1": 5 / 8, "many": 1 / 2, "medium": 3 / 4, "few": 1 / 2}
+    assert tally.per_class() == [0.5, 1.0, 0.5, 0.5, None]
+    assert ev.report_of(tally, counts)["mean_class"] == pytest.approx(0.625)
     # Sample-based groups: a medium class with more test images weighs more (3 of 4 right, not the class mean).
-    assert ev.group_accuracy([1, 1, 1, 0, 0], [1, 1, 1, 2, 2], counts)["medium"] == pytest.approx(3 / 5)
-    assert ev.group_accuracy([0, 0], [0, 1], [500, 500]) == {"top1": 0.5, "many": 0.5, "medium": None, "few": None}
+    assert tally_of(torch.eye(5)[[1, 1, 1, 0, 0]], [1, 1, 1, 2, 2]).groups(counts)["medium"] == pytest.approx(3 / 5)
 
 
 def test_topk_and_calibration_by_hand():
     scores = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
-    labels = np.array([1, 2, 2])
-    assert ev.topk_accuracy(scores, labels, 1) == pytest.approx(1 / 3)
-    assert ev.topk_accuracy(scores, labels, 2) == pytest.approx(2 / 3)
-    assert ev.topk_accuracy(scores, labels, 5) == 1.0  # k above the class count means all classes
+    tally = tally_of(scores.log(), [1, 2, 2], ece_bins=10)
+    assert tally.groups([50, 50, 50])["top1"] == pytest.approx(1 / 3)
+    assert tally.calibration()["top5"] == 1.0  # k above the class count means all classes
     # Two confidence bins: 0.9 (both right: gap 0.1) and 0.6 (one of two right: gap 0.1) -> ECE 0.1.
-    probs = np.array([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
-    assert ev.expected_calibration_error(probs, np.array([0, 0, 0, 1]), bins=10) == pytest.approx(0.1)
-    assert ev.expected_calibration_error(np.array([[0.75, 0.25]] * 4), np.array([0, 0, 0, 1])) == pytest.approx(0.0)
-    metrics = ev.classification_metrics(torch.log(torch.tensor(probs)), np.array([0, 0, 0, 1]), [150, 10], 10)
-    assert metrics["top1"] == 0.75 and metrics["many"] == 1.0 and metrics["few"] == 0.0 and metrics["ece"] == pytest.approx(0.1)
+    probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
+    assert tally_of(probs.log(), [0, 0, 0, 1], ece_bins=10).calibration()["ece"] == pytest.approx(0.1)
+    assert tally_of(torch.tensor([[0.75, 0.25]] * 4).log(), [0, 0, 0, 1], ece_bins=15).calibration()["ece"] \
+        == pytest.approx(0.0, abs=1e-6)
+    top2 = tally_of(torch.tensor([[3.0, 2, 1, 0, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6]]), [1, 0], ece_bins=4)
+    assert top2.calibration()["top5"] == 0.5  # row 1: label 1 is second; row 2: label 0 is last of 7
 
 
-def test_zero_shot_id_and_ood_are_scored_within_their_own_classes():
-    counts = [30, 5]  # two ID classes; class texts 2 and 3 were never trained on
+def test_id_and_ood_are_scored_within_their_own_classes():
+    seen = np.array([True, True, False, False])  # two ID classes; class texts 2 and 3 were never trained on
     scores = torch.tensor([[0.9, 0.1, 0.0, 0.0],   # label 0: right
                            [0.9, 0.2, 0.0, 0.0],   # label 1: wrong all-way, wrong among ID
                            [0.9, 0.0, 0.5, 0.2],   # label 2: wrong all-way, right among OOD
                            [0.0, 0.0, 0.6, 0.5]])  # label 3: wrong either way
-    result = ev.zero_shot_metrics(scores, np.array([0, 1, 2, 3]), counts)
-    assert result["top1"] == 0.25 and result["medium"] == 1.0 and result["few"] == 0.0
-    assert result["per_class"] == [1.0, 0.0, 0.0, 0.0]
-    assert result["id"] == {"top1": 0.5, "mean_class": 0.5, "classes": 2, "samples": 2}
-    assert result["ood"] == {"top1": 0.5, "mean_class": 0.5, "classes": 2, "samples": 2}
-    assert ev.zero_shot_metrics(scores[:2], np.array([0, 1]), [30, 5, 0, 0])["ood"] is None  # no OOD image
+    labels = [0, 1, 2, 3]
+    assert tally_of(scores, labels).per_class() == [1.0, 0.0, 0.0, 0.0]
+    assert tally_of(scores, labels, allowed=seen).within() == {"top1": 0.5, "mean_class": 0.5, "classes": 2,
+                                                               "samples": 2}
+    assert tally_of(scores, labels, allowed=~seen).within() == {"top1": 0.5, "mean_class": 0.5, "classes": 2,
+                                                                "samples": 2}
+    assert tally_of(scores[:2], labels[:2], allowed=~seen).within()["samples"] == 0  # no OOD image
 
 
 def test_first_k_per_class_keeps_split_order():
     items = [("a", 3), ("b", 1), ("c", 3), ("d", 3), ("e", 0), ("f", 1)]
     rows, taken = ev.first_k_per_class(items, {1, 3}, 2)
     assert rows == [0, 1, 2, 5] and taken == {1: 2, 3: 2}
+
+
+MEMORY_PROBE = """
+import importlib.util, sys, types
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("ev", sys.argv[1]); ev = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ev)
+def kib(field):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+n, classes, dim, batch = int(sys.argv[2]), 1000, 512, 500
+ckpt = {"num_classes": classes, "class_counts": [50] * classes}
+inputs = types.SimpleNamespace(classes=[str(c) for c in range(classes)], id_count=0)
+cfg = types.SimpleNamespace(ece_bins=15)
+keep = np.zeros(n, bool); keep[::n // 100] = True  # a t-SNE sample of 100 rows
+state = ev.Pass(ckpt, inputs, cfg, None, keep)
+gen = torch.Generator().manual_seed(0)
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS, so the import's peak does not hide ours
+before = kib("VmRSS:")
+for start in range(0, n, batch):
+    rows = torch.arange(start, min(n, start + batch))
+    state.add(torch.randn(len(rows), dim, generator=gen), torch.randn(len(rows), classes, generator=gen),
+              torch.randint(0, classes, (len(rows),), generator=gen), rows, torch.ones(len(rows), dtype=torch.bool), [])
+grown = (kib("VmHWM:") - before) / 1024
+print(grown, len(state.kept()[0]), state.results()["classifier"]["samples"])
+"""
+
+
+def test_a_pass_keeps_memory_per_class_not_per_image():
+    """Issue 16: features + logits + probabilities (+ a float64 copy) of every image were ~14 KB an image here (1,000
+    classes, 512-d); 20,000 images would hold ~270 MiB. Counted in a streaming pass, the peak RSS must not grow with
+    the images: only the t-SNE sample's features are kept."""
+    result = run("-c", MEMORY_PROBE, REPO / "eval.py", 20_000)
+    grown_mib, kept, samples = result.stdout.split()
+    print(f"peak RSS grown by {float(grown_mib):.1f} MiB over 20,000 images x 1,000 classes")
+    assert int(kept) == 100 and int(samples) == 20_000
+    assert float(grown_mib) < 40
 
 
 def test_models_section_is_trains():
@@ -100,6 +162,28 @@ def test_models_section_is_trains():
     assert section("eval.py") == section("train.py")
 
 
+def test_help_shows_each_flag_once_with_its_help(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["eval.py"])
+    with pytest.raises(SystemExit):
+        ev.main(["--help"])
+    text = capsys.readouterr().out
+    for f in ev.fields(ev.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert f" {flag}" in text and f.metadata["help"].split()[0] in text, flag
+    listed = [line.split()[0] for line in text.splitlines() if line.startswith("  -")]
+    assert len(listed) == len(set(listed)) == len(ev.fields(ev.Config)) + 1  # each flag once, and -h
+    assert "--tta, --no-tta" in text and "--batch_size" not in text
+    with pytest.raises(SystemExit):
+        ev.main(["x.pt", "--device", "tpu"])
+    assert "invalid choice: 'tpu' (choose from 'auto', 'cpu', 'cuda')" in capsys.readouterr().err
+
+
+def test_several_checkpoints_are_positionals_anywhere():
+    cfg = ev.read_command_line(["a/final.pt", "--workers", "-1", "b/final.pt", "--tta", "--data", "d"])
+    assert cfg.checkpoints == "a/final.pt,b/final.pt" and cfg.workers == -1 and cfg.tta and cfg.data == "d"
+    assert ev.read_command_line(["--checkpoints", "a.pt,b.pt"]).checkpoints == "a.pt,b.pt"
+
+
 # ----------------------------------------------------------------------------- real runs
 
 def unit_rows(rng, n, dim):
@@ -107,24 +191,33 @@ def unit_rows(rng, n, dim):
     return rows / np.linalg.norm(rows, axis=-1, keepdims=True)
 
 
+def save_artifact(path, array, sidecar):
+    """An array and its sidecar as encode.py writes them: the sidecar's sha256 binds both."""
+    np.save(path, array.astype(np.float16))
+    Path(path).with_suffix(".json").write_text(json.dumps(sidecar | {"sha256": sidecar_digest(path, sidecar)}))
+
+
 def write_text(path, split_file, class_vecs, rng, shuffle=False):
-    """text.npy + text.json as encode.py writes them: 2 'captions' per image = its class vector + noise."""
+    """text.npy + text.json: 2 'captions' per image = its class vector + noise."""
     labels = np.array([int(line.rsplit(maxsplit=1)[1]) for line in split_file.read_text().splitlines()])
     text = class_vecs[labels][:, None, :] + 0.1 * rng.standard_normal((len(labels), 2, class_vecs.shape[1]))
     if shuffle:  # the same captions given to other images: no class information left
         text = text[rng.permutation(len(labels))]
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
-    np.save(path, text.astype(np.float16))
-    Path(path).with_suffix(".json").write_text(json.dumps({
-        "kind": "text", "encoder": "test-encoder", "prompts": ["general", "t1"], "shape": list(text.shape),
-        "split_sha256": hashlib.sha256(split_file.read_bytes()).hexdigest(), "captions_sha256": "test"}))
+    save_artifact(path, text, {"kind": "text", "encoder": "test-encoder", "prompts": ["general", "t1"],
+                               "shape": list(text.shape), "split_sha256": ev.sha256_file(split_file),
+                               "captions_sha256": "test", "missing_rows": []})
 
 
 def write_classes(path, class_vecs, classes_file, encoder):
-    np.save(path, class_vecs.astype(np.float16))
-    Path(path).with_suffix(".json").write_text(json.dumps({
-        "kind": "classes", "encoder": encoder, "classes_sha256": hashlib.sha256(classes_file.read_bytes()).hexdigest(),
-        "descriptions_sha256": None}))
+    save_artifact(path, class_vecs, {"kind": "classes", "encoder": encoder, "names": ev.read_classes(classes_file),
+                                     "classes_sha256": ev.sha256_file(classes_file), "descriptions_sha256": None})
+
+
+def keep_lines(source, target, keep):
+    lines = [line for line in source.read_text().splitlines() if keep(int(line.rsplit(maxsplit=1)[1]))]
+    target.write_text("\n".join(lines) + "\n")
+    return lines
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +225,16 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = root / "data"
     # 30 test images a class keep eval fast.
-    run(REPO / "prepare.py", "fashion-mnist-lt", "--out", data, "--max-per-class", 100, "--imbalance", 10, "--val-per-class", 10,
-        "--test-per-class", 30)
+    run(REPO / "prepare.py", "fashion-mnist-lt", "--out", data, "--max-per-class", 100, "--imbalance", 10,
+        "--val-per-class", 10, "--test-per-class", 30)
     # An ID/OOD layout as prepare.py writes for Li et al.'s sets: ID classes first in classes.txt.
     classes = (data / "classes.txt").read_text().splitlines()
     (data / "id_classes.txt").write_text("\n".join(classes[:ID_CLASSES]) + "\n")
-    for split, source, keep in (("id_train", "train", lambda y: y < ID_CLASSES), ("id_val", "val", lambda y: y < ID_CLASSES),
-                                ("ood_train", "train", lambda y: y >= ID_CLASSES)):
-        lines = [l for l in (data / f"{source}.txt").read_text().splitlines() if keep(int(l.rsplit(maxsplit=1)[1]))]
-        (data / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    keep_lines(data / "train.txt", data / "id_train.txt", lambda y: y < ID_CLASSES)
+    keep_lines(data / "val.txt", data / "id_val.txt", lambda y: y < ID_CLASSES)
+    keep_lines(data / "train.txt", data / "ood_train.txt", lambda y: y >= ID_CLASSES)
+    # Li et al.'s 5-shot files by prepare.py's names: the OOD test images (here: test.txt's) minus none of them.
+    keep_lines(data / "test.txt", data / "li_ood_test.txt", lambda y: y >= ID_CLASSES)
 
     rng = np.random.default_rng(0)
     text_vecs, clip_vecs = unit_rows(rng, 10, TEXT_DIM), unit_rows(rng, 10, CLIP_DIM)
@@ -151,14 +245,14 @@ def tiny(tmp_path_factory):
     write_text(feats / "text_id.npy", data / "id_train.txt", text_vecs, rng)
     write_classes(feats / "classes.npy", text_vecs, data / "classes.txt", "test-encoder")
     write_classes(feats / "clip_classes.npy", clip_vecs, data / "classes.txt", "test-clip")
-    np.save(feats / "clip_id_classes.npy", clip_vecs[:ID_CLASSES].astype(np.float16))
 
     small = ["--arch", "resnet20", "--res", 16, "--batch-size", 32, "--log-every", 5]
-    run(REPO / "train.py", "--data", data, "--train-split", "id_train.txt", "--val-split", "id_val.txt", "--classes", "id_classes.txt",
-        "--epochs", 1, "--text", feats / "text_id.npy", "--head", "cosine", "--class-text", feats / "clip_id_classes.npy",
-        "--out", root / "id_only", *small)
+    run(REPO / "train.py", "--data", data, "--train-split", "id_train.txt", "--val-split", "id_val.txt",
+        "--classes", "id_classes.txt", "--epochs", 1, "--text", feats / "text_id.npy", "--head", "cosine",
+        "--class-text", feats / "clip_classes.npy", "--out", root / "id_only", *small)
     for name, text in (("aligned", "text.npy"), ("shuffled", "shuffled.npy")):
-        run(REPO / "train.py", "--data", data, "--epochs", 12, "--warmup-epochs", 1, "--text", feats / text, "--out", root / name, *small)
+        run(REPO / "train.py", "--data", data, "--epochs", 12, "--warmup-epochs", 1, "--text", feats / text,
+            "--out", root / name, *small)
     return SimpleNamespace(root=root, data=data, feats=feats, id_only=root / "id_only" / "final.pt",
                            aligned=root / "aligned" / "final.pt", shuffled=root / "shuffled" / "final.pt")
 
@@ -170,16 +264,47 @@ def report(tiny):
                  "--class-text", tiny.feats / "classes.npy", "--few-shot", 5, "--few-shot-split", "ood_train.txt",
                  "--tsne-samples", 150, "--out", out)
     runs = {r["name"]: r for r in json.loads((out / "results.json").read_text())["runs"]}
-    return SimpleNamespace(out=out, stdout=result.stdout, runs=runs)
+    return SimpleNamespace(out=out, stdout=result.stdout, stderr=result.stderr, runs=runs)
+
+
+def reference_outputs(tiny, checkpoint, split="test.txt"):
+    """Logits of every image of a split and their labels, computed here image by image, without eval.py's pass."""
+    inputs = SimpleNamespace(classes=ev.read_classes(tiny.data / "classes.txt"), classes_path=tiny.data / "classes.txt")
+    ckpt, student = ev.load_checkpoint(checkpoint, inputs)
+    items = ev.read_split(tiny.data / split, 10)
+    images = ev.SplitImages(tiny.data, items, ckpt["preprocess"])
+    with torch.no_grad():
+        logits = student(torch.stack([images[i][0] for i in range(len(items))]))[1].double()
+    return logits, np.array([y for _, y in items])
 
 
 def test_table_has_a_row_per_checkpoint(report):
-    table = [l for l in (report.out / "report.md").read_text().splitlines() if l.startswith("| ")]
+    table = [line for line in (report.out / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0].startswith("| run | top-1 | ") and "zero-shot" in table[0] and "k-shot OOD/class" in table[0]
     assert [row.split("|")[1].strip() for row in table[1:]] == ["id_only", "aligned", "shuffled"]
     assert "(+" in table[2] or "(-" in table[2]  # deltas against the first run
     assert all(row in report.stdout for row in table)  # printed too
     assert list(report.runs) == ["id_only", "aligned", "shuffled"]
+
+
+def test_streamed_metrics_equal_a_direct_computation(tiny, report):
+    """top-1, groups, top-5, ECE and per-class accuracy of the streaming pass equal a float64 computation over all
+    logits at once (what eval.py did before issue 16)."""
+    logits, labels = reference_outputs(tiny, tiny.aligned)
+    probs = logits.softmax(1).numpy()
+    confidence, right = probs.max(1), probs.argmax(1) == labels
+    which = np.clip(np.ceil(confidence * 15).astype(int) - 1, 0, 14)
+    ece = sum((which == b).mean() * abs(right[which == b].mean() - confidence[which == b].mean())
+              for b in range(15) if (which == b).any())
+    clf = report.runs["aligned"]["classifier"]
+    assert clf["samples"] == 300 and clf["top1"] == pytest.approx(right.mean())
+    assert clf["ece"] == pytest.approx(ece, abs=1e-5)
+    top5 = (logits.topk(5, dim=1).indices.numpy() == labels[:, None]).any(1).mean()
+    assert clf["top5"] == pytest.approx(top5) and clf["top5"] > clf["top1"]
+    assert clf["per_class"] == pytest.approx([right[labels == c].mean() for c in range(10)])
+    counts = np.array(report.runs["aligned"]["class_counts"])
+    few = np.isin(labels, np.flatnonzero(counts < 20))
+    assert clf["few"] == pytest.approx(right[few].mean()) and clf["many"] is None
 
 
 def test_long_tail_metrics_of_a_one_epoch_run(report):
@@ -189,11 +314,8 @@ def test_long_tail_metrics_of_a_one_epoch_run(report):
     assert clf["samples"] == 180 and len(clf["per_class"]) == ID_CLASSES
     assert clf["many"] is None and clf["few"] is None and clf["medium"] == clf["top1"]  # every class has 20..100 images
     assert clf["mean_class"] == pytest.approx(clf["top1"])  # a balanced test set: sample and class means agree
-    for key in ("top1", "top5", "ece", "mean_class"):
-        assert 0.0 <= clf[key] <= 1.0
-    assert clf["top5"] >= clf["top1"]
-    full = report.runs["aligned"]["classifier"]
-    assert full["samples"] == 300 and full["few"] is not None and full["medium"] is not None
+    assert clf["mean_class"] == pytest.approx(np.mean(clf["per_class"]))
+    assert "id" not in clf  # it never learnt an OOD class: no ID / OOD halves of its classifier
 
 
 def test_zero_shot_through_the_text_head_needs_aligned_captions(report):
@@ -216,9 +338,42 @@ def test_id_ood_zero_shot_and_few_shot(report):
     assert zs["ood"]["classes"] == 10 - ID_CLASSES and zs["ood"]["samples"] == 120
     shot = run_["few_shot"]
     assert shot["k"] == 5 and shot["classes"] == 4 and shot["train_images"] == 20 and shot["samples"] == 120
-    assert 0.0 <= shot["mean_class"] <= 1.0
-    assert "no OOD class" in report.runs["aligned"]["few_shot"]["skipped"]
+    print(f"5-shot probe over 4 unseen classes: {shot['mean_class']:.3f} (chance 0.25)")
+    assert shot["mean_class"] > 0.40  # five images of a class on frozen features are far above chance
+    assert "no unseen class" in report.runs["aligned"]["few_shot"]["skipped"]
 
+
+def test_li_five_shot_protocol_scores_the_classifier_within_the_ood_classes(tiny):
+    """Li et al.'s 5-shot number: a student that learnt every class (here `aligned`), on prepare.py's li_ood_test.txt,
+    scored among the OOD classes (after id_classes.txt) only, mean per class."""
+    out = tiny.root / "li"
+    run(REPO / "eval.py", tiny.aligned, "--data", tiny.data, "--split", "li_ood_test", "--tsne-samples", 0,
+        "--out", out)
+    clf = json.loads((out / "results.json").read_text())["runs"][0]["classifier"]
+    logits, labels = reference_outputs(tiny, tiny.aligned, "li_ood_test.txt")
+    among_ood = logits[:, ID_CLASSES:].argmax(1).numpy() + ID_CLASSES
+    expected = np.mean([(among_ood[labels == c] == c).mean() for c in range(ID_CLASSES, 10)])
+    assert clf["ood"] == {"top1": pytest.approx((among_ood == labels).mean()), "mean_class": pytest.approx(expected),
+                          "classes": 10 - ID_CLASSES, "samples": 120}
+    assert clf["id"]["samples"] == 0 and clf["top1"] == pytest.approx((logits.argmax(1).numpy() == labels).mean())
+    assert "OOD/class" in (out / "report.md").read_text()
+
+
+def test_zero_shot_through_clip_proj_agrees_with_the_cosine_head(tiny):
+    """Li et al.'s students classify by their clip_proj against class texts: among the ID classes, zero-shot
+    through the 24-d class text is the checkpoint's own classifier."""
+    out = tiny.root / "clip"
+    run(REPO / "eval.py", tiny.id_only, "--data", tiny.data, "--split", "test,id_val", "--class-text",
+        tiny.feats / "clip_classes.npy", "--tsne-samples", 0, "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["num_images"] == 300 + 10 * ID_CLASSES and list(results["splits"]) == ["test.txt", "id_val.txt"]
+    result = results["runs"][0]
+    assert result["zero_shot"]["via"] == "clip_proj"
+    assert result["zero_shot"]["id"]["top1"] == pytest.approx(result["classifier"]["top1"])
+    assert not (out / "tsne.png").exists()
+
+
+# ----------------------------------------------------------------------------- plots a reader can trust
 
 def test_plots_are_real_pngs(report):
     from PIL import Image
@@ -232,62 +387,190 @@ def test_plots_are_real_pngs(report):
         assert min(pixels.shape[:2]) > 300 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, name
 
 
-def test_zero_shot_through_clip_proj_agrees_with_the_cosine_head(tiny):
-    """Li et al.'s students classify by their clip_proj against class texts: among the ID classes, zero-shot
-    through the 24-d class text is the checkpoint's own classifier."""
-    out = tiny.root / "clip"
-    run(REPO / "eval.py", tiny.id_only, "--data", tiny.data, "--split", "test,id_val", "--class-text", tiny.feats / "clip_classes.npy",
-        "--tsne-samples", 0, "--out", out)
-    results = json.loads((out / "results.json").read_text())
-    assert results["num_images"] == 300 + 10 * ID_CLASSES and list(results["splits"]) == ["test.txt", "id_val.txt"]
-    result = results["runs"][0]
-    assert result["zero_shot"]["via"] == "clip_proj"
-    assert result["zero_shot"]["id"]["top1"] == pytest.approx(result["classifier"]["top1"])
-    assert not (out / "tsne.png").exists()
+def test_curves_compare_loss_parts_and_show_a_single_point(tmp_path):
+    """Classification loss next to classification loss, the text term on its own panel, no weighted total; a run
+    that logged one point still shows it (a marker); epochs as train.py logs them, from 0."""
+    rows = {"with_text": [{"step": 5, "epoch": 0, "loss": 5.0, "loss_cls": 2.0, "loss_text": 3.0},
+                          {"step": 10, "epoch": 1, "loss": 4.0, "loss_cls": 1.5, "loss_text": 2.5},
+                          {"epoch": 1, "step": 10, "val_top1": 0.5, "val_few": 0.25}],
+            "one_point": [{"step": 5, "epoch": 0, "loss": 0.3, "loss_cls": 0.3},
+                          {"epoch": 0, "step": 5, "val_top1": 0.4, "val_few": None}]}
+    runs = []
+    for name, lines in rows.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        runs.append({"name": name, "checkpoint": str(tmp_path / name / "final.pt")})
+    fig = ev.plot_curves(runs)
+    axes = {ax.get_title(): ax for ax in fig.axes}
+    assert list(axes) == ["Classification loss", "Text loss (VLM-KD)", "Validation top-1 (solid), few (dotted)"]
+    cls = {line.get_label(): line for line in axes["Classification loss"].get_lines()}
+    assert list(cls) == ["with_text", "one_point"] and list(cls["one_point"].get_ydata()) == [0.3]
+    assert cls["one_point"].get_marker() not in (None, "None", "")  # one point still drawn
+    assert [line.get_label() for line in axes["Text loss (VLM-KD)"].get_lines()] == ["with_text"]
+    assert all(max(line.get_ydata()) < 4 for ax in fig.axes[:2] for line in ax.get_lines())  # never the total
+    val_axes = axes["Validation top-1 (solid), few (dotted)"]
+    val = {line.get_label(): list(line.get_xdata()) for line in val_axes.get_lines()}
+    assert val == {"with_text top-1": [1], "with_text few": [1], "one_point top-1": [0]}
 
+
+def test_tsne_legend_lists_only_what_is_drawn_and_per_class_names_classes(report, tiny):
+    classes = ev.read_classes(tiny.data / "classes.txt")
+    inputs = SimpleNamespace(classes=classes, labels=np.repeat(np.arange(10), 3))
+    rng = torch.Generator().manual_seed(0)
+    sample = (np.arange(30), torch.randn(30, 8, generator=rng))
+    run_ = {"name": "all_seen", "class_counts": [100] * 5 + [10] * 5, "tsne": sample}
+    legend = [t.get_text() for t in ev.plot_tsne([run_], inputs, 0).legends[0].get_texts()]
+    assert legend == ["medium", "few"] + classes  # no "many", no "unseen": none is drawn
+    runs = [report.runs[n] | {"name": n} for n in ("id_only", "aligned")]
+    fig = ev.plot_per_class(runs, classes)
+    ax = fig.axes[0]
+    counts = report.runs["aligned"]["class_counts"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"{classes[c]} ({counts[c]})"
+                                                            for c in np.argsort(-np.array(counts), kind="stable")]
+    assert not ax.get_lines() and [len(c.get_offsets()) for c in ax.collections] == [6, 10]  # points, not lines
+
+
+# ----------------------------------------------------------------------------- attacks (issue 15)
 
 def test_flip_tta_averages_the_image_and_its_mirror(tiny):
-    cfg = ev.Config(batch_size=64, workers=0, tta=True)
-    classes = (tiny.data / "classes.txt").read_text().splitlines()
-    ckpt, student = ev.load_checkpoint(tiny.aligned, classes, tiny.data / "classes.txt", torch.device("cpu"))
+    cfg = ev.Config(batch_size=16, workers=0, tta=True)
+    inputs = SimpleNamespace(classes=ev.read_classes(tiny.data / "classes.txt"), classes_path=tiny.data / "classes.txt")
+    ckpt, student = ev.load_checkpoint(tiny.aligned, inputs)
     items = ev.read_split(tiny.data / "test.txt", 10)[:40]
-    feats, logits, errors = ev.extract(student, tiny.data, items, ckpt["preprocess"], cfg, torch.device("cpu"), "tta")
+    feats, errors = ev.extract(student, tiny.data, items, ckpt["preprocess"], cfg, torch.device("cpu"), "tta")
     images = torch.stack([ev.SplitImages(tiny.data, items, ckpt["preprocess"])[i][0] for i in range(len(items))])
     with torch.no_grad():
         plain, mirrored = student(images), student(images.flip(3))
     assert not errors
     torch.testing.assert_close(feats, (plain[0] + mirrored[0]) / 2, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits, (plain[1] + mirrored[1]) / 2, rtol=1e-4, atol=1e-5)
 
 
-def test_unreadable_image_is_recorded_and_skipped(tiny):
-    (tiny.data / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    classes = (tiny.data / "classes.txt").read_text().splitlines()
-    ckpt, student = ev.load_checkpoint(tiny.aligned, classes, tiny.data / "classes.txt", torch.device("cpu"))
-    items = ev.read_split(tiny.data / "test.txt", 10)[:3] + [("broken.png", 4), ("missing.png", 5)]
-    feats, logits, errors = ev.extract(student, tiny.data, items, ckpt["preprocess"], ev.Config(workers=0), torch.device("cpu"), "bad")
-    assert feats.shape == (5, 64) and logits.shape == (5, 10)
-    assert [(e["index"], e["path"]) for e in errors] == [(3, "broken.png"), (4, "missing.png")]
-    assert "UnidentifiedImageError" in errors[0]["error"] and "FileNotFoundError" in errors[1]["error"]
+def test_undecodable_images_are_recorded_and_skipped(tiny):
+    """A JPEG cut off after its header, a file that is no image and a missing file: listed in results.json, left out
+    of every metric, the run finishes with a warning."""
+    from PIL import Image
+    bad = tiny.root / "bad_images"
+    (bad / "img").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(bad / "img/cut.jpg")
+    whole = (bad / "img/cut.jpg").read_bytes()
+    (bad / "img/cut.jpg").write_bytes(whole[:len(whole) // 2])  # header intact, image data cut
+    (bad / "img/text.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (bad / "classes.txt").write_text((tiny.data / "classes.txt").read_text())
+    os.symlink(tiny.data / "images", bad / "images")  # prepare.py's layout: images/<split>/<class>/<n>.png
+    lines = (tiny.data / "test.txt").read_text().splitlines()[:6] + ["img/cut.jpg 1", "img/text.png 2", "img/no.png 3"]
+    (bad / "test.txt").write_text("\n".join(lines) + "\n")
+    result = run(REPO / "eval.py", tiny.aligned, "--data", bad, "--tsne-samples", 0, "--out", bad / "out")
+    results = json.loads((bad / "out" / "results.json").read_text())["runs"][0]
+    skipped = results["skipped_images"]
+    assert [(e["index"], e["path"]) for e in skipped] == [(6, "img/cut.jpg"), (7, "img/text.png"), (8, "img/no.png")]
+    assert "truncated" in skipped[0]["error"] and "FileNotFoundError" in skipped[2]["error"]
+    assert results["classifier"]["samples"] == 6 and "3 images of test could not be decoded" in result.stderr
+
+
+def poisoned(tiny, name, edit):
+    ckpt = torch.load(tiny.aligned, weights_only=True)
+    edit(ckpt)
+    path = tiny.root / "attacks" / name / "final.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_checkpoint_with_non_finite_tensors_is_refused(tiny, monkeypatch):
+    """Issue 15.1: a diverged run's final.pt (NaN in a BatchNorm running_var) used to be evaluated without a word."""
+    path = poisoned(tiny, "nan", lambda c: c["model"]["backbone.stem.1.running_var"].fill_(float("nan")))
+    message = main_fails(monkeypatch, path, "--data", tiny.data, "--out", tiny.root / "attacks" / "nan_out")
+    assert "tensor backbone.stem.1.running_var holds NaN or inf" in message and str(path) in message
+    inf_head = poisoned(tiny, "inf", lambda c: c["text_head"]["proj"]["weight"].view(-1)[3].fill_(float("inf")))
+    assert "text_head.proj.weight" in main_fails(monkeypatch, inf_head, "--data", tiny.data, "--out", tiny.root / "x")
+
+
+@pytest.mark.parametrize("attack", ["truncated", "empty", "no_model_key", "wrong_shapes"])
+def test_torn_or_incomplete_checkpoint_is_one_line(tiny, monkeypatch, attack):
+    path = tiny.root / "attacks" / attack / "final.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    whole = tiny.aligned.read_bytes()
+    if attack == "truncated":  # a kill during a non-atomic save
+        path.write_bytes(whole[:len(whole) // 2])
+    elif attack == "empty":
+        path.write_bytes(b"")
+    elif attack == "no_model_key":
+        path = poisoned(tiny, attack, lambda c: c.pop("model"))
+    else:
+        path = poisoned(tiny, attack, lambda c: c.update(arch="resnet32"))
+    message = main_fails(monkeypatch, path, "--data", tiny.data, "--out", tiny.root / "attacks" / "out")
+    assert str(path) in message
+    assert {"truncated": "cannot be read", "empty": "cannot be read", "no_model_key": "no model",
+            "wrong_shapes": "do not fit a resnet32"}[attack] in message
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "read_only"])
+def test_bad_out_fails_before_any_work(tiny, kind):
+    """Issue 15.7: --out that is a file used to fail with a traceback after every image was evaluated."""
+    target = tiny.root / "attacks" / f"out_{kind}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; `under_a_file` covers an unwritable --out")
+        target.mkdir(mode=0o500)
+    else:
+        target.write_text("a file")
+        target = target / "report" if kind == "under_a_file" else target
+    # A second checkpoint that does not exist: --out is named first, so it was checked before any checkpoint.
+    result = run(REPO / "eval.py", tiny.aligned, tiny.root / "missing.pt", "--data", tiny.data, "--out", target,
+                 ok=False)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and last.startswith("eval.py: error:") and str(target) in last
+    assert "Traceback" not in result.stderr and "missing.pt" not in result.stderr
+
+
+@pytest.mark.parametrize("line, message", [
+    ("../outside.png 1", "leaves the data root"),
+    ("/etc/hostname 1", "leaves the data root"),
+    ("images/x.png 10", "label 10, but there are only 10 classes"),
+    ("images/x.png -1", "integer label >= 0"),
+])
+def test_bad_split_lines_are_refused_with_file_and_line(tiny, monkeypatch, line, message):
+    """Issue 15.4 / 15.7: paths outside --data used to be read; labels are checked against the classes at start."""
+    split = tiny.data / "attack.txt"
+    split.write_text((tiny.data / "test.txt").read_text() + line + "\n")
+    got = main_fails(monkeypatch, tiny.aligned, "--data", tiny.data, "--split", "attack", "--out", tiny.root / "bad")
+    assert f"{split}:301:" in got and message in got
+    assert not (tiny.root / "bad").exists()
+
+
+def test_class_text_that_does_not_match_its_sidecar_is_refused(tiny, monkeypatch):
+    """Issue 15.5 / 15.8: class text edited after encode.py (rows swapped), without its sidecar, or with a NaN row."""
+    attacks = tiny.root / "attacks" / "class_text"
+    attacks.mkdir(parents=True, exist_ok=True)
+    array, sidecar = np.load(tiny.feats / "classes.npy"), json.loads((tiny.feats / "classes.json").read_text())
+    np.save(attacks / "swapped.npy", array[[1, 0, *range(2, 10)]])
+    (attacks / "swapped.json").write_text(json.dumps(sidecar))
+    np.save(attacks / "alone.npy", array)
+    nan = array.copy()
+    nan[7, 3] = np.nan
+    save_artifact(attacks / "nan.npy", nan, {k: v for k, v in sidecar.items() if k != "sha256"})
+    args = [tiny.aligned, "--data", tiny.data, "--out", tiny.root / "x", "--class-text"]
+    assert "do not match (sha256)" in main_fails(monkeypatch, *args, attacks / "swapped.npy")
+    assert "alone.json not found" in main_fails(monkeypatch, *args, attacks / "alone.npy")
+    assert "row 7 holds NaN or inf" in main_fails(monkeypatch, *args, attacks / "nan.npy")
+    renamed = {k: v for k, v in sidecar.items() if k != "sha256"} | {"names": sidecar["names"][::-1]}
+    save_artifact(attacks / "renamed.npy", array, renamed)
+    assert "class names are not those of" in main_fails(monkeypatch, *args, attacks / "renamed.npy")
 
 
 def test_text_head_refuses_class_text_of_another_encoder(tiny):
-    classes = (tiny.data / "classes.txt").read_text().splitlines()
-    ckpt, student = ev.load_checkpoint(tiny.aligned, classes, tiny.data / "classes.txt", torch.device("cpu"))
-    class_text, _ = ev.load_class_text(tiny.feats / "classes.npy", 10, tiny.data / "classes.txt")
+    inputs = SimpleNamespace(classes=ev.read_classes(tiny.data / "classes.txt"), classes_path=tiny.data / "classes.txt")
+    ckpt, student = ev.load_checkpoint(tiny.aligned, inputs)
+    class_text, encoder = ev.load_class_text(tiny.feats / "classes.npy", tiny.data / "classes.txt", 10)
     feats = torch.randn(4, ckpt["feat_dim"])
-    scores, route = ev.zero_shot_scores(feats, class_text, ckpt, student, "auto", "test-encoder", "aligned")
-    assert scores.shape == (4, 10) and route == "text_head"
+    scorer, route = ev.zero_shot_scorer(class_text, encoder, ckpt, student, "auto", "aligned")
+    assert scorer(feats).shape == (4, 10) and route == "text_head" and encoder == "test-encoder"
     with pytest.raises(SystemExit, match="encoded with other-encoder"):
-        ev.zero_shot_scores(feats, class_text, ckpt, student, "auto", "other-encoder", "aligned")
-    sidecar = json.loads((tiny.feats / "classes.json").read_text())
-    np.save(tiny.root / "renamed.npy", np.load(tiny.feats / "classes.npy"))
-    (tiny.root / "renamed.json").write_text(json.dumps(sidecar | {"names": classes[::-1]}))
-    with pytest.raises(SystemExit, match="class names are not those of"):
-        ev.load_class_text(tiny.root / "renamed.npy", 10, tiny.data / "classes.txt")
+        ev.zero_shot_scorer(class_text, "other-encoder", ckpt, student, "auto", "aligned")
     ckpt.pop("text_head")  # what train.py --drop-text-head leaves
-    scores, why = ev.zero_shot_scores(feats, class_text, ckpt, student, "auto", "test-encoder", "aligned")
-    assert scores is None and "no text head" in why
+    scorer, why = ev.zero_shot_scorer(class_text, encoder, ckpt, student, "auto", "aligned")
+    assert scorer is None and "no text head" in why
 
 
 def test_checkpoint_of_other_classes_is_refused(tiny):
@@ -302,12 +585,8 @@ def test_checkpoint_of_other_classes_is_refused(tiny):
 
 @pytest.mark.parametrize("args, message", [
     (["--split", "test_v2"], "split 'test_v2' not found"),
-    (["--few-shot", "5", "--few-shot-split", "test.txt"], "is the evaluated split"),
+    (["--few-shot", "5", "--few-shot-split", "test.txt"], "is an evaluated split"),
 ])
 def test_bad_splits_are_named(tiny, monkeypatch, args, message):
-    """eval.py's main in this process (the import alone is most of a subprocess's time here)."""
-    monkeypatch.setattr(sys, "argv", ["eval.py", str(tiny.aligned), "--data", str(tiny.data), *args, "--out", str(tiny.root / "bad")])
-    with pytest.raises(SystemExit) as exit_info:
-        ev.main()
-    assert str(exit_info.value).startswith("eval.py: error:") and message in str(exit_info.value)
+    assert message in main_fails(monkeypatch, tiny.aligned, "--data", tiny.data, *args, "--out", tiny.root / "bad")
     assert not (tiny.root / "bad").exists()
