@@ -17,13 +17,17 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
-from transformers import HfArgumentParser
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("encode", REPO / "encode.py")
+encode = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(encode)  # the stage's own Encoder and its typed command line
+opt = encode.opt
 WORDS = ("the a an of with and on in its small large long short dark light grey white black striped plain soft "
          "shirt dress coat bag boot sandal sneaker trouser pullover sleeve collar button strap heel sole zipper "
          "pocket hood lace fabric cotton leather wool pattern print logo shape edge front back side left right "
@@ -32,13 +36,13 @@ WORDS = ("the a an of with and on in its small large long short dark light grey 
 
 @dataclass
 class Config:
-    model: str = field(default="minilm", metadata={"help": "what encode.py --model takes"})
-    sentences: int = field(default=1000, metadata={"help": "sentences per round (a fifth long, the rest short)"})
-    rounds: int = field(default=3, metadata={"help": "timed rounds of each path, alternating"})
-    chunk: int = field(default=500, metadata={"help": "sentences handed over per call, in both paths"})
-    batch_size: int = field(default=128, metadata={"help": "encode.py --batch-size"})
-    dtype: str = field(default="auto", metadata={"help": "encode.py --dtype"})
-    seed: int = 0
+    model: str = opt("minilm", "what encode.py --model takes (a sentence-transformers model)")
+    sentences: int = opt(1000, "sentences per round (a fifth long, the rest short)")
+    rounds: int = opt(3, "timed rounds of each path, alternating")
+    chunk: int = opt(500, "sentences handed over per call, in both paths")
+    batch_size: int = opt(128, "encode.py --batch-size")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "encode.py --dtype")
+    seed: int = opt(0, "seed of the generated sentences")
 
 
 def captions(count, seed):
@@ -54,17 +58,15 @@ def captions(count, seed):
 
 
 def main():
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses()
-    spec = importlib.util.spec_from_file_location("encode", REPO / "encode.py")
-    encode = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(encode)
+    cfg = encode.parse_config(Config)
     import torch
 
     path, model_config = encode.resolve_model(cfg.model)
     device, dtype = encode.pick_device_dtype(encode.Config(device="auto", dtype=cfg.dtype))
     ours = encode.Encoder(cfg.model, path, model_config, device, dtype)
     if ours.dual:
-        sys.exit("encode_bench.py: error: the baseline is SentenceTransformer.encode: pass a sentence-transformers --model")
+        sys.exit("encode_bench.py: error: the baseline is SentenceTransformer.encode: "
+                 "pass a sentence-transformers --model")
     from sentence_transformers import SentenceTransformer
     plain = SentenceTransformer(path, device=device)  # its own fp32 copy: encode.py casts its weights
     sentences = captions(cfg.sentences, cfg.seed)
@@ -76,7 +78,8 @@ def main():
     def encode_py():
         return np.concatenate([ours.texts(chunk, cfg.batch_size) for chunk in chunks])
 
-    print(f"{len(sentences)} distinct sentences, {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"{len(sentences)} distinct sentences, {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; "
           f"encode.py: {dtype}, batch {cfg.batch_size}; baseline: SentenceTransformer.encode defaults", flush=True)
     plain.encode(sentences[:64]), ours.texts(sentences[:64], cfg.batch_size)  # warm-up
     # Wall-clock rates are what a user waits for; CPU-time rates (process_time, all threads) are steadier when other
@@ -89,11 +92,12 @@ def main():
             feats[name] = fn()
             wall[name].append(len(sentences) / (time.perf_counter() - start))
             cpu[name].append(len(sentences) / (time.process_time() - start_cpu))
-        print(f"round {r + 1}: baseline {wall['baseline'][-1]:7.1f} sent/s   encode.py {wall['encode.py'][-1]:7.1f} sent/s"
+        print(f"round {r + 1}: baseline {wall['baseline'][-1]:7.1f} sent/s   "
+              f"encode.py {wall['encode.py'][-1]:7.1f} sent/s"
               f"   (per CPU-second: {cpu['baseline'][-1]:.1f} vs {cpu['encode.py'][-1]:.1f})", flush=True)
     reference = feats["baseline"] / np.linalg.norm(feats["baseline"], axis=1, keepdims=True)
     cosine = (reference * feats["encode.py"]).sum(1)
-    median = lambda rates: statistics.median(rates)
+    median = statistics.median
     print(f"agreement with the fp32 baseline: cosine min {cosine.min():.4f}, mean {cosine.mean():.5f}")
     print(f"baseline (SentenceTransformer.encode loop, defaults): {median(wall['baseline']):8.1f} sentences/s")
     print(f"encode.py path:                                       {median(wall['encode.py']):8.1f} sentences/s")

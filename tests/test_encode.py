@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared_helpers import sidecar_digest  # noqa: E402
 from tiny import build_tiny_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,8 @@ ENV.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM=
 CLASSES = ["dog", "cat", "car", "truck", "apple", "banana"]
 COUNTS = [40, 25, 18, 10, 5, 2]  # long-tailed; the last two have fewer images than probe folds
 ADJECTIVES = ["small", "large", "brown", "white", "old", "new", "shiny", "muddy", "sleepy", "fast"]
-NOISE = ["window", "river", "seven", "quiet", "paper", "orbit", "violin", "granite", "tuesday", "lantern", "maple", "copper"]
+NOISE = ["window", "river", "seven", "quiet", "paper", "orbit", "violin", "granite", "tuesday", "lantern", "maple",
+         "copper"]
 
 
 def run(*args, check=True, env=None):
@@ -59,11 +61,30 @@ def write_captions(path, split, prompts, records, num_images, **meta):
     """captions.jsonl + captions.meta.json exactly as caption.py writes them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps({"index": i, "prompt": p, "text": t}) + "\n" for i, p, t in records))
-    meta = {"model": "test/vlm", "prompts": [{"id": pid, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    meta = {"model": "test/vlm", "prompts": [{"id": pid, "text": text,
+                                              "sha256": hashlib.sha256(text.encode()).hexdigest()}
                                              for pid, text in prompts.items()],
             "split": str(split), "split_sha256": sha256(split), "num_images": num_images, "tiny_random": False, **meta}
     path.with_name(path.name[: -len(".jsonl")] + ".meta.json").write_text(json.dumps(meta))
     return path
+
+
+def write_images(data, labels, size=28, seed=0):
+    """DATA/train.txt and 28 x 28 grey PNGs like Fashion-MNIST's: a bright bar whose position and angle tell the class,
+    on noise, so that pixels alone predict the label."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    split = write_split(data / "train.txt", labels)
+    (data / "images").mkdir(parents=True, exist_ok=True)
+    for i, y in enumerate(labels):
+        pixels = rng.integers(0, 90, (size, size))
+        pos = 3 + 4 * y + rng.integers(-1, 2)
+        if y % 2:
+            pixels[:, pos:pos + 3] = 255
+        else:
+            pixels[pos:pos + 3, :] = 255
+        Image.fromarray(pixels.astype(np.uint8)).save(data / f"images/{i:05d}.png")
+    return split
 
 
 def unit(x):
@@ -92,7 +113,8 @@ def lm(tmp_path_factory):
         records.append((i, "describe", f"a photo of a {CLASSES[y]}, it is {rng.choice(ADJECTIVES)}"))
         records.append((i, "noise", "" if i == 7 else " ".join(rng.choice(NOISE) for _ in range(rng.randint(2, 9)))))
     rng.shuffle(records)  # row order must come from `index`, not from the file order
-    captions = write_captions(root / "caps" / "captions.jsonl", split, {"describe": "Describe it.", "noise": "Say anything."},
+    captions = write_captions(root / "caps" / "captions.jsonl", split,
+                              {"describe": "Describe it.", "noise": "Say anything."},
                               records, len(labels))
     args = ["--captions", captions, "--split", split, "--model", "minilm", "--chunk", 8, "--batch-size", 8]
     proc = run(*args, "--out", root / "ref")
@@ -110,7 +132,7 @@ def test_minilm_text_shape_norm_order_and_sidecar(lm):
     assert side["kind"] == "text" and side["encoder"] == "minilm" and side["prompts"] == ["describe", "noise"]
     assert side["shape"] == [n, 2, 384] and side["dtype"] == "float16" and side["normalized"] is True
     assert side["split_sha256"] == sha256(lm["split"]) and side["captions_sha256"] == sha256(lm["captions"])
-    assert side["made_by"] == "encode.py" and side["missing"] == [] and side["empty_captions"] == 1
+    assert side["made_by"] == "encode.py" and side["missing_rows"] == [] and side["empty_captions"] == 1
     assert "torch" in side["versions"] and side["config"]["model"] == "minilm"
     # Similar sentences closer than unrelated ones: same-class captions beat other-class ones on average.
     describe = text[:, 0].astype(np.float32)
@@ -163,12 +185,14 @@ def test_minilm_class_texts_with_descriptions(lm):
         (0, "A furry animal with four legs and a wagging tail."), (0, "A loyal pet that barks."),
         (2, "A road vehicle with four wheels."), (4, "A round red or green fruit.")]))
     out = root / "classes"
-    run("--classes", classes, "--descriptions", descriptions, "--model", "sentence-transformers/all-MiniLM-L6-v2", "--out", out)
+    run("--classes", classes, "--descriptions", descriptions, "--model", "sentence-transformers/all-MiniLM-L6-v2",
+        "--out", out)
     feats = np.load(out / "classes.npy").astype(np.float32)
     side = json.loads((out / "classes.json").read_text())
     assert feats.shape == (6, 384) and np.allclose(np.linalg.norm(feats, axis=1), 1, atol=2e-3)
     assert side["kind"] == "classes" and side["classes_sha256"] == sha256(classes)
     assert side["descriptions_sha256"] == sha256(descriptions) and side["texts_per_class"] == [2, 1, 1, 1, 1, 1]
+    assert side["sha256"] == sidecar_digest(out / "classes.npy", side) and side["missing_rows"] == []
     sims = feats @ feats.T
     assert sims[CLASSES.index("car"), CLASSES.index("truck")] > sims[CLASSES.index("car"), CLASSES.index("banana")]
     assert sims[CLASSES.index("apple"), CLASSES.index("banana")] > sims[CLASSES.index("apple"), CLASSES.index("truck")]
@@ -184,7 +208,7 @@ def test_minilm_class_texts_with_descriptions(lm):
 
 def test_probe_high_for_class_texts_near_chance_for_noise(lm):
     text = lm["out"] / "text.npy"
-    proc = run("--probe", "--text", text, "--split", lm["split"])
+    proc = run("--probe", "--text", text, "--split", lm["split"], "--no-pixel-baseline")  # no images here
     report = json.loads((lm["out"] / "text.probe.json").read_text())
     results = report["results"]
     assert set(results) == {"describe", "noise", "all"} and report["folds"] == 5 and report["rows"] == len(lm["labels"])
@@ -195,11 +219,11 @@ def test_probe_high_for_class_texts_near_chance_for_noise(lm):
     assert results["describe"]["many"] is None and results["describe"]["few"] is not None
     assert "describe" in proc.stdout and "noise" in proc.stdout
     # A capped subsample still probes every slot.
-    run("--probe", "--text", text, "--split", lm["split"], "--probe-max", 30, "--probe-folds", 3)
+    run("--probe", "--text", text, "--split", lm["split"], "--probe-max", 30, "--probe-folds", 3, "--no-pixel-baseline")
     assert json.loads((lm["out"] / "text.probe.json").read_text())["rows"] == 30
 
     other = write_split(lm["root"] / "other" / "train.txt", lm["labels"][::-1])
-    assert "another split" in refused("--probe", "--text", text, "--split", other)
+    assert "another split" in refused("--probe", "--text", text, "--split", other, "--no-pixel-baseline")
 
 
 # ------------------------------------------------------------------------------------------- tiny CLIP
@@ -223,20 +247,22 @@ def clip_text(tmp_path_factory, clip):
     """30 images x 2 prompts with one missing caption, one image without captions and one empty caption."""
     root = tmp_path_factory.mktemp("cliptext")
     split = write_split(root / "data" / "train.txt", [i % 3 for i in range(30)])
-    texts = {(i, p): f"{p} caption number {i} {'with a long tail ' * (i % 4)}" for i in range(30) for p in ("general", "t1")}
+    texts = {(i, p): f"{p} caption number {i} {'with a long tail ' * (i % 4)}"
+             for i in range(30) for p in ("general", "t1")}
     texts[(7, "general")] = ""
     del texts[(3, "t1")], texts[(5, "general")], texts[(5, "t1")]
     records = [(i, p, t) for (i, p), t in sorted(texts.items(), key=lambda kv: -kv[0][0])]
     prompts = {"general": "Describe the image.", "t1": "What colour is it?"}
     captions = write_captions(root / "caps" / "captions.jsonl", split, prompts, records, 30)
-    (root / "caps" / "captions.errors.jsonl").write_text(json.dumps({"index": 5, "path": "images/00005.png", "error": "bad"}) + "\n")
+    (root / "caps" / "captions.errors.jsonl").write_text(
+        json.dumps({"index": 5, "path": "images/00005.png", "error": "bad"}) + "\n")
     return {"root": root, "split": split, "captions": captions, "texts": texts, "prompts": prompts, "records": records}
 
 
 def test_clip_text_missing_filled_empty_counted(clip, clip_text):
     d = clip_text
     line = refused("--captions", d["captions"], "--split", d["split"], "--model", clip, "--out", d["root"] / "no")
-    assert "3 of 60" in line and "1 images have none" in line and "1 listed as unreadable" in line
+    assert "3 of 60" in line and "1 images have none" in line and "errors file" in line
     assert "5/general" in line and "3/t1" in line and "--allow-missing" in line
 
     out = d["root"] / "out"
@@ -245,7 +271,7 @@ def test_clip_text_missing_filled_empty_counted(clip, clip_text):
     text = np.load(out / "text.npy").astype(np.float32)
     side = json.loads((out / "text.json").read_text())
     assert text.shape == (30, 2, 16) and side["prompts"] == ["general", "t1"]
-    assert side["missing"] == [5] and side["filled"] == [[3, "t1"]] and side["empty_captions"] == 1
+    assert side["missing_rows"] == [5] and side["filled"] == [[3, "t1"]] and side["empty_captions"] == 1
     assert side["encoder"] == str(clip) and not text[5].any()
     assert np.array_equal(text[3, 1], text[3, 0])
     rows = [(i, p) for i in range(30) for p in (0, 1) if i != 5 and (i, p) != (3, 1)]
@@ -254,42 +280,36 @@ def test_clip_text_missing_filled_empty_counted(clip, clip_text):
     assert np.abs(got - expected).max() < 3e-3  # row i is line i of the split, whatever the file order
 
 
-def test_clip_text_from_caption_shards_in_encode_shards(clip, clip_text):
+def test_clip_text_in_encode_shards_merged(clip, clip_text):
     d = clip_text
-    caps = d["root"] / "sharded" / "captions.jsonl"  # absent: its shards stand in for it
-    for k in range(2):
-        write_captions(caps.with_name(f"captions.shard-{k}-of-2.jsonl"), d["split"], d["prompts"],
-                       [r for r in d["records"] if r[0] % 2 == k], 30, shard=[k, 2])
     out = d["root"] / "sharded_out"
-    base = ["--captions", caps, "--split", d["split"], "--model", clip, "--out", out, "--allow-missing", "--dtype", "fp32"]
+    base = ["--captions", d["captions"], "--split", d["split"], "--model", clip, "--out", out, "--allow-missing",
+            "--dtype", "fp32"]
     run(*base, "--shard", "0/2")
     run(*base, env=dict(ENV, RANK="1", WORLD_SIZE="2"))  # the launcher's rank picks the shard
     assert np.load(out / "text.shard-1-of-2.npy").shape == (15, 2, 16)
+    assert json.loads((out / "text.shard-1-of-2.json").read_text())["missing_rows"] == [5]  # split line numbers
     run("--merge", "--out", out)
     merged, single = np.load(out / "text.npy"), np.load(d["root"] / "out" / "text.npy")
     side = json.loads((out / "text.json").read_text())
     assert merged.shape == single.shape and np.abs(merged.astype(np.float32) - single).max() < 3e-3
-    assert side["missing"] == [5] and side["filled"] == [[3, "t1"]] and side["empty_captions"] == 1
-    shard_files = [caps.with_name(f"captions.shard-{k}-of-2.jsonl") for k in range(2)]
-    assert side["captions_sha256"] == hashlib.sha256(b"".join(p.read_bytes() for p in shard_files)).hexdigest()
-
-    meta1 = caps.with_name("captions.shard-1-of-2.meta.json")
-    meta1.write_text(json.dumps(dict(json.loads(meta1.read_text()), model="another/vlm")))
-    assert "disagrees" in refused(*base, "--shard", "0/2", "--overwrite")
+    assert side["missing_rows"] == [5] and side["filled"] == [[3, "t1"]] and side["empty_captions"] == 1
+    assert side["captions_sha256"] == sha256(d["captions"]) and side["shape"] == [30, 2, 16]
+    assert side["sha256"] == sidecar_digest(out / "text.npy", side)  # recomputed for the merged array
 
 
 def test_clip_images_in_shards_bad_image_recorded(clip, tmp_path_factory):
     import torch
     from PIL import Image
     from transformers import AutoImageProcessor, AutoModel
-    data = tmp_path_factory.mktemp("fmnist") / "data"
-    subprocess.run([sys.executable, str(REPO / "prepare.py"), "fashion-mnist-lt", "--out", str(data), "--max-per-class", "20",
-                    "--imbalance", "10", "--val-per-class", "5"], check=True, capture_output=True, cwd=REPO)
+    data = tmp_path_factory.mktemp("images") / "data"
+    write_images(data, [c for c, n in enumerate(COUNTS) for _ in range(n // 2)])
     lines = (data / "train.txt").read_text().splitlines()
     bad = 4
     (data / lines[bad].rsplit(maxsplit=1)[0]).write_bytes(b"not a png")
     out = data.parent / "clip"
-    args = ["--images", "--split", data / "train.txt", "--model", clip, "--out", out, "--dtype", "fp32", "--name", "images-train",
+    args = ["--images", "--split", data / "train.txt", "--model", clip, "--out", out, "--dtype", "fp32",
+            "--name", "images-train",
             "--batch-size", 8, "--chunk", 20, "--workers", 2]
     run(*args, "--shard", "0/2")
     run(*args, env=dict(ENV, RANK="1", WORLD_SIZE="2"))
@@ -299,8 +319,10 @@ def test_clip_images_in_shards_bad_image_recorded(clip, tmp_path_factory):
     feats = np.load(out / "images-train.npy").astype(np.float32)
     side = json.loads((out / "images-train.json").read_text())
     errors = [json.loads(line) for line in (out / "images-train.errors.jsonl").read_text().splitlines()]
-    assert feats.shape == (len(lines), 16) and side["kind"] == "images" and side["split_sha256"] == sha256(data / "train.txt")
-    assert side["missing"] == [bad] and [e["index"] for e in errors] == [bad] and not feats[bad].any()
+    assert feats.shape == (len(lines), 16) and side["kind"] == "images"
+    assert side["split_sha256"] == sha256(data / "train.txt")
+    assert side["sha256"] == sidecar_digest(out / "images-train.npy", side)
+    assert side["missing_rows"] == [bad] and [e["index"] for e in errors] == [bad] and not feats[bad].any()
     assert side["encoder"] == str(clip) and side["normalized"] is True and side["shape"] == [len(lines), 16]
     # Every other row is the model's own preprocessing + image tower on line i of the split.
     ok = [i for i in range(len(lines)) if i != bad]
@@ -326,7 +348,8 @@ def test_refusals(tmp_path, clip):
 
     caps.write_text(caps.read_text() + "{not json\n")
     assert "captions.jsonl:4:" in refused("--captions", caps, "--split", split, *common)
-    caps.write_text("".join(json.dumps({"index": i, "prompt": p, "text": t}) + "\n" for i, p, t in records + [(1, "t9", "x")]))
+    caps.write_text("".join(json.dumps({"index": i, "prompt": p, "text": t}) + "\n"
+                            for i, p, t in records + [(1, "t9", "x")]))
     line = refused("--captions", caps, "--split", split, *common)
     assert "captions.jsonl:4:" in line and "t9" in line
     caps.write_text(json.dumps({"index": 3, "prompt": "general", "text": "x"}) + "\n")

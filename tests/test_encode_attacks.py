@@ -1,0 +1,263 @@
+"""encode.py attacked as a user's bad day would: edited sidecars and arrays, a full disk, bad --out, bad probe inputs,
+mixed caption runs, split paths leaving the root, an offline machine; plus missing_rows, the up-to-date check and the
+probe's pixel baseline. Each test runs the script as a user would (subprocess, tiny data, real file formats)."""
+import cProfile  # noqa: F401  (the up-to-date test runs `python -m cProfile`)
+import json
+import os
+import pstats
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from shared_helpers import sidecar_digest  # noqa: E402
+from test_encode import (COUNTS, ENV, REPO, SCRIPT, refused, run, sha256, write_captions, write_images,  # noqa: E402
+                         write_split)
+from tiny import build_tiny_clip  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return build_tiny_clip(tmp_path_factory.mktemp("tinyclip") / "clip")
+
+
+def small_captions(root, n=6, prompts=("general",)):
+    split = write_split(root / "data" / "train.txt", [i % 2 for i in range(n)])
+    records = [(i, p, f"{p} caption {i}") for i in range(n) for p in prompts]
+    return split, write_captions(root / "caps" / "captions.jsonl", split, {p: p for p in prompts}, records, n)
+
+
+def write_text_artifact(folder, array, split, prompts):
+    """text.npy + text.json as encode.py writes them, sha256 included (so only the content is under attack)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "text.npy", array.astype(np.float16))
+    sidecar = {"kind": "text", "encoder": "test", "prompts": prompts, "shape": list(array.shape),
+               "split_sha256": sha256(split), "missing_rows": []}
+    sidecar["sha256"] = sidecar_digest(folder / "text.npy", sidecar)
+    (folder / "text.json").write_text(json.dumps(sidecar))
+    return folder / "text.npy"
+
+
+# ------------------------------------------------------------------------------------------- sidecars tied to arrays
+def test_sidecar_sha256_catches_an_edited_sidecar_or_array(tmp_path, clip):
+    split, caps = small_captions(tmp_path, prompts=("general", "t4"))
+    out = tmp_path / "out"
+    args = ["--captions", caps, "--split", split, "--model", clip, "--out", out, "--dtype", "fp32"]
+    run(*args)
+    side = json.loads((out / "text.json").read_text())
+    assert side["sha256"] == sidecar_digest(out / "text.npy", side)
+    probe = ["--probe", "--text", out / "text.npy", "--split", split, "--no-pixel-baseline", "--probe-folds", 2]
+    run(*probe)  # the untouched artifact is accepted
+
+    # Slots reordered by hand: a consumer would train on t4 while recording `general`.
+    (out / "text.json").write_text(json.dumps(dict(side, prompts=["t4", "general"])))
+    assert "do not match (sha256)" in refused(*probe)
+    assert "does not match its sidecar" in refused(*args)  # a rerun does not call it up to date either
+    (out / "text.json").write_text(json.dumps(side))
+    array = np.load(out / "text.npy")
+    array[0, 0, 0] += 0.5
+    np.save(out / "text.npy", array)
+    assert "do not match (sha256)" in refused(*probe)
+
+
+# ------------------------------------------------------------------------------------------- full disk, bad --out
+def build_wide_clip(folder, width):
+    """A tiny CLIP whose features are `width` wide, so that an array of a few hundred thousand rows fills any disk."""
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    vocab.update({ch: k + 2 for k, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))})
+    config = CLIPConfig(text_config=dict(vocab_size=len(vocab), hidden_size=8, intermediate_size=16,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+                        vision_config=dict(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=16, patch_size=8),
+                        projection_dim=width)
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPTokenizer(vocab=vocab, merges=[], model_max_length=32).save_pretrained(folder)
+    return folder
+
+
+def test_full_disk_is_one_line_before_the_memmap(tmp_path):
+    width = 1 << 18  # 512 KiB per row in float16
+    free = shutil.disk_usage(tmp_path).free
+    rows = int(free * 1.25) // (2 * width) + 1000  # the array needs a quarter more than the whole free space
+    if rows > 3_000_000:
+        pytest.skip(f"{free / 2**40:.1f} TiB free: the split to fill it would be too long for a unit test")
+    model = build_wide_clip(tmp_path / "wide", width)
+    split = tmp_path / "data" / "train.txt"
+    split.parent.mkdir()
+    split.write_text("".join(f"images/{i}.png 0\n" for i in range(rows)))
+    caps = write_captions(tmp_path / "captions.jsonl", split, {"general": "Describe."}, [(0, "general", "a cat")], rows)
+    out = tmp_path / "out"
+
+    def at_most_64_mib_of_file():  # were the check missing, the run could not fill the real disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 26, 1 << 26))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--captions", str(caps), "--split", str(split), "--model",
+                           str(model), "--out", str(out), "--allow-missing", "--dtype", "fp32"],
+                          capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600,
+                          preexec_fn=at_most_64_mib_of_file)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("encode.py: error: text.npy") and "GiB is free" in last, proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == []  # nothing half-written to resume from or trust
+
+
+def test_out_that_is_a_file_or_unwritable_fails_before_work(tmp_path, clip):
+    split, caps = small_captions(tmp_path)
+    target = tmp_path / "taken"
+    target.write_text("not a folder")
+    proc = run("--captions", caps, "--split", split, "--model", clip, "--out", target, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"encode.py: error: {target} is a file, not a folder"
+    assert proc.stdout == ""  # refused before the model was loaded or anything encoded
+    proc = run("--captions", caps, "--split", split, "--model", clip, "--out", "/proc/vlmkd-out", check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().startswith("encode.py: error: /proc/vlmkd-out is not writable")
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+def test_probe_negative_label_and_nan_rows_are_one_line(tmp_path):
+    split = tmp_path / "train.txt"
+    split.write_text("images/0.png 0\nimages/1.png 1\nimages/2.png -1\nimages/3.png 1\n")
+    text = write_text_artifact(tmp_path / "neg", np.eye(4, 8)[:, None], split, ["general"])
+    line = refused("--probe", "--text", text, "--split", split, "--no-pixel-baseline")
+    assert "train.txt:3:" in line and "integer label >= 0" in line
+
+    split = write_split(tmp_path / "ok" / "train.txt", [0, 1] * 6)
+    array = np.tile(np.eye(2, 8)[[0, 1] * 6][:, None], (1, 2, 1))
+    array[7, 1, 3] = np.nan
+    text = write_text_artifact(tmp_path / "nan", array, split, ["general", "t1"])
+    line = refused("--probe", "--text", text, "--split", split, "--no-pixel-baseline")
+    assert line.endswith("text.npy: row 7 holds NaN or inf")
+
+
+def test_duplicate_caption_records_with_different_texts_are_named(tmp_path, clip):
+    split = write_split(tmp_path / "train.txt", [0, 1, 0])
+    records = [(0, "general", "a dog"), (1, "general", "a cat"), (2, "general", "a dog again"), (1, "general", "a cat")]
+    caps = write_captions(tmp_path / "a" / "captions.jsonl", split, {"general": "Describe."}, records, 3)
+    run("--captions", caps, "--split", split, "--model", clip, "--out", tmp_path / "same")  # same text twice: fine
+    records.append((2, "general", "a horse"))
+    caps = write_captions(tmp_path / "b" / "captions.jsonl", split, {"general": "Describe."}, records, 3)
+    line = refused("--captions", caps, "--split", split, "--model", clip, "--out", tmp_path / "other")
+    assert "captions.jsonl:5:" in line and "line 3" in line and "'general'" in line
+    assert not (tmp_path / "other" / "text.npy").exists()
+
+
+def test_split_paths_outside_the_root_are_refused(tmp_path, clip):
+    from PIL import Image
+    data = tmp_path / "data"
+    write_images(data, [0, 1, 0, 1])
+    Image.new("RGB", (28, 28), "white").save(tmp_path / "outside.png")  # a real image the split must not reach
+    for bad_line in ("../outside.png 1", f"{tmp_path / 'outside.png'} 1"):
+        lines = (data / "train.txt").read_text().splitlines()
+        (data / "bad.txt").write_text("\n".join(lines[:2] + [bad_line] + lines[3:]) + "\n")
+        line = refused("--images", "--split", data / "bad.txt", "--model", clip, "--out", tmp_path / "out")
+        assert "bad.txt:3:" in line and "leaves the data root" in line
+    assert not (tmp_path / "out" / "images.npy").exists()
+
+
+# ------------------------------------------------------------------------------------------- offline hub
+class SilentHub:
+    """A TCP server on localhost that counts connections and never answers: a hub that is listed but unreachable."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.connections = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.connections.append(self.sock.accept()[0])
+            except OSError:
+                return
+
+    def env(self, tmp_path):
+        env = {k: v for k, v in ENV.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+        return dict(env, HF_ENDPOINT=f"http://127.0.0.1:{self.sock.getsockname()[1]}", HF_HOME=str(tmp_path / "hf"),
+                    NO_PROXY="127.0.0.1,localhost", no_proxy="127.0.0.1,localhost")
+
+
+@pytest.fixture
+def hub():
+    server = SilentHub()
+    yield server
+    server.sock.close()
+
+
+def test_minilm_never_contacts_the_hub(tmp_path, hub):
+    split, caps = small_captions(tmp_path)
+    start = time.time()
+    proc = run("--captions", caps, "--split", split, "--model", "minilm", "--out", tmp_path / "out",
+               env=hub.env(tmp_path))
+    took = time.time() - start
+    assert hub.connections == [], "encode.py --model minilm contacted the hub"
+    assert "Retry" not in proc.stderr and "thrown while requesting" not in proc.stderr, proc.stderr[-2000:]
+    assert np.load(tmp_path / "out" / "text.npy").shape == (6, 1, 384)
+    assert took < 120, f"{took:.0f} s"  # ~10 s here; the old hub retries took 31 s before any work
+
+
+def test_unreachable_hub_id_fails_fast_with_one_line(tmp_path, hub):
+    split, caps = small_captions(tmp_path)
+    start = time.time()
+    proc = run("--captions", caps, "--split", split, "--model", "someone/some-encoder", "--out", tmp_path / "out",
+               env=hub.env(tmp_path), check=False)
+    took = time.time() - start
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+    assert "cannot be reached" in lines[0] and "local folder" in lines[0] and "hf download" in lines[0]
+    assert took < 40, f"{took:.0f} s"  # ~10 s: one request with an 8 s timeout, no retries
+
+
+# ------------------------------------------------------------------------------------------- up to date, probe
+def test_up_to_date_rerun_does_not_parse_the_captions(tmp_path, clip):
+    split, caps = small_captions(tmp_path, n=60, prompts=("general", "t1"))  # 120 caption records
+    args = ["--captions", caps, "--split", split, "--model", clip, "--out", tmp_path / "out", "--dtype", "fp32"]
+
+    def json_loads_calls(name):
+        proc = subprocess.run([sys.executable, "-m", "cProfile", "-o", str(tmp_path / name), str(SCRIPT),
+                               *map(str, args)], capture_output=True, text=True, env=ENV, cwd=REPO, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stats = pstats.Stats(str(tmp_path / name)).stats
+        return proc.stdout, sum(v[1] for (file, _, func), v in stats.items()
+                                if func == "loads" and file.endswith(os.path.join("json", "__init__.py")))
+
+    stdout, calls = json_loads_calls("fresh.prof")
+    assert "wrote" in stdout and calls >= 120, calls  # a run with work parses every record: the count can fail
+    stdout, calls = json_loads_calls("rerun.prof")
+    assert "up to date" in stdout and calls < 20, calls  # the meta and the sidecar, not 120 records
+
+
+def test_probe_reports_the_pixel_baseline_next_to_image_derived_text(tmp_path):
+    from PIL import Image
+    data = tmp_path / "data"
+    labels = [c for c, n in enumerate(COUNTS) for _ in range(n)]
+    split = write_images(data, labels)
+    words = ["dark", "dim", "grey", "pale", "bright"]
+    records = []
+    for i in range(len(labels)):  # text that is a function of the pixels only, as a random VLM's captions are
+        pixels = np.asarray(Image.open(data / f"images/{i:05d}.png"), np.float32)
+        blocks = pixels.reshape(4, 7, 4, 7).mean(axis=(1, 3)).ravel()
+        records.append((i, "general", " ".join(f"{words[min(4, int(b // 40))]}{k}" for k, b in enumerate(blocks))))
+    caps = write_captions(tmp_path / "captions.jsonl", split, {"general": "Describe."}, records, len(labels))
+    run("--captions", caps, "--split", split, "--model", "minilm", "--out", tmp_path / "text")
+    proc = run("--probe", "--text", tmp_path / "text" / "text.npy", "--split", split)
+    report = json.loads((tmp_path / "text" / "text.probe.json").read_text())
+    pixels, text = report["results"]["pixels"], report["results"]["general"]
+    assert set(report["results"]) == {"general", "pixels"} and report["pixels"].startswith("random projection")
+    assert pixels["overall"] > report["chance"] + 0.4 and pixels["few"] is not None and pixels["medium"] is not None
+    assert text["overall"] <= pixels["overall"] + 0.1  # image-derived text is no better than its pixels
+    table = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
+    assert f"{100 * pixels['overall']:5.1f}" in table["pixels"] and f"{100 * text['overall']:5.1f}" in table["general"]
+    assert "restate the image" in proc.stdout
