@@ -1,78 +1,237 @@
 """Caption every image of a split with a VLM, once per prompt (stage 1 of vlmkd).
 
-    python caption.py --split data/x/train.txt --vlm llava-hf/llava-v1.6-mistral-7b-hf --prompts prompts/ --out runs/x/captions.jsonl
-    python caption.py --split data/x/train.txt --vlm /models/Qwen2-VL-2B-Instruct --quant none --batch-size 32 --out runs/x/captions.jsonl
-    python caption.py --split data/x/train.txt --vlm tiny --max-new-tokens 16 --out runs/demo/captions.jsonl   # random stand-in
+    python caption.py --split data/x/train.txt --vlm llava-hf/llava-v1.6-mistral-7b-hf --out runs/x/captions.jsonl
+    python caption.py --split data/x/train.txt --vlm /models/Qwen2-VL-2B-Instruct --quant none --batch-size 30 \
+        --out runs/x/captions.jsonl
+    python caption.py --split data/x/train.txt --vlm tiny --max-new-tokens 16 --out runs/demo/captions.jsonl  # random
     python caption.py --split data/x/train.txt --shard 0/4 --out runs/x/captions.jsonl        # one of 4 machines
     torchrun --nproc_per_node 8 caption.py --split data/x/train.txt --out runs/x/captions.jsonl  # shards by rank
     python caption.py --merge --out runs/x/captions.jsonl                                     # join shards, report gaps
     python caption.py --classes data/x/classes.txt --out runs/x/class_descriptions.jsonl      # one sentence a class
 
-Writes `captions.jsonl` (`{"index", "prompt", "text", "path"}` per image x prompt, appended and flushed
-as it goes), `captions.meta.json` (model, revision, quantisation, prompts, generation settings,
-versions) and `captions.errors.jsonl` (images that could not be read). A killed run restarted with
-the same command skips what is done; a run with another model, prompts or settings refuses to append.
-Batched greedy captions equal one-at-a-time ones (left padding); exactly so in float32, while in bf16 a
-caption may part ways where two tokens tie within bf16 rounding, as on any batch-size change.
+Writes `captions.jsonl` (`{"index", "prompt", "text", "path"}` per image x prompt, appended and flushed as it goes),
+`captions.meta.json` (model, revision, quantisation, prompts, image-processor and generation settings, versions) and
+`captions.errors.jsonl` (images that could not be read). A killed run restarted with the same command skips what is
+done; a run with another model, prompts or settings refuses to append. All prompts of an image share one batch and the
+vision tower runs once per distinct image. Batched greedy captions equal one-at-a-time ones (left padding); exactly so
+in fp32, while in bf16 a caption may part ways where two tokens tie within bf16 rounding, as on any batch-size change.
+Families tested (tiny random builds through their real processors): LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics3/SmolVLM,
+PaliGemma (no chat template: its processor places the image tokens itself).
 """
+import argparse
 import copy
 import hashlib
+import heapq
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import time
+import typing
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from importlib import metadata as pkg_metadata
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
 
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig, HfArgumentParser
+from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 CLASS_PROMPT = "class_description"  # the file stem of the class-description prompt, never an image prompt
 TINY_VERSION = 1  # bump when build_tiny_llava changes, so cached tiny models are rebuilt
-MATCH_KEYS = ("model", "quant", "dtype", "prompts", "generation", "split_sha256", "name_hint", "classes_sha256")
+MATCH_KEYS = ("model", "quant", "dtype", "prompts", "generation", "processor", "split_sha256", "name_hint",
+              "classes_sha256")
+VISION_TOWERS = ("model.vision_tower", "model.vision_model", "vision_tower", "vision_model")
+HUB_PROBE_SECONDS = 3.0  # an unreachable hub is found in this long, not after from_pretrained's ~2.5 min of retries
 
 
-@dataclass
-class Config:
-    split: str = field(default="", metadata={"help": "split file, `relative/path label` per line"})
-    root: str = field(default="", metadata={"help": "folder the split's paths are relative to (default: the split file's folder)"})
-    vlm: str = field(default="llava-hf/llava-v1.6-mistral-7b-hf",
-                     metadata={"help": "hub id or local folder of an image-text-to-text model; `tiny` builds a random stand-in"})
-    revision: str = field(default="", metadata={"help": "hub revision (branch, tag or commit) of --vlm"})
-    prompts: list[str] = field(default_factory=lambda: ["prompts"],
-                               metadata={"help": "a folder of *.txt prompts or a list of prompt files; id = file stem"})
-    out: str = field(default="", metadata={"help": "output .jsonl (default runs/captions.jsonl, or runs/class_descriptions.jsonl with --classes)"})
-    quant: str = field(default="4bit", metadata={"help": "4bit (NF4, double quant), 8bit or none; without CUDA an unset --quant means none"})
-    dtype: str = field(default="bfloat16", metadata={"help": "compute dtype: bfloat16, float16 or float32"})
-    batch_size: int = field(default=8, metadata={"help": "(image, prompt) pairs per generate call"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest caption in tokens"})
-    min_new_tokens: int = field(default=0, metadata={"help": "shortest caption in tokens (benchmarks set it to max)"})
-    do_sample: bool = field(default=False, metadata={"help": "sample instead of greedy decoding"})
-    temperature: float = field(default=0.7, metadata={"help": "with --do-sample"})
-    top_p: float = field(default=0.9, metadata={"help": "with --do-sample"})
-    seed: int = 0
-    workers: int = field(default=4, metadata={"help": "threads decoding images ahead of the model"})
-    limit: int = field(default=0, metadata={"help": "caption only the first N images (0 = all); a later run without it continues"})
-    shard: str = field(default="", metadata={"help": "i/n: caption images with index %% n == i (default: RANK/WORLD_SIZE of torchrun)"})
-    merge: bool = field(default=False, metadata={"help": "join the shard files of --out into --out and report gaps"})
-    classes: str = field(default="", metadata={"help": "classes.txt; without --split: describe each class (text only)"})
-    class_prompt: str = field(default="", metadata={"help": "class mode prompt file (default: class_description.txt among --prompts)"})
-    name_hint: bool = field(default=False, metadata={"help": "fill {name} in image prompts with the image's class name"})
-    device: str = field(default="auto", metadata={"help": "auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:0, ..."})
-    tiny_dir: str = field(default="~/.cache/vlmkd/tiny-llava", metadata={"help": "where --vlm tiny is built and cached"})
+# --- shared helpers (byte-identical in every stage: tests/test_shared.py)
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # one spelling of a dtype in every stage
 
 
-VERBOSE = True  # only rank 0 of a torchrun / accelerate launch prints
+def opt(default, help, heading=""):
+    """A config field with its --help line; `heading` starts a new group of flags in --help."""
+    return field(default=default, metadata={"help": help, "heading": heading})
+
+
+def parse_config(config_cls, argv=None, positional=()):
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group, hints = parser, typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        kind, meta = hints[f.name], f.metadata
+        if meta.get("heading"):
+            group = parser.add_argument_group(meta["heading"])
+        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
+        kwargs = {"help": meta.get("help", "")}
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
+        if f.name not in positional:
+            kwargs["default"] = f.default
+        group.add_argument(*names, **kwargs)
+    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+            action.help += " (default: %(default)r)"
+    return config_cls(**vars(parser.parse_args(argv)))
 
 
 def die(msg):
-    sys.exit(f"caption.py: error: {msg}")
+    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def warn(msg):
+    print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def is_main_process():
+    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def sha256_file(path):
+    """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(path, num_classes=None):
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
+    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
+    out of the data root with `..` (a split only ever names files under its root)."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"split file {path} not found (prepare.py writes it)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+        rel, label = parts[0], int(parts[1])
+        if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+            die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
+        if num_classes is not None and label >= num_classes:
+            die(f"{path}:{n}: label {label}, but there are only {num_classes} classes")
+        items.append((rel, label))
+    if not items:
+        die(f"split file {path} has no images")
+    return items
+
+
+def read_classes(path):
+    """Class names, line i naming label i."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"classes file {path} not found (prepare.py writes it)")
+    names = path.read_text(encoding="utf-8").splitlines()
+    for n, name in enumerate(names, 1):
+        if not name.strip():
+            die(f"{path}:{n}: empty class name")
+    if not names:
+        die(f"classes file {path} is empty")
+    return names
+
+
+def parse_shard(text):
+    """`i/n` -> (i, n); empty -> the launcher's (RANK, WORLD_SIZE), (0, 1) when run alone."""
+    if not text:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    i, _, n = text.partition("/")
+    if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+        die(f"--shard {text}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return int(i), int(n)
+
+
+def versions(*names):
+    """Versions of the packages that made an artifact, for its sidecar or run folder."""
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename: a kill never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def writable_dir(path):
+    """Make --out now and prove it writable, so a bad --out fails before any work is spent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        die(f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"{path} is not writable ({e.strerror})")
+    return path
+
+
+# --- config
+@dataclass
+class Config:
+    split: str = opt("", "split file, `relative/path label` per line (image mode)", heading="what to caption")
+    root: str = opt("", "folder the split's paths are relative to (default: the split file's folder)")
+    classes: str = opt("", "classes.txt; without --split: describe each class (text only); with --name-hint: names")
+    prompts: str = opt("prompts", "comma-separated folders of *.txt prompts or prompt files; id = file stem")
+    class_prompt: str = opt("", "class mode prompt file (default: class_description.txt beside the --prompts)")
+    name_hint: bool = opt(False, "fill {name} in image prompts with the image's class name")
+    limit: int = opt(0, "caption only the first N images (0 = all); a later run without it continues")
+    vlm: str = opt("HuggingFaceTB/SmolVLM-256M-Instruct", "hub id or local folder of an image-text-to-text model; "
+                   "`tiny` builds a random stand-in", heading="model")
+    revision: str = opt("", "hub revision (branch, tag or commit) of --vlm")
+    quant: Literal["auto", "4bit", "8bit", "none"] = opt(
+        "auto", "4bit (NF4, double quant), 8bit or none; auto: 4bit on CUDA, none on a CPU (bitsandbytes is slow)")
+    dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "compute dtype")
+    device: str = opt("auto", "auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:0, ...")
+    tiny_dir: str = opt("~/.cache/vlmkd/tiny-llava", "where --vlm tiny is built and cached")
+    image_size: int = opt(0, "longest edge before tiling (Idefics3/SmolVLM) or sqrt of max pixels (Qwen2-VL); "
+                          "0: the tile size without splitting, else the processor's own", heading="image processor")
+    image_splitting: bool = opt(False, "Idefics3/SmolVLM: split an image into tiles plus a global view "
+                                "(a 28-px image becomes up to 17 vision passes; off: one tile)")
+    processor_kwargs: str = opt("", "JSON of further image-processor options, e.g. '{\"max_pixels\": 200704}'")
+    batch_size: int = opt(8, "(image, prompt) pairs per generate call, whole images where they fit (a multiple of "
+                          "the number of prompts fills it)", heading="generation")
+    max_new_tokens: int = opt(128, "longest caption in tokens")
+    min_new_tokens: int = opt(0, "shortest caption in tokens (benchmarks set it to max)")
+    do_sample: bool = opt(False, "sample instead of greedy decoding")
+    temperature: float = opt(0.7, "softmax temperature with --do-sample")
+    top_p: float = opt(0.9, "nucleus mass with --do-sample")
+    seed: int = opt(0, "torch seed (for --do-sample)")
+    out: str = opt("", "output .jsonl (default runs/captions.jsonl, or runs/class_descriptions.jsonl with --classes)",
+                   heading="run")
+    shard: str = opt("", "i/n: caption images with index %% n == i (default: RANK/WORLD_SIZE of torchrun)")
+    merge: bool = opt(False, "join the shard files of --out into --out and report gaps")
+    retry_bad: bool = opt(False, "caption again the images recorded in the errors file (they are skipped otherwise)")
+    workers: int = opt(4, "threads decoding images ahead of the model")
+
+
+VERBOSE = True  # only rank 0 of a torchrun / accelerate launch prints
 
 
 def say(msg):
@@ -80,43 +239,12 @@ def say(msg):
         print(f"caption.py: {msg}", flush=True)
 
 
-def sha256_bytes(data):
-    return hashlib.sha256(data).hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------- inputs
-def read_split(split, root):
-    path = Path(split)
-    if not path.is_file():
-        die(f"split file {split} not found: pass --split DATA/train.txt (made by prepare.py)")
-    data = path.read_bytes()
-    items = []
-    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            die(f"{split}:{n}: expected `relative/path label`, got {line!r}")
-        items.append((parts[0], int(parts[1])))
-    if not items:
-        die(f"split file {split} is empty")
-    return items, sha256_bytes(data), Path(root) if root else path.parent
-
-
-def read_classes(path):
-    if not Path(path).is_file():
-        die(f"classes file {path} not found: pass --classes DATA/classes.txt (one class name a line)")
-    data = Path(path).read_bytes()
-    names = [line.strip() for line in data.decode("utf-8").splitlines()]
-    for n, name in enumerate(names, 1):
-        if not name:
-            die(f"{path}:{n}: empty class name")
-    return names, sha256_bytes(data)
-
-
+# --- inputs
 def prompt_record(path):
     text = Path(path).read_text(encoding="utf-8").strip()
     if not text:
         die(f"prompt file {path} is empty")
-    return {"id": Path(path).stem, "text": text, "sha256": sha256_bytes(text.encode())}
+    return {"id": Path(path).stem, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def find_prompts_dir(name):
@@ -138,7 +266,7 @@ def load_prompts(sources):
         else:
             die(f"prompt source {source} not found: pass --prompts FOLDER (of *.txt) or prompt files")
     if not files:
-        die(f"no prompt files (*.txt, other than {CLASS_PROMPT}.txt) in {' '.join(sources)}: pass --prompts FOLDER or files")
+        die(f"no prompt files (*.txt, other than {CLASS_PROMPT}.txt) in {','.join(sources)}: pass --prompts FOLDER")
     prompts = sorted((prompt_record(p) for p in files), key=lambda p: (p["id"] != "general", p["id"]))
     ids = [p["id"] for p in prompts]
     if len(set(ids)) != len(ids):
@@ -146,7 +274,7 @@ def load_prompts(sources):
     return prompts
 
 
-# ----------------------------------------------------------------------------------------------- outputs
+# --- outputs
 def artifact_paths(out, shard=None):
     """(records, meta, errors) paths; a shard (i, n) gets `captions.shard-i-of-n.*` next to --out."""
     out = Path(out)
@@ -156,31 +284,37 @@ def artifact_paths(out, shard=None):
     return out.with_name(stem + ".jsonl"), out.with_name(stem + ".meta.json"), out.with_name(stem + ".errors.jsonl")
 
 
-def read_jsonl(path, repair=False):
-    """Records of a jsonl file. A broken last line (a run killed mid-write) is dropped, and with repair
-    cut from the file so that appending goes on cleanly; a broken line elsewhere is an error."""
+def scan_jsonl(path, repair=False):
+    """(line number, record) of a jsonl file, streamed: memory does not grow with the file. A broken last line (a run
+    killed mid-write) is dropped, and with repair cut from the file so appending goes on cleanly; a broken line
+    elsewhere is an error."""
     path = Path(path)
     if not path.exists():
-        return []
-    data = path.read_bytes()
-    records, start, lines = [], 0, data.split(b"\n")
-    for n, line in enumerate(lines, 1):
-        if line.strip():
+        return
+    good_end, broken, last = 0, None, b"\n"
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            last = line
+            if not line.strip():
+                good_end += len(line) if broken is None else 0
+                continue
+            if broken is not None:
+                die(f"{path}:{broken}: not valid JSON; fix or delete that line, then rerun")
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError:
-                if any(rest.strip() for rest in lines[n:]):
-                    die(f"{path}:{n}: not valid JSON; fix or delete that line, then rerun")
-                say(f"dropping a truncated last line of {path} (a killed run); it will be redone")
-                break
-        start += len(line) + 1
-    if repair and (start < len(data) or not data.endswith(b"\n")) and data:
+                broken = n
+                continue
+            good_end += len(line)
+            yield n, record
+    if broken is not None:
+        say(f"dropping a truncated last line of {path} (a killed run); it will be redone")
+    if repair and (broken is not None or not last.endswith(b"\n")):
         with open(path, "r+b") as f:
-            f.truncate(min(start, len(data)))
-            if start > len(data) and not data.endswith(b"\n"):  # a whole last record without its newline
+            f.truncate(good_end)
+            if broken is None:  # a whole last record that lost its newline
                 f.seek(0, 2)
                 f.write(b"\n")
-    return records
 
 
 def check_meta(meta_path, meta, keys, out):
@@ -199,71 +333,71 @@ def check_meta(meta_path, meta, keys, out):
                 f"{json.dumps(now)[:120]}): use another --out or delete {out} and {meta_path.name}")
 
 
-def write_json(path, obj):
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+def done_bitmap(path, size, slot):
+    """What is already written, as one byte per (item, prompt) slot: resume cost is the keys, never the texts."""
+    done = bytearray(size)
+    for _, record in scan_jsonl(path, repair=True):
+        k = slot(record)
+        if k is not None and 0 <= k < size:
+            done[k] = 1
+    return done
 
 
-def versions():
-    from importlib.metadata import PackageNotFoundError, version
-
-    def installed(name):
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-    return {**{name: installed(name) for name in ("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers", "pillow")},
-            "python": sys.version.split()[0]}
-
-
-# ----------------------------------------------------------------------------------------------- model
+# --- model
 def build_tiny_llava(folder):
     """A tiny random LLaVA (CLIP vision tower + Llama), saved like a hub model so it loads through the
     same from_pretrained code. Linear sizes are multiples of 64 so bitsandbytes 4-bit runs on CPU."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaProcessor, PreTrainedTokenizerFast)
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
     folder = Path(folder).expanduser()
     marker = folder / "vlmkd_tiny.json"
     if marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
         return folder
-    words = ("a an the photo image picture of object shirt dress coat bag shoe sneaker boot sandal trouser pullover top with "
-             "long short sleeves round neck strap heel sole black white grey red blue dark light pale striped plain soft "
-             "cotton leather wool smooth rough shape outline parts colour texture pattern background setting worn used "
-             "describe detail what where how is it on in and or from other similar kinds tell apart material made").split()
+    words = ("a an the photo image picture of object shirt dress coat bag shoe sneaker boot sandal trouser pullover "
+             "top with long short sleeves round neck strap heel sole black white grey red blue dark light pale striped "
+             "plain soft cotton leather wool smooth rough shape outline parts colour texture pattern background "
+             "setting worn used describe detail what where how is it on in and or from other similar kinds tell "
+             "apart material made").split()
     corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
     special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
     # Metaspace BPE, not byte-level: every id decodes to readable text, so random captions are words.
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
-    alphabet = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!-'()/{}\n"))
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=special, initial_alphabet=alphabet))
+    alphabet = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+                                                ".,:;?!-'()/{}\n"))
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=special,
+                                                        initial_alphabet=alphabet))
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                         pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=64)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.2,
-                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-2, pad_token_id=tokenizer.pad_token_id)
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
+                       initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = LlavaConfig(vision_config=vision, text_config=text,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", vision_feature_layer=-2,
+                         pad_token_id=tokenizer.pad_token_id)
     template = ("{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-                "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
-                "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-                "{% endif %}{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}{% endfor %}"
-                "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
-                               tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default",
-                               num_additional_image_tokens=1, chat_template=template)
+                "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+                "{% for c in message['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
+                "{% endfor %}{% endif %}{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
+                "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
     torch.manual_seed(0)  # the same tiny model everywhere, so test runs compare
     model = LlavaForConditionalGeneration(config)
     # Build aside and rename: concurrent runs never see a half-written folder.
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "vlmkd_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "note": "random weights, for tests only"}))
+    (tmp / "vlmkd_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "note": "random weights, tests only"}))
     folder.parent.mkdir(parents=True, exist_ok=True)
     if folder.exists() and not (marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION):
         shutil.rmtree(folder, ignore_errors=True)  # an older or half-deleted build
@@ -274,37 +408,62 @@ def build_tiny_llava(folder):
     return folder
 
 
-def resolve_quant(cfg, argv, device):
-    explicit = any(a == "--quant" or a.startswith("--quant=") for a in argv)
-    if cfg.quant not in ("4bit", "8bit", "none"):
-        die(f"--quant {cfg.quant}: expected 4bit, 8bit or none")
-    if not explicit and not str(device).startswith("cuda") and cfg.quant != "none":
-        say("no CUDA device, so --quant none (bf16 is ~10x faster than bitsandbytes 4-bit on a CPU); pass --quant 4bit to force it")
-        return "none"
-    return cfg.quant
-
-
-def resolve_device(cfg):
-    if cfg.device != "auto":
-        return torch.device(cfg.device)
+def resolve_device(name):
+    if name != "auto":
+        return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
-def load_vlm(vlm, quant="4bit", dtype="bfloat16", device="cpu", revision="", tiny_dir="~/.cache/vlmkd/tiny-llava"):
+def resolve_quant(quant, device):
+    if quant == "auto":
+        quant = "4bit" if device.type == "cuda" else "none"
+        if quant == "none":
+            say("no CUDA device, so --quant none (bf16 is ~10x faster than bitsandbytes 4-bit on a CPU); "
+                "pass --quant 4bit to force it")
+    return quant
+
+
+def hub_reachable(timeout=HUB_PROBE_SECONDS):
+    """One TCP connect to the hub endpoint: without network, from_pretrained would retry for minutes instead."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_source(vlm, revision):
+    """A hub id when the hub cannot be reached: load from the cache in offline mode, or stop with what to do."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
+    if not isinstance(try_to_load_from_cache(vlm, "config.json", revision=revision or None), str):
+        die(f"cannot load VLM {vlm!r} (offline: {why}, and it is not in the cache): on a machine with network run "
+            f"`hf download {vlm} --local-dir DIR`, copy DIR here and pass --vlm /local/dir (DIR), or --vlm tiny "
+            f"for a random stand-in")
+    constants.HF_HUB_OFFLINE = True  # cached: load it without a network call (each would wait for its timeout)
+
+
+def load_vlm(vlm, quant="none", dtype="bf16", device="cpu", revision="", tiny_dir="~/.cache/vlmkd/tiny-llava"):
     """(model, processor, resolved revision or None, tiny) through AutoProcessor + AutoModelForImageTextToText."""
     tiny = vlm == "tiny"
-    if vlm.startswith(("/", "./", "../", "~")) and not Path(vlm).expanduser().is_dir():
+    local = Path(vlm).expanduser()
+    if vlm.startswith(("/", "./", "../", "~")) and not local.is_dir():
         die(f"VLM folder {vlm} not found: pass --vlm with a folder holding config.json, or a hub id")
-    source = str(build_tiny_llava(tiny_dir)) if tiny else vlm
-    compute_dtype = getattr(torch, dtype)
-    kwargs = {"dtype": compute_dtype, "device_map": {"": str(device)}}
-    if revision:
-        kwargs["revision"] = revision
+    source = str(build_tiny_llava(tiny_dir)) if tiny else str(local) if local.is_dir() else vlm
+    if not tiny and not local.is_dir() and not hub_reachable():
+        offline_source(vlm, revision)
+    compute_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    kwargs = {"dtype": compute_dtype, "device_map": {"": str(device)}, **({"revision": revision} if revision else {})}
     if quant == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype)
+                                                           bnb_4bit_use_double_quant=True,
+                                                           bnb_4bit_compute_dtype=compute_dtype)
     elif quant == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     try:
@@ -313,11 +472,10 @@ def load_vlm(vlm, quant="4bit", dtype="bfloat16", device="cpu", revision="", tin
     except ValueError as err:  # found, but not something AutoModelForImageTextToText knows
         die(f"cannot load VLM {vlm!r} as an image-text-to-text model: {str(err).splitlines()[0][:200]}")
     except OSError as err:
-        from huggingface_hub.constants import is_offline_mode
         if Path(source).is_dir():
             die(f"cannot load VLM from folder {source}: {str(err).splitlines()[0][:200]}")
-        why = "offline and not in the cache" if is_offline_mode() else f"hub: {str(err).splitlines()[0][:160]}"
-        die(f"cannot load VLM {vlm!r} ({why}): pass --vlm /local/dir with a downloaded copy, or --vlm tiny for a random stand-in")
+        die(f"cannot load VLM {vlm!r} from the hub ({str(err).splitlines()[0][:160]}): for an offline machine run "
+            f"`hf download {vlm} --local-dir DIR` where there is network and pass --vlm /local/dir (DIR)")
     tokenizer = processor.tokenizer
     tokenizer.padding_side = "left"  # right padding puts pads between prompt and answer: the classic batched-VLM bug
     if tokenizer.pad_token is None:
@@ -331,6 +489,33 @@ def load_vlm(vlm, quant="4bit", dtype="bfloat16", device="cpu", revision="", tin
     return model, processor, resolved, tiny
 
 
+def parse_processor_kwargs(text):
+    try:
+        extra = json.loads(text or "{}")
+    except json.JSONDecodeError as err:
+        die(f"--processor-kwargs is not JSON ({err})")
+    if not isinstance(extra, dict):
+        die(f"--processor-kwargs must be a JSON object, got {text!r}")
+    return extra
+
+
+def processor_settings(processor, image_size=0, image_splitting=False, extra=None):
+    """Image-processor options passed with every call, from the flags; recorded in the meta. Idefics3 (SmolVLM)
+    resizes the longest edge up to 4 x 364 px or more and tiles it: a 28-px image then costs up to 17 vision passes."""
+    image_processor = getattr(processor, "image_processor", None)
+    settings = {}
+    if hasattr(image_processor, "do_image_splitting"):  # Idefics3 / SmolVLM
+        settings["do_image_splitting"] = image_splitting
+        if image_size or not image_splitting:
+            settings["size"] = {"longest_edge": image_size or image_processor.max_image_size["longest_edge"]}
+    elif image_size and hasattr(image_processor, "max_pixels"):  # Qwen2-VL
+        settings["max_pixels"] = image_size * image_size
+    elif image_size:
+        die(f"--image-size applies to Idefics3/SmolVLM and Qwen2-VL processors, not {type(image_processor).__name__}: "
+            "pass its options with --processor-kwargs JSON")
+    return {**settings, **(extra or {})}
+
+
 def generation_config(model, processor, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=0.7, top_p=0.9):
     gen = copy.deepcopy(model.generation_config)
     gen.max_new_tokens, gen.min_new_tokens, gen.do_sample, gen.num_beams = max_new_tokens, min_new_tokens, do_sample, 1
@@ -340,47 +525,126 @@ def generation_config(model, processor, max_new_tokens, min_new_tokens=0, do_sam
     return gen
 
 
-def conversation(text, image=None):
-    content = ([{"type": "image", "image": image}] if image is not None else []) + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
+# --- prompts in, captions out
+def build_inputs(processor, texts, images, settings, compute_dtype):
+    """A left-padded batch in the family's own prompt format: its chat template, or for a processor without one
+    (PaliGemma) the raw prompt, in front of which the processor puts the image tokens. Floats in compute_dtype."""
+    if processor.chat_template:
+        convs = [[{"role": "user", "content": ([{"type": "image", "image": image}] if image is not None else [])
+                   + [{"type": "text", "text": text}]}] for text, image in zip(texts, images)]
+        inputs = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt",
+                                               processor_kwargs={"padding": True, "padding_side": "left", **settings})
+    else:
+        token = getattr(processor, "image_token", None) or ""
+        prompts = [(token if image is not None else "") + text for text, image in zip(texts, images)]
+        with_images = [image for image in images if image is not None]
+        inputs = processor(text=prompts, images=with_images or None, padding=True, padding_side="left",
+                           return_tensors="pt", **settings)
+    return {k: (v.to(compute_dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items() if k != "labels"}
 
 
-def prepare_inputs(processor, conversations, compute_dtype):
-    """Tokenise a batch through the model's own chat template, left-padded; float tensors in compute_dtype."""
-    inputs = processor.apply_chat_template(conversations, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                           return_tensors="pt", processor_kwargs={"padding": True, "padding_side": "left"})
-    return {k: (v.to(compute_dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items()}
+def non_text_tokens(processor):
+    """Tokens a caption must not carry: added tokens shaped `<...>` that decoding keeps (PaliGemma's <loc0042>)."""
+    added = [t for t in processor.tokenizer.get_added_vocab() if t.startswith("<") and t.endswith(">")]
+    return re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
 
 
 @torch.inference_mode()
-def generate_ids(model, inputs, gen):
-    """New token ids per row, [B, T] (pads after an early end)."""
+def generate_texts(model, processor, inputs, gen, strip=None):
     inputs = {k: v.to(model.device, non_blocking=True) for k, v in inputs.items()}
-    out = model.generate(**inputs, generation_config=gen)
-    return out[:, inputs["input_ids"].shape[1]:].cpu()
+    new_ids = model.generate(**inputs, generation_config=gen)[:, inputs["input_ids"].shape[1]:].cpu()
+    texts = processor.batch_decode(new_ids, skip_special_tokens=True)
+    return [(strip.sub("", t) if strip else t).strip() for t in texts]
 
 
-def decode(processor, new_ids):
-    return [t.strip() for t in processor.batch_decode(new_ids, skip_special_tokens=True)]
+def distinct_rows(pixels):
+    """(first row of each distinct image, inverse index) of a batch whose rows repeat images (one row a prompt)."""
+    flat = pixels.reshape(len(pixels), -1)
+    sums, first, inverse = flat.float().sum(1).tolist(), [], []
+    for i in range(len(flat)):
+        same = [j for j, f in enumerate(first) if sums[f] == sums[i] and torch.equal(flat[f], flat[i])]
+        inverse.append(same[0] if same else len(first))
+        first += [] if same else [i]
+    return first, torch.tensor(inverse, device=pixels.device)
 
 
-# ----------------------------------------------------------------------------------------------- loop
+def expand_rows(value, inverse, n):
+    """A vision tower's output for the distinct images, repeated back to one row per prompt."""
+    if torch.is_tensor(value):
+        return value.index_select(0, inverse) if value.dim() and len(value) == n else value
+    if isinstance(value, dict):  # a ModelOutput: update in place, keeping its class
+        for key in list(value.keys()):
+            value[key] = expand_rows(value[key], inverse, n)
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(expand_rows(v, inverse, n) for v in value)
+    return value
+
+
+def share_vision_work(model):
+    """Hooks on the vision tower so it runs once per distinct image of a batch: the P rows of one image (one per
+    prompt) carry the same pixels. Families whose tower takes flat patches (Qwen2-VL) run as before."""
+    names = dict(model.named_modules())
+    tower = next((names[n] for n in VISION_TOWERS if n in names), None)
+    if tower is None:
+        return []
+    state = {}
+
+    def before(module, args, kwargs):
+        pixels = kwargs.get("pixel_values", args[0] if args else None)
+        state.clear()
+        if not torch.is_tensor(pixels) or pixels.dim() != 4 or len(pixels) < 2:
+            return None
+        first, inverse = distinct_rows(pixels)
+        if len(first) == len(pixels):
+            return None
+        state.update(inverse=inverse, n=len(first))
+        index = torch.tensor(first, device=pixels.device)
+
+        def pick(v):
+            return v.index_select(0, index) if torch.is_tensor(v) and v.dim() and len(v) == len(pixels) else v
+        return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
+
+    def after(module, args, kwargs, output):
+        return expand_rows(output, state["inverse"], state["n"]) if state else None
+    return [tower.register_forward_pre_hook(before, with_kwargs=True),
+            tower.register_forward_hook(after, with_kwargs=True)]
+
+
+def preflight(model, processor, settings, compute_dtype, gen, with_image, vlm):
+    """A two-row test caption before any work: a template, dtype, device or model failure stops the run here, so a
+    failure later can be laid at one image's door."""
+    image = Image.new("RGB", (64, 48), (120, 130, 140)) if with_image else None
+    try:
+        inputs = build_inputs(processor, ["Describe this.", "What is shown here, in detail?"], [image, image],
+                              settings, compute_dtype)
+        probe_gen = copy.deepcopy(gen)
+        probe_gen.max_new_tokens, probe_gen.min_new_tokens = 1, 0
+        generate_texts(model, processor, inputs, probe_gen)
+    except Exception as err:
+        die(f"a test caption with {vlm} failed before any work, so the model, its prompt format, the settings or "
+            f"the device is at fault, not the data (nothing recorded): {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:200]}")
+
+
+# --- the loop
 def load_image(path):
     try:
         with Image.open(path) as img:
             return img.convert("RGB"), None  # convert() decodes the whole file: truncation shows here
-    except Exception as err:  # any decoder failure is a bad image, recorded and skipped
+    except Exception as err:  # any decoder failure is the image's own: recorded and skipped
         return None, f"{type(err).__name__}: {err}"
 
 
 def decoded_images(jobs, root, workers):
-    """(index, relpath, image, error) in order, decoded `workers` threads ahead of the caller."""
+    """(index, relpath, prompts, image, error) in order, decoded `workers` threads ahead of the caller."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pending, jobs = deque(), iter(jobs)
-        for _ in range(4 * max(1, workers)):
-            job = next(jobs, None)
-            if job is not None:
-                pending.append((job, pool.submit(load_image, root / job[1])))
+        for job in jobs:
+            pending.append((job, pool.submit(load_image, root / job[1])))
+            if len(pending) >= 4 * max(1, workers):
+                break
         while pending:
             (index, rel, todo), fut = pending.popleft()
             job = next(jobs, None)
@@ -389,227 +653,334 @@ def decoded_images(jobs, root, workers):
             yield index, rel, todo, *fut.result()
 
 
-def run_batches(model, processor, gen, work, batch_size, write, compute_dtype, desc, total=None):
-    """Generate for `work` (an iterator of (key, conversation) or ("error", record)), the next batch prepared
-    on a thread while the model runs on this one. write(keys, texts) or write(None, error_record)."""
-    errors = []
+def image_batches(decoded, batch_size, bad):
+    """Rows (key, text, image) of whole images, as many as fit in batch_size: all prompts of an image share a batch,
+    so its vision work is done once (an image with more prompts than batch_size is split). Unreadable images go to
+    bad(record)."""
+    rows = []
+    for index, rel, todo, image, error in decoded:
+        if error is not None:
+            bad({"index": index, "path": rel, "error": error})
+            continue
+        pairs = [((index, pid, rel), text, image) for pid, text in todo]
+        if rows and len(rows) + len(pairs) > batch_size:
+            yield rows
+            rows = []
+        while len(pairs) > batch_size:
+            yield pairs[:batch_size]
+            pairs = pairs[batch_size:]
+        rows += pairs
+    if rows:
+        yield rows
 
-    def next_batch():
-        keys, convs = [], []
-        for key, item in work:
-            if key == "error":
-                errors.append(item)
-                continue
-            keys.append(key)
-            convs.append(item)
-            if len(keys) == batch_size:
-                break
-        if not keys:
-            return None
-        try:
-            return keys, prepare_inputs(processor, convs, compute_dtype)
-        except Exception:  # an image the processor rejects (Qwen2-VL: aspect ratio > 200): find it, record it, go on
-            good, bad = [], []
-            for key, conv in zip(keys, convs):
+
+def prepare_batch(processor, rows, settings, compute_dtype):
+    """(rows kept, inputs, bad records). The preflight proved the prompt format, so an image the processor rejects
+    alone (Qwen2-VL: aspect ratio over 200) is that image's fault; a batch that fails with no such image stops."""
+    try:
+        return rows, build_inputs(processor, [r[1] for r in rows], [r[2] for r in rows], settings, compute_dtype), []
+    except Exception as batch_error:
+        why = f"{type(batch_error).__name__}: {str(batch_error).splitlines()[0][:200]}"
+        if rows[0][2] is None:
+            die(f"the processor failed on a text batch (nothing recorded): {why}")
+        bad, tried = {}, set()
+        for key, text, image in rows:
+            if key[0] not in tried:
+                tried.add(key[0])
                 try:
-                    prepare_inputs(processor, [conv], compute_dtype)
-                    good.append((key, conv))
+                    build_inputs(processor, [text], [image], settings, compute_dtype)
                 except Exception as err:
-                    bad.append({"index": key[0], "path": key[-1], "error": f"processor: {type(err).__name__}: {err}"})
-            if len(keys[0]) < 3 or (not good and len(keys) > 1):  # text only, or all of them: not an image's fault
-                raise
-            errors.extend(bad)
-            return ([k for k, _ in good], prepare_inputs(processor, [c for _, c in good], compute_dtype)) if good else next_batch()
-
-    with ThreadPoolExecutor(1) as prep, tqdm(total=total, desc=desc, unit="caption", dynamic_ncols=True, disable=not desc) as bar:
-        future = prep.submit(next_batch)
-        while (batch := future.result()) is not None:
-            future = prep.submit(next_batch)
-            keys, inputs = batch
-            texts = decode(processor, generate_ids(model, inputs, gen))
-            while errors:
-                write(None, errors.pop(0))
-            write(keys, texts)
-            bar.update(len(keys))
-        while errors:
-            write(None, errors.pop(0))
+                    bad[key[0]] = {"index": key[0], "path": key[-1], "error": f"processor: {type(err).__name__}: {err}"}
+        if not bad:
+            die(f"the processor failed on a batch though each of its images passes alone (nothing recorded): {why}")
+        rows = [r for r in rows if r[0][0] not in bad]
+        inputs = build_inputs(processor, [r[1] for r in rows], [r[2] for r in rows], settings, compute_dtype) \
+            if rows else None
+        return rows, inputs, list(bad.values())
 
 
-def parse_shard(cfg):
-    if cfg.shard:
-        m = re.fullmatch(r"(\d+)/(\d+)", cfg.shard)
-        if not m or int(m.group(1)) >= int(m.group(2)):
-            die(f"--shard {cfg.shard}: expected i/n with 0 <= i < n, e.g. 0/4")
-        rank, world = int(m.group(1)), int(m.group(2))
-    else:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    return (rank, world) if world > 1 else None
+def run_batches(model, processor, gen, batches, settings, compute_dtype, write, bad, desc="", total=None):
+    """Generate for each batch of rows, the next batch prepared on a thread while the model runs on this one.
+    write(rows, texts) per batch; bad(record) per image the processor rejects. A model failure stops the run."""
+    strip = non_text_tokens(processor)
+    batches = iter(batches)
+
+    def next_prepared():
+        rows = next(batches, None)
+        return None if rows is None else prepare_batch(processor, rows, settings, compute_dtype)
+
+    with ThreadPoolExecutor(1) as prep, tqdm(total=total, desc=desc, unit="caption", dynamic_ncols=True,
+                                             disable=not desc) as bar:
+        future = prep.submit(next_prepared)
+        while (prepared := future.result()) is not None:
+            future = prep.submit(next_prepared)
+            rows, inputs, rejected = prepared
+            for record in rejected:
+                bad(record)
+            if not rows:
+                continue
+            try:
+                texts = generate_texts(model, processor, inputs, gen, strip)
+            except torch.OutOfMemoryError:
+                die(f"out of memory on a batch of {len(rows)} (nothing recorded as bad): lower --batch-size and rerun "
+                    "(it resumes)")
+            except Exception as err:
+                die(f"the model failed on a batch, not an image's fault (nothing recorded as bad; a rerun resumes): "
+                    f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            write(rows, texts)
+            bar.update(len(rows))
 
 
 def generation_meta(cfg):
-    gen = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens, "do_sample": cfg.do_sample, "num_beams": 1}
+    gen = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens, "do_sample": cfg.do_sample,
+           "num_beams": 1}
     if cfg.do_sample:
         gen.update(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
     return gen
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
-    if cfg.merge:
-        return merge(cfg.out or "runs/captions.jsonl")
-    class_mode = bool(cfg.classes) and not cfg.split
-    if not cfg.split and not class_mode:
-        die("pass --split DATA/train.txt (images to caption) or --classes DATA/classes.txt (class descriptions)")
-    shard = None if class_mode else parse_shard(cfg)
-    if class_mode and int(os.environ.get("RANK", 0)) > 0:
-        return  # a handful of classes: rank 0 does them all
-    global VERBOSE
-    # Shards started by hand (--shard) are separate jobs and all report; launcher ranks > 0 stay quiet.
-    rank0 = VERBOSE = shard is None or shard[0] == 0 or bool(cfg.shard)
-    out_default = "runs/class_descriptions.jsonl" if class_mode else "runs/captions.jsonl"
-    out_path, meta_path, errors_path = artifact_paths(cfg.out or out_default, shard)
-    device = resolve_device(cfg)
-    if cfg.dtype not in ("bfloat16", "float16", "float32"):
-        die(f"--dtype {cfg.dtype}: expected bfloat16, float16 or float32")
-    compute_dtype = getattr(torch, cfg.dtype)
+def open_outputs(out_path, errors_path, bad_indices):
+    """Appenders for records and bad-image records, flushed per batch: a SIGKILL loses at most the batch in flight."""
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_file, err_file = open(out_path, "a", encoding="utf-8"), open(errors_path, "a", encoding="utf-8")
+    counts = {"written": 0, "bad": 0, "items": set()}
 
-    meta = {"model": cfg.vlm, "revision": None, "quant": None, "dtype": cfg.dtype, "prompts": None,
-            "generation": generation_meta(cfg), "batch_size": cfg.batch_size}
-    if class_mode:
-        names, meta["classes_sha256"] = read_classes(cfg.classes)
-        prompt_file = cfg.class_prompt or str(find_prompts_dir(cfg.prompts[0]) / f"{CLASS_PROMPT}.txt")
-        if not Path(prompt_file).is_file():
-            die(f"class prompt {prompt_file} not found: pass --class-prompt FILE (may use {{name}})")
-        prompts = [prompt_record(prompt_file)]
-        meta.update(classes=cfg.classes, num_classes=len(names))
-        keys = ("model", "quant", "dtype", "prompts", "generation", "classes_sha256")
-    else:
-        items, meta["split_sha256"], root = read_split(cfg.split, cfg.root)
-        prompts = load_prompts(cfg.prompts)
-        names = None
-        if cfg.name_hint:
-            classes = cfg.classes or str(Path(cfg.split).parent / "classes.txt")
-            names, meta["classes_sha256"] = read_classes(classes)
-            for n, (_, label) in enumerate(items, 1):
-                if not 0 <= label < len(names):
-                    die(f"{cfg.split}:{n}: label {label} is not a line of {classes} ({len(names)} classes)")
-        else:
-            for p in prompts:
-                if "{name}" in p["text"]:
-                    die(f"prompt {p['id']} uses {{name}}: pass --name-hint (class names from --classes) or remove it")
-        meta.update(split=cfg.split, root=str(root), num_images=len(items), name_hint=cfg.name_hint, shard=list(shard) if shard else None)
-        keys = MATCH_KEYS
-    meta["prompts"] = prompts
-    meta["quant"] = resolve_quant(cfg, argv, device)
-    check_meta(meta_path, meta, keys, out_path)
+    def write(records):
+        out_file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        out_file.flush()
+        counts["written"] += len(records)
 
-    done = {(r["class"], prompts[0]["id"]) if class_mode else (r["index"], r["prompt"]) for r in read_jsonl(out_path, repair=True)}
-    bad = {r["index"] for r in read_jsonl(errors_path, repair=True)}
-    model, processor, meta["revision"], tiny = load_vlm(cfg.vlm, meta["quant"], cfg.dtype, device, cfg.revision, cfg.tiny_dir)
+    def bad(record):
+        if record["index"] not in bad_indices:  # one line an image, though each of its prompts fails
+            bad_indices.add(record["index"])
+            err_file.write(json.dumps(record) + "\n")
+            err_file.flush()
+            counts["bad"] += 1
+    return write, bad, counts, (out_file, err_file)
+
+
+def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image):
+    """Check the meta before any work, load the model, test it, write the meta: (model, processor, gen, dtype)."""
+    writable_dir(out_path.parent)  # a bad --out fails now, not after the model is loaded
+    extra = parse_processor_kwargs(cfg.processor_kwargs)
+    device = resolve_device(cfg.device)
+    meta.update(quant=resolve_quant(cfg.quant, device), dtype=cfg.dtype, prompts=prompts,
+                generation=generation_meta(cfg), batch_size=cfg.batch_size)
+    meta["processor"] = None  # known once the processor is loaded; checked again then
+    check_meta(meta_path, meta, [k for k in match_keys if k != "processor"], out_path)
+    model, processor, meta["revision"], tiny = load_vlm(cfg.vlm, meta["quant"], cfg.dtype, device, cfg.revision,
+                                                        cfg.tiny_dir)
+    meta["processor"] = processor_settings(processor, cfg.image_size, cfg.image_splitting, extra)
+    check_meta(meta_path, meta, ("processor",), out_path)
     if meta_path.exists() and json.loads(meta_path.read_text()).get("revision") not in (None, meta["revision"]):
         check_meta(meta_path, meta, ("revision",), out_path)
     if tiny:
         say("WARNING: --vlm tiny is a RANDOM untrained model: its captions are noise and only prove the plumbing")
+    gen = generation_config(model, processor, cfg.max_new_tokens, cfg.min_new_tokens, cfg.do_sample, cfg.temperature,
+                            cfg.top_p)
+    compute_dtype = getattr(torch, TORCH_DTYPES[cfg.dtype])
+    preflight(model, processor, meta["processor"], compute_dtype, gen, with_image, cfg.vlm)
     if not meta_path.exists():
-        meta.update(tiny_random=tiny, versions=versions(), made=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        meta.update(model=cfg.vlm, tiny_random=tiny, made=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    versions=versions("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers", "pillow"))
         meta_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(meta_path, meta)
-    gen = generation_config(model, processor, cfg.max_new_tokens, cfg.min_new_tokens, cfg.do_sample, cfg.temperature, cfg.top_p)
     torch.manual_seed(cfg.seed)
+    return model, processor, gen, compute_dtype
 
-    counts = {"written": 0, "bad": set(), "images": set()}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "a", encoding="utf-8") as out_file, open(errors_path, "a", encoding="utf-8") as err_file:
-        def write(keys, texts):
-            if keys is None:
-                if texts["index"] not in counts["bad"]:  # one line an image, though each of its prompts fails
-                    err_file.write(json.dumps(texts) + "\n")
-                    err_file.flush()
-                    counts["bad"].add(texts["index"])
-                return
-            for key, text in zip(keys, texts):
-                record = ({"class": key[0], "name": names[key[0]], "text": text} if class_mode else
-                          {"index": key[0], "prompt": key[1], "text": text, "path": key[2]})
-                out_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-                counts["images"].add(key[0])
-            out_file.flush()  # a SIGKILL loses at most the batch in flight
-            counts["written"] += len(keys)
 
-        if class_mode:
-            todo = [c for c in range(len(names)) if (c, prompts[0]["id"]) not in done]
-            work = (((c, prompts[0]["id"]), conversation(prompts[0]["text"].replace("{name}", names[c]))) for c in todo)
-            total = len(todo)
-        else:
-            indices = range(len(items) if cfg.limit <= 0 else min(cfg.limit, len(items)))
-            jobs = [(i, items[i][0], [p for p in prompts if (i, p["id"]) not in done]) for i in indices
-                    if (shard is None or i % shard[1] == shard[0]) and i not in bad]
-            jobs = [job for job in jobs if job[2]]
-            total = sum(len(job[2]) for job in jobs)
+# --- the two modes
+def describe_classes(cfg):
+    """Class mode: one description per class name, text only; rank 0 does them all (a handful of classes)."""
+    if not is_main_process():
+        return
+    out_path, meta_path, errors_path = artifact_paths(cfg.out or "runs/class_descriptions.jsonl")
+    names = read_classes(cfg.classes)
+    prompt_file = cfg.class_prompt or str(find_prompts_dir(cfg.prompts.split(",")[0]) / f"{CLASS_PROMPT}.txt")
+    if not Path(prompt_file).is_file():
+        die(f"class prompt {prompt_file} not found: pass --class-prompt FILE (may use {{name}})")
+    prompt = prompt_record(prompt_file)
+    meta = {"model": cfg.vlm, "classes": cfg.classes, "classes_sha256": sha256_file(cfg.classes),
+            "num_classes": len(names)}
+    keys = ("model", "quant", "dtype", "prompts", "generation", "processor", "classes_sha256")
+    model, processor, gen, compute_dtype = start_run(cfg, meta, keys, out_path, meta_path, [prompt], False)
+    done = done_bitmap(out_path, len(names), lambda r: r.get("class"))
+    todo = [c for c in range(len(names)) if not done[c]]
+    rows = [((c, prompt["id"]), prompt["text"].replace("{name}", names[c]), None) for c in todo]
+    batches = (rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size))
+    write, bad, counts, files = open_outputs(out_path, errors_path, set())
+    with files[0], files[1]:
+        run_batches(model, processor, gen, batches, meta["processor"], compute_dtype,
+                    lambda rows, texts: write([{"class": k[0], "name": names[k[0]], "text": t}
+                                               for (k, _, _), t in zip(rows, texts)]),
+                    bad, "describing classes", len(todo))
+    say(f"{counts['written']} of {len(todo)} descriptions written to {out_path} ({sum(done)} done before)")
 
-            def image_work():
-                for index, rel, todo_prompts, image, error in decoded_images(jobs, root, cfg.workers):
-                    if error is not None:
-                        yield "error", {"index": index, "path": rel, "error": error}
-                        continue
-                    for p in todo_prompts:
-                        text = p["text"].replace("{name}", names[items[index][1]]) if cfg.name_hint else p["text"]
-                        yield (index, p["id"], rel), conversation(text, image)
-            work = image_work()
-        start = time.time()
-        desc = ("describing classes" if class_mode else "captioning") if rank0 else ""
-        run_batches(model, processor, gen, work, cfg.batch_size, write, compute_dtype, desc, total)
+
+def name_hints(cfg, items, prompts, meta):
+    """Class names for {name} in prompts with --name-hint, else None (and no prompt may use {name})."""
+    if not cfg.name_hint:
+        for p in prompts:
+            if "{name}" in p["text"]:
+                die(f"prompt {p['id']} uses {{name}}: pass --name-hint (class names from --classes) or remove it")
+        return None
+    classes = cfg.classes or str(Path(cfg.split).parent / "classes.txt")
+    names = read_classes(classes)
+    meta["classes_sha256"] = sha256_file(classes)
+    read_split(cfg.split, len(names))  # labels beyond the classes are refused with file:line
+    return names
+
+
+def image_jobs(items, prompts, done, bad_indices, indices, names):
+    """(index, relpath, [(prompt id, text)] still to do) per image of this run, lazily."""
+    for i in indices:
+        todo = [(p["id"], p["text"].replace("{name}", names[items[i][1]]) if names else p["text"])
+                for k, p in enumerate(prompts) if not done[i * len(prompts) + k]]
+        if todo and i not in bad_indices:
+            yield i, items[i][0], todo
+
+
+def caption_images(cfg):
+    """Image mode: every (image, prompt) of this shard not yet written, whole images a batch."""
+    items = read_split(cfg.split)
+    root = Path(cfg.root) if cfg.root else Path(cfg.split).parent
+    prompts = load_prompts(cfg.prompts.split(","))
+    rank, world = parse_shard(cfg.shard)
+    shard = (rank, world) if world > 1 else None
+    global VERBOSE
+    VERBOSE = shard is None or rank == 0 or bool(cfg.shard)  # hand-started shards are separate jobs: all report
+    out_path, meta_path, errors_path = artifact_paths(cfg.out or "runs/captions.jsonl", shard)
+    meta = {"model": cfg.vlm, "split": cfg.split, "split_sha256": sha256_file(cfg.split), "root": str(root),
+            "num_images": len(items), "name_hint": cfg.name_hint, "shard": list(shard) if shard else None}
+    names = name_hints(cfg, items, prompts, meta)
+    model, processor, gen, compute_dtype = start_run(cfg, meta, MATCH_KEYS, out_path, meta_path, prompts, True)
+    share_vision_work(model)
+    order = {p["id"]: k for k, p in enumerate(prompts)}
+    done = done_bitmap(out_path, len(items) * len(prompts),
+                       lambda r: r["index"] * len(prompts) + order[r["prompt"]] if r.get("prompt") in order else None)
+    bad_indices = {r["index"] for _, r in scan_jsonl(errors_path, repair=True)}
+    if cfg.retry_bad and bad_indices:
+        say(f"--retry-bad: trying the {len(bad_indices)} images of {errors_path.name} again")
+        tmp = errors_path.with_name(f".{errors_path.name}.{os.getpid()}.tmp")
+        tmp.write_text("")
+        os.replace(tmp, errors_path)  # emptied at once; whatever fails again is written again
+        bad_indices = set()
+    indices = [i for i in range(min(cfg.limit or len(items), len(items))) if shard is None or i % world == rank]
+    total = sum(len(todo) for _, _, todo in image_jobs(items, prompts, done, bad_indices, indices, names))
+    jobs = image_jobs(items, prompts, done, bad_indices, indices, names)
+    write, bad, counts, files = open_outputs(out_path, errors_path, bad_indices)
+    start = time.time()
+    with files[0], files[1]:
+        decoded = decoded_images(jobs, root, cfg.workers)
+        run_batches(model, processor, gen, image_batches(decoded, cfg.batch_size, bad), meta["processor"],
+                    compute_dtype, lambda rows, out: write([{"index": k[0], "prompt": k[1], "text": t, "path": k[2]}
+                                                            for (k, _, _), t in zip(rows, out)]),
+                    bad, "captioning" if VERBOSE else "", total)
     seconds = max(time.time() - start, 1e-9)
-    what = "classes" if class_mode else "images"
-    say(f"{counts['written']} of {total} {'descriptions' if class_mode else 'captions'} written to {out_path} "
-        f"({len(counts['images'])} {what}, {len(counts['images']) / seconds:.2f} {what}/s, {len(done)} done before), "
-        f"{len(counts['bad'])} bad images" + (f" (see {errors_path})" if counts["bad"] else ""))
+    say(f"{counts['written']} of {total} captions written to {out_path} ({counts['written'] / seconds:.2f} captions/s,"
+        f" {sum(done)} done before), {counts['bad']} bad images" + (f" (see {errors_path})" if counts["bad"] else ""))
+
+
+# --- merge
+def shard_runs(path, sort_key):
+    """(first offset, first line) of each stretch of a shard file already in caption order: one for a run never
+    restarted, one more per resume that filled in earlier images."""
+    runs, previous, offset = [], None, 0
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    key = sort_key(json.loads(line))
+                except json.JSONDecodeError:
+                    die(f"{path}:{n}: not valid JSON; rerun that shard with the same command (it repairs the file)")
+                if previous is None or key < previous:
+                    runs.append((offset, n))
+                previous = key
+            offset += len(line)
+    return [(start, n, runs[k + 1][0] if k + 1 < len(runs) else offset) for k, (start, n) in enumerate(runs)]
+
+
+def read_run(path, start, first_line, end, sort_key):
+    """(key, file, line, raw line, record) of one sorted stretch of a shard file, streamed."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        n = first_line
+        while f.tell() < end and (line := f.readline()):
+            if line.strip():
+                record = json.loads(line)
+                yield sort_key(record), str(path), n, line if line.endswith(b"\n") else line + b"\n", record
+            n += 1
 
 
 def merge(out):
-    """Join captions.shard-i-of-n.jsonl files into --out, sorted by (index, prompt order), and report gaps."""
+    """Join captions.shard-i-of-n.jsonl files into --out in (index, prompt order), by a k-way merge of their sorted
+    stretches: memory does not grow with the records. Reports gaps, and duplicates that disagree."""
     out_path, meta_path, errors_path = artifact_paths(out)
     pattern = re.compile(re.escape(out_path.name[: -len(".jsonl")]) + r"\.shard-(\d+)-of-(\d+)\.jsonl$")
-    shards = sorted((int(m.group(1)), int(m.group(2)), p) for p in out_path.parent.glob("*.jsonl") if (m := pattern.match(p.name)))
+    shards = sorted((int(m.group(1)), int(m.group(2)), p) for p in out_path.parent.glob("*.jsonl")
+                    if (m := pattern.match(p.name)))
     if not shards:
         die(f"no shard files {out_path.stem}.shard-I-of-N.jsonl next to {out_path}: run caption.py --shard i/n first")
-    world = {n for _, n, _ in shards}
-    if len(world) != 1:
-        die(f"shard files of different counts ({sorted(world)}) next to {out_path}: delete the stale ones")
-    world = world.pop()
-    metas, records, bad = [], {}, {}
+    if len({n for _, n, _ in shards}) != 1:
+        die(f"shard files of different counts ({sorted({n for _, n, _ in shards})}) next to {out_path}: "
+            "delete the stale ones")
+    world, metas, bad = shards[0][1], [], {}
     for rank, _, path in shards:
         _, shard_meta, shard_errors = artifact_paths(out_path, (rank, world))
         if not shard_meta.exists():
             die(f"{path} has no {shard_meta.name}")
         metas.append((shard_meta, json.loads(shard_meta.read_text())))
-        for r in read_jsonl(path):
-            records.setdefault((r["index"], r["prompt"]), r)
-        for r in read_jsonl(shard_errors):
-            bad.setdefault(r["index"], r)
-    first_path, meta = metas[0]
+        for _, r in scan_jsonl(shard_errors):
+            bad.setdefault(r["index"], r)  # a few bad images, never the records
+    (first_path, meta), num_prompts = metas[0], len(metas[0][1]["prompts"])
     for path, other in metas[1:]:
         for key in MATCH_KEYS + ("revision", "num_images"):
             if other.get(key) != meta.get(key):
                 die(f"{path.name} and {first_path.name} differ in `{key}`: the shards were made with other settings")
     order = {p["id"]: k for k, p in enumerate(meta["prompts"])}
-    with open(f"{out_path}.tmp", "w", encoding="utf-8") as f:
-        for key in sorted(records, key=lambda k: (k[0], order.get(k[1], len(order)))):
-            f.write(json.dumps(records[key], ensure_ascii=False) + "\n")
+
+    def sort_key(record):
+        return record["index"], order.get(record["prompt"], num_prompts)
+    streams = [read_run(path, *run, sort_key) for _, _, path in shards for run in shard_runs(path, sort_key)]
+    seen, written, clashes, previous = bytearray(meta["num_images"] * num_prompts), 0, [], None
+    with open(f"{out_path}.tmp", "wb") as f:
+        for key, path, n, line, record in heapq.merge(*streams, key=lambda item: item[0]):
+            if previous is not None and key == previous[0]:
+                if record["text"] != previous[1]:
+                    clashes.append(f"{path}:{n}")
+                continue
+            f.write(line)
+            previous, written = (key, record["text"]), written + 1
+            if key[1] < num_prompts and key[0] < meta["num_images"]:
+                seen[key[0] * num_prompts + key[1]] = 1
     os.replace(f"{out_path}.tmp", out_path)
     with open(f"{errors_path}.tmp", "w", encoding="utf-8") as f:
-        for index in sorted(bad):
-            f.write(json.dumps(bad[index]) + "\n")
+        f.writelines(json.dumps(bad[index]) + "\n" for index in sorted(bad))
     os.replace(f"{errors_path}.tmp", errors_path)
     write_json(meta_path, {**meta, "shard": None, "merged_from": [p.name for _, _, p in shards]})
-    missing = [(i, p["id"]) for i in range(meta["num_images"]) if i not in bad for p in meta["prompts"] if (i, p["id"]) not in records]
+    if clashes:
+        warn(f"{len(clashes)} duplicate (image, prompt) records with another text than the first, e.g. {clashes[0]}: "
+             "the first was kept")
+    missing = [(k // num_prompts, meta["prompts"][k % num_prompts]["id"]) for k in range(len(seen))
+               if not seen[k] and k // num_prompts not in bad]
     absent = sorted(set(range(world)) - {r for r, _, _ in shards})
-    summary = (f"caption.py: merged {len(shards)} of {world} shards into {out_path}: {len(records)} captions, "
-               f"{meta['num_images']} images x {len(order)} prompts, {len(bad)} bad images")
+    summary = (f"merged {len(shards)} of {world} shards into {out_path}: {written} captions, "
+               f"{meta['num_images']} images x {num_prompts} prompts, {len(bad)} bad images")
     if missing or absent:
-        die(summary[len("caption.py: "):] + f"; GAPS: {len(missing)} (image, prompt) pairs missing, first {missing[:3]}"
+        die(summary + f"; GAPS: {len(missing)} (image, prompt) pairs missing, first {missing[:3]}"
             + (f", shards {absent} absent" if absent else "") + ": rerun the shards with the same command to fill them")
-    print(summary + "; no gaps", flush=True)
+    print(f"caption.py: {summary}; no gaps", flush=True)
+
+
+def main(argv=None):
+    cfg = parse_config(Config, argv)
+    if cfg.merge:
+        return merge(cfg.out or "runs/captions.jsonl")
+    if cfg.split:
+        return caption_images(cfg)
+    if cfg.classes:
+        return describe_classes(cfg)
+    die("pass --split DATA/train.txt (images to caption) or --classes DATA/classes.txt (class descriptions)")
 
 
 if __name__ == "__main__":

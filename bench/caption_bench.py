@@ -1,64 +1,93 @@
-"""Throughput of caption.py's batched generation against a batch-1 loop over the same model and images.
+"""Throughput of caption.py's generation path, measured against a baseline in the same process.
 
-    python bench/caption_bench.py                                                  # tiny random LLaVA, CPU
+    python bench/caption_bench.py --config smolvlm-256m            # 5 prompts an image: per pair (before) vs per image
+    python bench/caption_bench.py                                  # tiny random LLaVA, CPU: batched vs batch-1
     python bench/caption_bench.py --config llava-1.5-7b --quant 4bit none --batch-size 16 --images 64   # a GPU
     python bench/caption_bench.py --config qwen2-vl-2b --quant none 4bit --batch-size 32 --images 128
     python bench/caption_bench.py --config llava-1.5-7b --num-layers 1 --images 4 --new-tokens 4  # smoke test on CPU
 
-Both sides run caption.py's own path (prepare_inputs on the chat template with left padding, the
-background batch preparation, generate, decode) through `caption.run_batches`; only the batch size
-differs. Every caption is exactly --new-tokens long (min_new_tokens = max_new_tokens), so tokens/s is
-images/s x new tokens. `llava-1.5-7b` and `qwen2-vl-2b` build that architecture at its published sizes
-with random weights (no download; a small trained-on-the-spot tokenizer, so prompts are a little longer
-in tokens than with the real one) and quantise in memory like BitsAndBytesConfig(nf4, double quant).
-Goal on a GPU: batched >= 5x batch-1 images/s.
+Every side runs caption.py's own path (build_inputs on the chat template with left padding, the background batch
+preparation, generate, decode) through `caption.run_batches`. With one prompt an image (`--prompts 1`, the default
+but for smolvlm-256m) the batched side is compared with a batch-1 loop. With P prompts an image the sides are the
+path before and after the image's work was shared: "per pair" batches `--batch-size` (image, prompt) pairs in order
+and runs the vision tower for every pair, as caption.py did; "per image" puts all prompts of an image in one batch
+and runs the tower once per image (caption.image_batches + caption.share_vision_work). Both use the same processor
+settings (caption.processor_settings: for SmolVLM one 512-px tile, no splitting). Every caption is exactly
+--new-tokens long (min_new_tokens = max_new_tokens). `smolvlm-256m`, `llava-1.5-7b` and `qwen2-vl-2b` build that
+architecture at its published sizes with random weights (no download; a small trained-on-the-spot tokenizer, so
+prompts are a little longer in tokens than with the real one); 4-bit quantises in memory like BitsAndBytesConfig.
 """
+
 import gc
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import caption  # noqa: E402  (the bench measures the stage's own functions)
+from caption import opt  # noqa: E402
 
-PROMPT = "Describe the shape of the main object in this image and its parts: its outline, proportions and the pieces it is made of."
+PROMPT = (
+    "Describe the shape of the main object in this image and its parts: its outline, proportions and the pieces "
+    "it is made of."
+)
 
 
 @dataclass
 class BenchConfig:
-    config: str = field(default="tiny", metadata={"help": "tiny (caption.py --vlm tiny), llava-1.5-7b or qwen2-vl-2b (random weights)"})
-    quant: list[str] = field(default_factory=lambda: ["none"], metadata={"help": "one or more of none, 4bit, 8bit (8bit: tiny only)"})
-    batch_size: int = field(default=8, metadata={"help": "batched side's batch size"})
-    images: int = field(default=64, metadata={"help": "images per side (one prompt each)"})
-    new_tokens: int = field(default=16, metadata={"help": "generated tokens per caption, forced"})
-    repeats: int = field(default=3, metadata={"help": "timed passes per side; the fastest counts (a shared machine only ever slows a pass)"})
-    dtype: str = field(default="bfloat16", metadata={"help": "compute dtype"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda:0"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: 1 for tiny on a CPU, where more only add OpenMP waiting; else torch's default)"})
-    num_layers: int = field(default=0, metadata={"help": "override text and vision depth (a quick smoke test of the big configs)"})
-    tiny_dir: str = field(default="~/.cache/vlmkd/tiny-llava", metadata={"help": "where the tiny model is built"})
-    json_out: str = field(default="bench/results/caption_bench.jsonl", metadata={"help": "results appended here ('' = none)"})
+    config: Literal["tiny", "smolvlm-256m", "llava-1.5-7b", "qwen2-vl-2b"] = opt(
+        "tiny", "tiny (caption.py --vlm tiny) or a published architecture with random weights"
+    )
+    quant: str = opt("none", "comma-separated: none, 4bit, 8bit (8bit: tiny only)")
+    prompts: int = opt(0, "prompts an image (the repo's prompts/ files first); 0: 5 for smolvlm-256m, else 1")
+    batch_size: int = opt(8, "batched side's (image, prompt) pairs per generate call")
+    images: int = opt(0, "images per side (0: 8 for smolvlm-256m, else 64)")
+    image_px: int = opt(
+        0, "side of the random test images (0: 28 for smolvlm-256m, Fashion-MNIST's size; else the model's input size)"
+    )
+    new_tokens: int = opt(0, "generated tokens per caption, forced (0: 24 for smolvlm-256m, as the demo; else 16)")
+    repeats: int = opt(0, "timed passes per side; the fastest counts (0: 1 for smolvlm-256m, else 3)")
+    dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "compute dtype")
+    device: str = opt("auto", "auto, cpu, cuda:0")
+    threads: int = opt(
+        0, "torch CPU threads (0: 1 for tiny on a CPU, where more only add OpenMP waiting; else torch's default)"
+    )
+    num_layers: int = opt(0, "override text and vision depth (a quick smoke test of the big configs)")
+    tiny_dir: str = opt("~/.cache/vlmkd/tiny-llava", "where the tiny model is built")
+    json_out: str = opt("bench/results/caption_bench.jsonl", "results appended here ('' = none)")
 
 
 def quantize_in_memory(model, quant, compute_dtype, device):
-    """Swap every nn.Linear but lm_head for a bitsandbytes 4-bit one, as from_pretrained with BitsAndBytesConfig does."""
+    """Swap every nn.Linear but lm_head for a bitsandbytes 4-bit one, as from_pretrained with BitsAndBytesConfig."""
     import bitsandbytes as bnb
+
     for name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if not isinstance(child, torch.nn.Linear) or f"{name}.{child_name}".endswith("lm_head"):
                 continue
             if quant != "4bit":
-                raise SystemExit(f"caption_bench.py: error: --quant {quant} is not supported for random big configs (use 4bit or none)")
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None, compute_dtype=compute_dtype,
-                                  compress_statistics=True, quant_type="nf4", device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q)
+                raise SystemExit(
+                    f"caption_bench.py: error: --quant {quant} is not supported for random big configs (4bit or none)"
+                )
+            q = bnb.nn.Linear4bit(
+                child.in_features,
+                child.out_features,
+                bias=child.bias is not None,
+                compute_dtype=compute_dtype,
+                compress_statistics=True,
+                quant_type="nf4",
+                device="meta",
+            )
+            q.weight = bnb.nn.Params4bit(
+                child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+            )
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, child_name, q.to(device))  # .to() quantises
@@ -69,46 +98,176 @@ def quantize_in_memory(model, quant, compute_dtype, device):
 
 def build_random(name, tiny_dir, num_layers, dtype, device):
     """(model, processor, image size) of a published architecture with random weights."""
-    from transformers import (AutoProcessor, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    from transformers import (
+        AutoProcessor,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
     tiny = AutoProcessor.from_pretrained(caption.build_tiny_llava(tiny_dir))
     tokenizer = tiny.tokenizer
     if name == "llava-1.5-7b":  # CLIP ViT-L/14-336 + Vicuna-7B (llava-hf/llava-1.5-7b-hf config.json)
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=num_layers or 24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
-        text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers or 32,
-                           num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
-                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                             vision_feature_layer=-2 if (num_layers or 24) > 1 else -1, vision_feature_select_strategy="default",
-                             pad_token_id=tokenizer.pad_token_id)
-        processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
-                                   tokenizer=tokenizer, patch_size=14, vision_feature_select_strategy="default",
-                                   num_additional_image_tokens=1, chat_template=tiny.chat_template)
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=num_layers or 24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        )
+        text = LlamaConfig(
+            vocab_size=32064,
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_hidden_layers=num_layers or 32,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            max_position_embeddings=4096,
+            rms_norm_eps=1e-5,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2 if (num_layers or 24) > 1 else -1,
+            vision_feature_select_strategy="default",
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        processor = LlavaProcessor(
+            image_processor=CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}),
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=tiny.chat_template,
+        )
         model_class, image_size = LlavaForConditionalGeneration, 336
     elif name == "qwen2-vl-2b":  # Qwen/Qwen2-VL-2B-Instruct config.json
-        # The tiny tokenizer's `image_token` (<image>) stands in for <|image_pad|>: the processor asks the tokenizer first.
+        # The tiny tokenizer's `image_token` (<image>) stands in for <|image_pad|>: the processor asks the tokenizer.
         specials = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|video_pad|>"]
         tokenizer.add_tokens(specials, special_tokens=True)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in specials}
-        text = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=num_layers or 28,
-                    num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-                    bos_token_id=tokenizer.bos_token_id, eos_token_id=ids["<|im_end|>"], pad_token_id=tokenizer.pad_token_id,
-                    tie_word_embeddings=True)
-        vision = dict(depth=num_layers or 32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-                               video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                               vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True)
-        template = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
-                    "{% if c['type'] == 'image' %}<|vision_start|><image><|vision_end|>{% elif c['type'] == 'text' %}"
-                    "{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-                    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-        processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(), tokenizer=tokenizer,
-                                     video_processor=Qwen2VLVideoProcessor(), chat_template=template)
+        text = dict(
+            vocab_size=151936,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=num_layers or 28,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        vision = dict(
+            depth=num_layers or 32,
+            embed_dim=1280,
+            hidden_size=1536,
+            num_heads=16,
+            mlp_ratio=4,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+        config = Qwen2VLConfig(
+            text_config=text,
+            vision_config=vision,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=True,
+        )
+        template = (
+            "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{% for c in message['content'] %}"
+            "{% if c['type'] == 'image' %}<|vision_start|><image><|vision_end|>{% elif c['type'] == 'text' %}"
+            "{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
+        processor = Qwen2VLProcessor(
+            image_processor=Qwen2VLImageProcessor(),
+            tokenizer=tokenizer,
+            video_processor=Qwen2VLVideoProcessor(),
+            chat_template=template,
+        )
         model_class, image_size = Qwen2VLForConditionalGeneration, 448  # 448 px -> 256 image tokens
+    elif name == "smolvlm-256m":  # HuggingFaceTB/SmolVLM-256M-Instruct: SigLIP-B/16-512 + SmolLM2-135M, Idefics3
+        from transformers import (
+            Idefics3Config,
+            Idefics3ForConditionalGeneration,
+            Idefics3ImageProcessor,
+            Idefics3Processor,
+        )
+
+        tiles = [f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)]
+        tokenizer.add_tokens(
+            ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>", "<|im_start|>", *tiles],
+            special_tokens=True,
+        )
+        vision = dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=num_layers or 12,
+            num_attention_heads=12,
+            image_size=512,
+            patch_size=16,
+        )
+        text = LlamaConfig(
+            vocab_size=49280,
+            hidden_size=576,
+            intermediate_size=1536,
+            num_hidden_layers=num_layers or 30,
+            num_attention_heads=9,
+            num_key_value_heads=3,
+            max_position_embeddings=8192,
+            rms_norm_eps=1e-5,
+            rope_theta=100000.0,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.convert_tokens_to_ids("<end_of_utterance>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        config = Idefics3Config(
+            vision_config=vision,
+            text_config=text,
+            scale_factor=4,
+            tie_word_embeddings=False,
+            image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        template = (
+            "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}:"
+            "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}"
+            "{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:"
+            "{% endif %}"
+        )
+        # Its published preprocessor_config.json: longest edge 2048, 512-px tiles, splitting on, Lanczos.
+        image_processor = Idefics3ImageProcessor(
+            size={"longest_edge": 2048},
+            max_image_size={"longest_edge": 512},
+            do_image_splitting=True,
+            resample=Image.Resampling.LANCZOS,
+        )
+        processor = Idefics3Processor(
+            image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64, chat_template=template
+        )
+        model_class, image_size = Idefics3ForConditionalGeneration, 28
     else:
         raise SystemExit(f"caption_bench.py: error: --config {name}: expected tiny, llava-1.5-7b or qwen2-vl-2b")
     tokenizer.padding_side = "left"
@@ -121,44 +280,82 @@ def build_random(name, tiny_dir, num_layers, dtype, device):
     return model, processor, image_size
 
 
-def measure(model, processor, images, batch_size, new_tokens, compute_dtype, device, repeats):
+def run_side(model, processor, rows, batch_size, per_image, new_tokens, compute_dtype, device, repeats):
+    """Fastest of `repeats` timed passes over rows [(key, text, image)], after one warm-up batch. per_image: whole
+    images a batch and the vision tower once per image; else batch_size pairs in order, the tower per pair."""
     gen = caption.generation_config(model, processor, new_tokens, new_tokens)
-    convs = [caption.conversation(PROMPT, image) for image in images]
+    settings = caption.processor_settings(processor)
+    hooks = caption.share_vision_work(model) if per_image else []
     texts = []
 
-    def write(keys, batch_texts):
+    def batches():
+        if per_image:
+            by_image = {}
+            for key, text, image in rows:
+                by_image.setdefault(key[0], (key[0], "x", [], image, None))[2].append((key[1], text))
+            return caption.image_batches(by_image.values(), batch_size, None)
+        return (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
+
+    def write(batch_rows, batch_texts):
         texts.extend(batch_texts)
 
-    # Warm up on one batch: kernel selection, allocator and lazy init would otherwise count against side one.
-    caption.run_batches(model, processor, gen, iter([(k, c) for k, c in enumerate(convs[:batch_size])]), batch_size, write,
-                        compute_dtype, desc="")
+    caption.run_batches(model, processor, gen, [rows[:batch_size]], settings, compute_dtype, write, None)
     passes = []
     for _ in range(repeats):
         texts.clear()
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        caption.run_batches(model, processor, gen, iter(list(enumerate(convs))), batch_size, write, compute_dtype, desc="")
+        caption.run_batches(model, processor, gen, batches(), settings, compute_dtype, write, None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         passes.append(time.perf_counter() - start)
-        assert len(texts) == len(images)
+        assert len(texts) == len(rows)
+    for hook in hooks:
+        hook.remove()
     seconds = min(passes)
-    return {"batch_size": batch_size, "seconds": seconds, "images_per_s": len(images) / seconds,
-            "tokens_per_s": len(images) * new_tokens / seconds, "passes_s": passes}
+    return {
+        "batch_size": batch_size,
+        "per_image": per_image,
+        "seconds": seconds,
+        "captions_per_s": len(rows) / seconds,
+        "images_per_s": len(rows) / seconds,
+        "tokens_per_s": len(rows) * new_tokens / seconds,
+        "passes_s": passes,
+    }
+
+
+def prompt_texts(count):
+    files = sorted(
+        Path(caption.__file__).with_name("prompts").glob("*.txt"), key=lambda p: (p.stem != "general", p.stem)
+    )
+    texts = [p.read_text().strip() for p in files if p.stem != caption.CLASS_PROMPT] or [PROMPT]
+    return [texts[k % len(texts)] for k in range(count)] if count > 1 else [PROMPT]
 
 
 def main():
-    (cfg,) = HfArgumentParser(BenchConfig).parse_args_into_dataclasses()
-    device = torch.device(cfg.device) if cfg.device != "auto" else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = caption.parse_config(BenchConfig)
+    smol = cfg.config == "smolvlm-256m"
+    num_prompts, num_images = cfg.prompts or (5 if smol else 1), cfg.images or (8 if smol else 64)
+    new_tokens, repeats = cfg.new_tokens or (24 if smol else 16), cfg.repeats or (1 if smol else 3)
+    device = (
+        torch.device(cfg.device)
+        if cfg.device != "auto"
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     if cfg.threads or (cfg.config == "tiny" and device.type == "cpu"):
         torch.set_num_threads(cfg.threads or 1)
-    compute_dtype = getattr(torch, cfg.dtype)
+    compute_dtype = getattr(torch, caption.TORCH_DTYPES[cfg.dtype])
     rng = np.random.default_rng(0)
-    size = 336 if cfg.config == "llava-1.5-7b" else 448 if cfg.config == "qwen2-vl-2b" else 64
-    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(cfg.images)]
+    size = cfg.image_px or {"llava-1.5-7b": 336, "qwen2-vl-2b": 448, "smolvlm-256m": 28}.get(cfg.config, 64)
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(num_images)]
+    rows = [
+        ((i, f"p{k}"), text, image)
+        for i, image in enumerate(images)
+        for k, text in enumerate(prompt_texts(num_prompts))
+    ]
     results = []
-    for quant in cfg.quant:
+    for quant in cfg.quant.split(","):
         if cfg.config == "tiny":
             model, processor, _, _ = caption.load_vlm("tiny", quant, cfg.dtype, device, tiny_dir=cfg.tiny_dir)
         else:
@@ -167,17 +364,44 @@ def main():
                 model = quantize_in_memory(model, quant, compute_dtype, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        batched = measure(model, processor, images, cfg.batch_size, cfg.new_tokens, compute_dtype, device, cfg.repeats)
-        single = measure(model, processor, images, 1, cfg.new_tokens, compute_dtype, device, cfg.repeats)
-        ratio = batched["images_per_s"] / single["images_per_s"]
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+        if num_prompts > 1:  # before: a batch of pairs, the tower per pair; after: whole images, the tower once
+            base = run_side(model, processor, rows, cfg.batch_size, False, new_tokens, compute_dtype, device, repeats)
+            new = run_side(model, processor, rows, cfg.batch_size, True, new_tokens, compute_dtype, device, repeats)
+            names = ("per image", "per pair")
+        else:
+            new = run_side(model, processor, rows, cfg.batch_size, False, new_tokens, compute_dtype, device, repeats)
+            base = run_side(model, processor, rows, 1, False, new_tokens, compute_dtype, device, repeats)
+            names = (f"batched (bs {cfg.batch_size})", "batch-1")
+        ratio = new["captions_per_s"] / base["captions_per_s"]
+        where = (
+            torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+        )
         memory = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
-        print(f"caption_bench: {cfg.config} quant={quant} {cfg.dtype} on {where}{memory}, {cfg.images} images x {cfg.new_tokens} "
-              f"new tokens: batched (bs {cfg.batch_size}) {batched['images_per_s']:.2f} images/s {batched['tokens_per_s']:.1f} tok/s | "
-              f"batch-1 {single['images_per_s']:.2f} images/s {single['tokens_per_s']:.1f} tok/s | ratio {ratio:.2f}x")
-        results.append({"config": cfg.config, "quant": quant, "dtype": cfg.dtype, "device": where, "images": cfg.images,
-                        "new_tokens": cfg.new_tokens, "num_layers": cfg.num_layers or None, "batched": batched,
-                        "batch1": single, "ratio": ratio, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(
+            f"caption_bench: {cfg.config} ({params:.1f}M params) quant={quant} {cfg.dtype} on {where}{memory}, "
+            f"{num_images} images x {num_prompts} prompts x {new_tokens} new tokens, {size}-px images, "
+            f"processor {caption.processor_settings(processor)}: {names[0]} {new['captions_per_s']:.2f} captions/s "
+            f"{new['tokens_per_s']:.1f} tok/s | {names[1]} {base['captions_per_s']:.2f} captions/s "
+            f"{base['tokens_per_s']:.1f} tok/s | ratio {ratio:.2f}x",
+            flush=True,
+        )
+        results.append(
+            {
+                "config": cfg.config,
+                "quant": quant,
+                "dtype": cfg.dtype,
+                "device": where,
+                "images": num_images,
+                "prompts": num_prompts,
+                "new_tokens": new_tokens,
+                "num_layers": cfg.num_layers or None,
+                "batched": new,
+                "batch1": base,
+                "ratio": ratio,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+        )
         del model
         gc.collect()
         if device.type == "cuda":

@@ -39,7 +39,7 @@ def texts(path):
 
 
 def error_line(proc):
-    lines = [l for l in proc.stderr.splitlines() if l.startswith("caption.py: error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("caption.py: error:")]
     assert proc.returncode != 0 and len(lines) == 1, proc.stderr[-2000:]
     return lines[0]
 
@@ -78,7 +78,7 @@ def caption_args(data, tiny, out, *extra):
     # float32: batched and one-at-a-time logits then agree to ~1e-5 (padding, mask and positions are right), while
     # bf16 rounding (1 ulp ~ 0.03 at these logit sizes) flips a random model's near-ties between batch shapes.
     return ["--split", data / "train.txt", "--vlm", "tiny", "--tiny-dir", tiny, "--prompts", REPO / "prompts",
-            "--max-new-tokens", TOKENS, "--dtype", "float32", "--out", out, *extra]
+            "--max-new-tokens", TOKENS, "--dtype", "fp32", "--out", out, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,9 @@ def module():
     spec = importlib.util.spec_from_file_location("caption_under_test", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod
+    argv0, sys.argv[0] = sys.argv[0], str(SCRIPT)  # die() names the script from argv[0], as when run as a user runs it
+    yield mod
+    sys.argv[0] = argv0
 
 
 def test_baseline_records_meta_and_bad_images(baseline, data):
@@ -112,7 +114,8 @@ def test_baseline_records_meta_and_bad_images(baseline, data):
     assert "2 bad images" in proc.stdout and "RANDOM" in proc.stdout
     assert "quant none" in proc.stdout  # no CUDA and no --quant: bf16
     meta = json.loads(out.with_name("captions.meta.json").read_text())
-    assert meta["model"] == "tiny" and meta["tiny_random"] is True and meta["quant"] == "none" and meta["dtype"] == "float32"
+    assert meta["model"] == "tiny" and meta["tiny_random"] is True and meta["quant"] == "none"
+    assert meta["dtype"] == "fp32" and meta["processor"] == {}
     assert [p["id"] for p in meta["prompts"]] == PROMPTS and all(len(p["sha256"]) == 64 for p in meta["prompts"])
     import hashlib
     assert meta["split_sha256"] == hashlib.sha256((data / "train.txt").read_bytes()).hexdigest()
@@ -193,8 +196,8 @@ def test_4bit_with_name_hint(data, tiny, tmp_path, module):
 
 def test_class_descriptions_resume(data, tiny, tmp_path, module, capsys):
     out = tmp_path / "class_descriptions.jsonl"
-    args = ["--classes", data / "classes.txt", "--vlm", "tiny", "--tiny-dir", tiny, "--max-new-tokens", "6", "--dtype", "float32",
-            "--out", out]
+    args = ["--classes", data / "classes.txt", "--vlm", "tiny", "--tiny-dir", tiny, "--max-new-tokens", "6",
+            "--dtype", "fp32", "--out", out]
     run(*args)
     first = records(out)
     assert [(r["class"], r["name"]) for r in first] == [(0, "T-shirt/top"), (1, "Trouser"), (2, "Ankle boot")]
@@ -226,7 +229,7 @@ def test_bad_input_one_line_errors(data, tiny, tmp_path, module):
         module.main(["--help"])
     assert exc.value.code == 0
     out = tmp_path / "c.jsonl"
-    assert "--split" in fails("--split", tmp_path / "missing.txt", "--out", out)
+    assert "missing.txt not found" in fails("--split", tmp_path / "missing.txt", "--out", out)
     (tmp_path / "empty").mkdir()
     assert "--prompts" in fails("--split", data / "train.txt", "--prompts", tmp_path / "empty", "--out", out)
     (tmp_path / "named").mkdir()
@@ -236,19 +239,160 @@ def test_bad_input_one_line_errors(data, tiny, tmp_path, module):
     assert "bad.txt:2" in fails("--split", tmp_path / "bad.txt", "--out", out)
 
 
-def test_offline_missing_model_says_what_to_pass(data, tmp_path):
-    proc = run("--split", data / "train.txt", "--vlm", "llava-hf/no-such-model-here", "--out", tmp_path / "c.jsonl", check=False)
-    line = error_line(proc)
-    assert "offline" in line and "--vlm /local/dir" in line and "--vlm tiny" in line
+    (tmp_path / "escape.txt").write_text("img/00.png 0\n../outside.png 1\n")
+    assert "escape.txt:2" in fails("--split", tmp_path / "escape.txt", "--out", out)  # paths stay under the root
+    (tmp_path / "afile").write_text("")  # an --out under a file fails before the model is loaded
+    assert "afile is a file" in fails("--split", data / "train.txt", "--out", tmp_path / "afile" / "c.jsonl")
+    assert "--processor-kwargs is not JSON" in fails("--split", data / "train.txt", "--processor-kwargs", "{size: 1",
+                                                     "--out", out)
 
 
-def test_read_jsonl_repairs_only_the_last_line(tmp_path, module):
+def test_typed_flags_list_their_choices(data, tmp_path, module, capsys):
+    for flag, value in (("--dtype", "float32"), ("--quant", "3bit")):
+        with pytest.raises(SystemExit) as exc:
+            module.main(["--split", str(data / "train.txt"), flag, value, "--out", str(tmp_path / "c.jsonl")])
+        allowed = ("bf16", "fp16", "fp32") if flag == "--dtype" else ("auto", "4bit", "8bit", "none")
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert exc.value.code == 2 and "invalid choice" in err and value in err, err
+        assert all(choice in err.split("choose from")[1] for choice in allowed), err
+    with pytest.raises(SystemExit):
+        module.main(["--help"])
+    usage = capsys.readouterr().out
+    flags = [line.split()[0] for line in usage.splitlines() if line.startswith("  --")]
+    assert len(flags) == len(set(flags)) and {"--batch-size", "--image-splitting,", "--retry-bad,"} <= set(flags)
+    assert "--no-image-splitting" in usage and "--batch_size" not in usage
+
+
+def test_offline_fails_fast_with_download_hint(data, tmp_path, module, monkeypatch):
+    """HF_HUB_OFFLINE set, or unset and no network (the hub's name does not resolve): one line, in seconds, where
+    from_pretrained used to retry for ~2.5 min. Timed from main() to the error (the interpreter start is apart)."""
+    from huggingface_hub import constants
+    for offline, endpoint in ((True, constants.ENDPOINT), (False, "https://hub.invalid")):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        start = time.time()
+        with pytest.raises(SystemExit) as exc:
+            module.main(["--split", str(data / "train.txt"), "--vlm", "llava-hf/no-such-model-here",
+                         "--out", str(tmp_path / "c.jsonl")])
+        seconds, line = time.time() - start, str(exc.value)
+        assert "offline" in line and "hf download llava-hf/no-such-model-here --local-dir DIR" in line
+        assert "--vlm /local/dir" in line and "--vlm tiny" in line and "\n" not in line
+        assert seconds < 10, f"took {seconds:.1f} s"
+        print(f"offline failure after {seconds:.2f} s ({'HF_HUB_OFFLINE' if offline else 'hub unreachable'})")
+    assert not out_exists(tmp_path)
+
+
+def out_exists(folder):
+    return any(folder.glob("c.*"))
+
+
+def test_scan_jsonl_repairs_only_the_last_line(tmp_path, module):
     path = tmp_path / "c.jsonl"
     for data, kept, after in [(b'{"a": 1}\n{"a": 2}', 2, b'{"a": 1}\n{"a": 2}\n'),  # whole record, newline lost
                               (b'{"a": 1}\n{"a": 2', 1, b'{"a": 1}\n'),             # killed mid-record
                               (b'{"a": 1}\n', 1, b'{"a": 1}\n')]:
         path.write_bytes(data)
-        assert len(module.read_jsonl(path, repair=True)) == kept and path.read_bytes() == after
+        assert len(list(module.scan_jsonl(path, repair=True))) == kept and path.read_bytes() == after
     path.write_bytes(b'{"a": 1}\n{"a"\n{"a": 3}\n')
     with pytest.raises(SystemExit, match="c.jsonl:2"):
-        module.read_jsonl(path, repair=True)
+        list(module.scan_jsonl(path, repair=True))
+
+
+def test_vision_tower_runs_once_per_image(data, tiny, tmp_path, module):
+    """5 prompts of an image share a batch; the tower sees each image once, and captions are unchanged."""
+    model, processor, _, _ = module.load_vlm("tiny", "none", "fp32", "cpu", tiny_dir=str(tiny))
+    seen = []  # rows the tower's patch embedding sees (inside the tower, so after the sharing hook)
+    model.model.vision_tower.embeddings.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
+    images = [Image.open(data / f"img/{n:02d}.png").convert("RGB") for n in (0, 1)]
+    texts, rows = ["Describe it.", "What colour?", "Shape?"], []
+    rows = [((i, t, "x"), t, image) for i, image in enumerate(images) for t in texts]
+    gen = module.generation_config(model, processor, 6)
+
+    def captions(share):
+        hooks = module.share_vision_work(model) if share else []
+        out = []
+        module.run_batches(model, processor, gen, [rows], {}, torch.float32, lambda r, t: out.extend(t), None)
+        for h in hooks:
+            h.remove()
+        return out
+    import torch
+    plain = captions(False)
+    assert seen == [6]
+    shared = captions(True)
+    assert seen == [6, 2] and shared == plain
+
+
+def test_model_failure_marks_nothing_bad_and_resumes(baseline, data, tiny, tmp_path, module, monkeypatch):
+    """A failure that is not an image's (device, out of memory, model) stops with one line; nothing is recorded bad."""
+    out = tmp_path / "captions.jsonl"
+    real, calls = module.generate_texts, []
+
+    def failing(*args, **kwargs):  # the preflight and two batches run, then the device goes away
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, "generate_texts", failing)
+    with pytest.raises(SystemExit) as exc:
+        module.main(list(map(str, caption_args(data, tiny, out, "--batch-size", "5"))))
+    msg = str(exc.value)
+    assert "not an image's fault" in msg and "illegal memory access" in msg and "\n" not in msg
+    assert len(records(out)) == 10 and out.with_name("captions.errors.jsonl").read_text() == ""
+    monkeypatch.setattr(module, "generate_texts", real)
+    module.main(list(map(str, caption_args(data, tiny, out, "--batch-size", "5"))))
+    assert texts(out) == texts(baseline[0])
+
+
+def test_broken_template_stops_before_work(baseline, data, tiny, tmp_path, module):
+    """At --batch-size 1 a broken chat template used to mark every image bad and exit 0."""
+    import shutil
+    broken = tmp_path / "broken-vlm"
+    shutil.copytree(tiny, broken)
+    for path in broken.glob("*chat_template*"):
+        path.write_text("{{ raise_exception('this template is broken') }}" if path.suffix == ".jinja" else
+                        json.dumps({"chat_template": "{{ raise_exception('this template is broken') }}"}))
+    out = tmp_path / "captions.jsonl"
+    with pytest.raises(SystemExit) as exc:
+        module.main(list(map(str, ["--split", data / "train.txt", "--vlm", broken, "--batch-size", "1", "--out", out])))
+    line = str(exc.value)
+    assert line.startswith("caption.py: error:") and "\n" not in line and "not the data" in line and "broken" in line
+    errors = out.with_name("captions.errors.jsonl")
+    assert not out.exists() and not errors.exists()  # refused before the outputs were opened
+
+
+def test_retry_bad(data, tiny, tmp_path, module, capsys):
+    """A recorded bad image is skipped on a rerun, and captioned once it is fixed and --retry-bad is passed."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(data, root)
+    out = tmp_path / "captions.jsonl"
+    args = list(map(str, caption_args(root, tiny, out, "--batch-size", "5", "--limit", "7")))
+    module.main(args)
+    errors = out.with_name("captions.errors.jsonl")
+    assert [r["index"] for r in records(errors)] == [5]
+    Image.new("RGB", (30, 30), (1, 2, 3)).save(root / "img/05.png")
+    module.main(args)
+    assert "0 of 0 captions" in capsys.readouterr().out
+    module.main(args + ["--retry-bad"])
+    assert "5 of 5 captions" in capsys.readouterr().out and errors.read_text() == ""
+    assert sorted({i for i, _ in texts(out)}) == list(range(7))
+
+
+def test_merge_streams_unsorted_shards_and_reports_clashes(tmp_path, module, capsys):
+    """Shards resumed out of order are merged in (index, prompt) order; a duplicate with another text is reported."""
+    prompts = [{"id": p, "text": p, "sha256": p} for p in ("general", "t1")]
+    meta = {"model": "m", "prompts": prompts, "num_images": 4, "split_sha256": "s", "shard": None}
+    lines = {0: [(2, "t1"), (0, "general"), (0, "t1"), (2, "general")],  # a resume filled image 2's general last
+             1: [(1, "general"), (1, "t1"), (3, "general"), (3, "t1"), (1, "t1")]}  # (1, t1) twice
+    for rank, keys in lines.items():
+        (tmp_path / f"c.shard-{rank}-of-2.meta.json").write_text(json.dumps({**meta, "shard": [rank, 2]}))
+        (tmp_path / f"c.shard-{rank}-of-2.jsonl").write_text("".join(
+            json.dumps({"index": i, "prompt": p, "text": f"{i}{p}" + ("!" if n == 4 else "")}) + "\n"
+            for n, (i, p) in enumerate(keys)))
+    module.main(["--merge", "--out", str(tmp_path / "c.jsonl")])
+    captured = capsys.readouterr()
+    assert [(r["index"], r["prompt"]) for r in records(tmp_path / "c.jsonl")] == \
+        [(i, p) for i in range(4) for p in ("general", "t1")]
+    assert "no gaps" in captured.out and "8 captions" in captured.out
+    clash = [line for line in captured.err.splitlines() if "duplicate" in line]
+    assert len(clash) == 1 and "c.shard-1-of-2.jsonl:5" in clash[0]
