@@ -9,8 +9,9 @@ VLM    ?= HuggingFaceTB/SmolVLM-256M-Instruct
 DATA   ?= data/fmnist-lt
 DEMO   ?= runs/demo
 EPOCHS ?= 30
-# Sized for 2 CPU cores (~25 min with VLM=tiny); on a GPU raise EPOCHS and drop --max-new-tokens.
-CAPTION_ARGS ?= --max-new-tokens 24 --batch-size 16
+# Sized for 2 CPU cores; on a GPU raise EPOCHS and drop --max-new-tokens. A batch of 15 holds all 5 prompts of 3 images,
+# whose vision-tower work caption.py shares.
+CAPTION_ARGS ?= --max-new-tokens 24 --batch-size 15
 PYTEST_ARGS ?=
 .PHONY: setup test demo ablate bench clean
 setup: $(STAMP)
@@ -23,7 +24,9 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	@rm -f .venv/.stamp-* && touch $@
 
+# Lint first (ruff.toml: line length 120, no assigned lambdas), so CI fails on a lint error too.
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 # Random captions from VLM=tiny must never pass for results: say so on screen and in the report ($1).
@@ -34,26 +37,42 @@ if grep -q '"tiny_random": true' $(DEMO)/captions.meta.json; then \
   printf '\n> **VLM=tiny: captions are random text from an untrained stand-in; the text-distillation numbers mean nothing.**\n' >> $1/report.md; fi
 endef
 
+# Each stage announces itself with the clock time, so a user sees where the demo is and how long each stage took.
+stage = @echo "== make $(1): stage $(2)/$(3), $(4) (started $$(date +%T))"
+
 # The pipeline, one stage a line: the same commands as the README's quick start.
 demo: setup
+	$(call stage,demo,1,7,prepare the long-tailed data)
 	$(PY) prepare.py fashion-mnist-lt --out $(DATA)
+	$(call stage,demo,2,7,caption every image x prompt with $(VLM))
 	@$(PY) caption.py --split $(DATA)/train.txt --root $(DATA) --vlm $(VLM) --prompts prompts/ $(CAPTION_ARGS) \
 	    --out $(DEMO)/captions.jsonl || { echo "make demo: captioning failed; if the VLM could not be loaded, pass VLM=/local/dir (a downloaded copy) or VLM=tiny (random stand-in that only proves the plumbing)"; exit 1; }
+	$(call stage,demo,3,7,embed the captions)
 	$(PY) encode.py --captions $(DEMO)/captions.jsonl --split $(DATA)/train.txt --model minilm --out $(DEMO)/text
+	$(call stage,demo,4,7,embed the class names)
 	$(PY) encode.py --classes $(DATA)/classes.txt --model minilm --out $(DEMO)/text
+	$(call stage,demo,5,7,train the baseline)
 	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --out $(DEMO)/baseline
+	$(call stage,demo,6,7,train with VLM-KD text distillation)
 	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --out $(DEMO)/vlmkd
+	$(call stage,demo,7,7,evaluate and plot)
 	$(PY) eval.py $(DEMO)/baseline/final.pt $(DEMO)/vlmkd/final.pt --data $(DATA) --split test \
 	    --class-text $(DEMO)/text/classes.npy --out $(DEMO)/report
 	@$(call warn_if_tiny,$(DEMO)/report)
 
 # VLM-KD's prompt ablation (their Figure 3): general prompt only vs general + T1..T4, same budget.
 ablate: setup
+	$(call stage,ablate,1,6,prepare the long-tailed data)
 	$(PY) prepare.py fashion-mnist-lt --out $(DATA)
+	$(call stage,ablate,2,6,caption every image x prompt with $(VLM))
 	$(PY) caption.py --split $(DATA)/train.txt --root $(DATA) --vlm $(VLM) --prompts prompts/ $(CAPTION_ARGS) --out $(DEMO)/captions.jsonl
+	$(call stage,ablate,3,6,embed the captions)
 	$(PY) encode.py --captions $(DEMO)/captions.jsonl --split $(DATA)/train.txt --model minilm --out $(DEMO)/text
+	$(call stage,ablate,4,6,train on the general prompt only)
 	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --prompts general --out $(DEMO)/ablate-general
+	$(call stage,ablate,5,6,train on general + T1..T4)
 	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --out $(DEMO)/ablate-all
+	$(call stage,ablate,6,6,evaluate both)
 	$(PY) eval.py $(DEMO)/ablate-general/final.pt $(DEMO)/ablate-all/final.pt --data $(DATA) --split test --out $(DEMO)/ablate
 	@$(call warn_if_tiny,$(DEMO)/ablate)
 
