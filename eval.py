@@ -292,21 +292,38 @@ class CifarResNet(nn.Module):
 CIFAR_ARCHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
 
 
+def build_timm(name, res):
+    """A timm model from scratch without its classifier: its output is the pooled pre-logits."""
+    import timm
+    if not timm.is_model(name):
+        die(f"unknown --arch timm:{name}; `python -c 'import timm; print(timm.list_models())'` lists them")
+    try:  # ViT-like models are built for the training resolution; others take no img_size
+        net, kwargs = timm.create_model(name, pretrained=False, num_classes=0, img_size=res), {"img_size": res}
+    except TypeError:
+        net, kwargs = timm.create_model(name, pretrained=False, num_classes=0), {}
+    net.classifier_name, net.constructor_kwargs = net.pretrained_cfg.get("classifier", "head"), kwargs
+    return net, getattr(net, "head_hidden_size", None) or net.num_features
+
+
 def build_backbone(arch, res):
-    """(module mapping images to features, feature width). torchvision models lose their last Linear."""
+    """(module mapping images to features, feature width). torchvision models lose their last Linear, whose name
+    (`classifier_name`) and constructor arguments (`constructor_kwargs`) the export needs to put it back."""
     if arch in CIFAR_ARCHS:
         return CifarResNet(CIFAR_ARCHS[arch]), 64
+    if arch.startswith("timm:"):
+        return build_timm(arch.removeprefix("timm:"), res)
     if arch not in torchvision.models.list_models(module=torchvision.models):
         known = sorted(CIFAR_ARCHS) + sorted(torchvision.models.list_models(module=torchvision.models))
-        die(f"unknown --arch {arch!r}; known: {', '.join(known)}")
+        die(f"unknown --arch {arch!r}; known: {', '.join(known)}, or timm:<name>")
     kwargs = {"image_size": res} if arch.startswith("vit_") else {}
     net = torchvision.models.get_model(arch, weights=None, **kwargs)
     parent, name, last = None, None, None
     for module_name, module in net.named_modules():
         for child_name, child in module.named_children():
             if isinstance(child, nn.Linear):
-                parent, name, last = module, child_name, child
-    setattr(parent, name, nn.Identity())
+                parent, name, last = module, f"{module_name}.{child_name}".lstrip("."), child
+    setattr(parent, name.rsplit(".", 1)[-1], nn.Identity())
+    net.classifier_name, net.constructor_kwargs = name, kwargs
     return net, last.in_features
 
 

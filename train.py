@@ -1,4 +1,4 @@
-"""Train a vision encoder from scratch with long-tail classification + VLM text distillation (VLM-KD),
+r"""Train a vision encoder from scratch with long-tail classification + VLM text distillation (VLM-KD),
 optionally with the CLIP-teacher losses of Li et al. (imitation, class-text classifier, VL alignment).
 
     python train.py --data data/fmnist-lt --arch resnet32 --loss la --epochs 100 --out runs/fmnist/ce
@@ -6,16 +6,21 @@ optionally with the CLIP-teacher losses of Li et al. (imitation, class-text clas
         --text runs/fmnist/text/text.npy --text-weight 1.0 --out runs/fmnist/vlmkd
     accelerate launch train.py --data data/imagenet-lt --arch resnet50 --res 176 --epochs 90 --compile \
         --text runs/inlt/text/text.npy --out runs/inlt/vlmkd                    # one machine, all its GPUs
+    python train.py ... --arch timm:vit_tiny_patch16_224 --res 64            # any timm model, from scratch
     python train.py ... --teacher runs/fmnist/ce/final.pt --kd-weight 1.0    # + vision-teacher logit KD
     python train.py ... --class-text runs/x/clip/classes.npy --head cosine \
         --teacher-images runs/x/clip/images.npy                             # Li et al. CLIP-teacher losses
+    python train.py ... --init runs/x/li/final.pt                            # finetune (e.g. Li et al.'s 5-shot)
     python train.py ... --resume                                             # continue a killed run in --out
     torchrun --nproc_per_node 2 train.py ...                                 # several CPU processes (gloo)
 
 The run directory gets a copy of this script, config.json, versions.json, metrics.jsonl (every loss
-part, lr, images/s; val top-1 overall/many/medium/few), ckpt.pt (everything to resume, each epoch)
-and final.pt (student + text head + class names + counts + preprocessing: all that eval.py needs).
+part, lr, images/s; val top-1 overall/many/medium/few), ckpt.pt (everything to resume, each epoch),
+final.pt (student + text head + class names + counts + preprocessing: all that eval.py needs) and the
+student for use without this code: student.safetensors + student.json (torchvision / timm keys) and
+student.pt2 (torch.export), see --export.
 """
+import argparse
 import hashlib
 import json
 import math
@@ -23,78 +28,267 @@ import os
 import shutil
 import sys
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata as pkg_metadata
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator
 from tqdm import tqdm
-from transformers import HfArgumentParser
+
+# --- shared helpers (byte-identical in every stage: tests/test_shared.py)
+
+GROUPS = ("many", "medium", "few")
+
+
+def opt(default, help, heading=""):
+    """A config field with its --help line; `heading` starts a new group of flags in --help."""
+    return field(default=default, metadata={"help": help, "heading": heading})
+
+
+def parse_config(config_cls, argv=None, positional=()):
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group, hints = parser, typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        kind, meta = hints[f.name], f.metadata
+        if meta.get("heading"):
+            group = parser.add_argument_group(meta["heading"])
+        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
+        kwargs = {"help": meta.get("help", "")}
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
+        if f.name not in positional:
+            kwargs["default"] = f.default
+        group.add_argument(*names, **kwargs)
+    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+            action.help += " (default: %(default)r)"
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def die(msg):
+    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def warn(msg):
+    print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def sha256_file(path):
+    """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(path, num_classes=None):
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
+    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
+    out of the data root with `..` (a split only ever names files under its root)."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"split file {path} not found (prepare.py writes it)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+        rel, label = parts[0], int(parts[1])
+        if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+            die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
+        if num_classes is not None and label >= num_classes:
+            die(f"{path}:{n}: label {label}, but there are only {num_classes} classes")
+        items.append((rel, label))
+    if not items:
+        die(f"split file {path} has no images")
+    return items
+
+
+def read_classes(path):
+    """Class names, line i naming label i."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"classes file {path} not found (prepare.py writes it)")
+    names = path.read_text(encoding="utf-8").splitlines()
+    for n, name in enumerate(names, 1):
+        if not name.strip():
+            die(f"{path}:{n}: empty class name")
+    if not names:
+        die(f"classes file {path} is empty")
+    return names
+
+
+def class_group(count):
+    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
+    return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
+
+
+def versions(*names):
+    """Versions of the packages that made an artifact, for its sidecar or run folder."""
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename: a kill never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def writable_dir(path):
+    """Make --out now and prove it writable, so a bad --out fails before any work is spent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        die(f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"{path} is not writable ({e.strerror})")
+    return path
+
+
+def sidecar_digest(array_path, sidecar):
+    """sha256 of an array's bytes and of every other field of its sidecar: editing either by hand is caught."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in sidecar.items() if k != "sha256"}, sort_keys=True).encode())
+    digest.update(sha256_file(array_path).encode())
+    return digest.hexdigest()
+
+
+def load_artifact(path, kind):
+    """(array opened as a memmap, sidecar) of an encode.py artifact. Refused with one line unless the sidecar is
+    there, names this kind and matches the array (sidecar_digest), and every row is finite."""
+    path, sidecar_path = Path(path), Path(path).with_suffix(".json")
+    for p in (path, sidecar_path):
+        if not p.is_file():
+            die(f"{p} not found: an array is used only with the sidecar encode.py wrote next to it")
+    try:
+        sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        die(f"{path} or {sidecar_path.name} cannot be read ({e}); re-run encode.py")
+    if sidecar.get("kind") != kind:
+        die(f"{sidecar_path}: kind is {sidecar.get('kind')!r}, expected {kind!r}")
+    if sidecar.get("sha256") != sidecar_digest(path, sidecar):
+        die(f"{path} and {sidecar_path.name} do not match (sha256): one was changed after encode.py wrote them")
+    for start in range(0, len(array), 8192):
+        chunk = np.asarray(array[start:start + 8192])
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if not finite.all():
+            die(f"{path}: row {start + int(np.flatnonzero(~finite)[0])} holds NaN or inf")
+    return array, sidecar
+
+# ----------------------------------------------------------------------------- config
+
+REPORT_TO = Literal["none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
 
 
 @dataclass
 class Config:
-    data: str = field(default="data/fmnist-lt", metadata={"help": "folder from prepare.py"})
-    train_split: str = field(default="train.txt", metadata={"help": "split file inside --data (id_train.txt for OOD sets)"})
-    val_split: str = field(default="val.txt", metadata={"help": "split used for model selection; never the test split"})
-    classes: str = field(default="classes.txt", metadata={"help": "class names inside --data (id_classes.txt for OOD sets)"})
-    out: str = field(default="runs/train", metadata={"help": "run directory"})
-    arch: str = field(default="resnet32", metadata={"help": "resnet20/32/44/56 (CIFAR-style) or a torchvision model name"})
-    res: int = field(default=32, metadata={"help": "training / eval resolution"})
-    max_res: int = field(default=256, metadata={"help": "longest side stored in the .beton cache"})
-    min_scale: float = field(default=-1, metadata={"help": "RandomResizedCrop min area; -1: 0.35 for res <= 64, else 0.08"})
-    crop_ratio: float = field(default=-1, metadata={"help": "eval centre-crop ratio; -1: 1.0 for res <= 64, else 0.875"})
-    epochs: int = 100
-    batch_size: int = field(default=128, metadata={"help": "per process"})
-    workers: int = field(default=-1, metadata={"help": "ffcv decoding threads; -1: all cores / processes"})
-    optimizer: str = field(default="sgd", metadata={"help": "sgd (nesterov) or adamw"})
-    lr: float = field(default=0.1, metadata={"help": "peak lr at a global batch of 128; scaled linearly with the global batch"})
-    weight_decay: float = field(default=5e-4, metadata={"help": "not applied to biases, norms and the temperature"})
-    warmup_epochs: float = 5.0
-    label_smoothing: float = 0.0
-    grad_clip: float = field(default=0.0, metadata={"help": "max grad norm; 0 = off"})
-    ema: float = field(default=0.0, metadata={"help": "EMA decay per step (e.g. 0.999); 0 = off. Eval and final.pt use the EMA"})
-    loss: str = field(default="la", metadata={"help": "ce | la (logit-adjusted) | bs (balanced softmax)"})
-    tau_la: float = field(default=1.0, metadata={"help": "logit adjustment strength"})
-    head: str = field(default="linear", metadata={"help": "linear | cosine (over --class-text embeddings, Li et al.)"})
-    class_text: str = field(default="", metadata={"help": "classes.npy from encode.py --classes (CLIP text space); rows of the training classes are used"})
-    tau: float = field(default=0.07, metadata={"help": "temperature of the cosine head and the VL alignment"})
-    text: str = field(default="", metadata={"help": "text.npy from encode.py: VLM caption features [N, P, D]"})
-    text_weight: float = field(default=1.0, metadata={"help": "VLM-KD text distillation weight; 0 = off"})
-    prompts: str = field(default="", metadata={"help": "comma-separated prompt ids to train on (default: all slots)"})
-    text_temp: float = field(default=0.07, metadata={"help": "InfoNCE temperature (initial value when learnt)"})
-    learn_temp: bool = field(default=False, metadata={"help": "learn the temperature (own param group, no decay, --temp-lr)"})
-    temp_lr: float = field(default=1e-3, metadata={"help": "lr of the learnt temperature: SGD at 0.1 collapses it"})
-    mask_same_class: bool = field(default=False, metadata={"help": "drop same-class negatives from the InfoNCE"})
-    embed_dim: int = 256
-    adaptor_hidden: int = 512
-    drop_text_head: bool = field(default=False, metadata={"help": "leave the text head out of final.pt (deployment)"})
-    teacher: str = field(default="", metadata={"help": "final.pt of a frozen vision teacher for logit KD"})
-    kd_weight: float = 1.0
-    kd_temp: float = 4.0
-    teacher_images: str = field(default="", metadata={"help": "images.npy from encode.py --images (CLIP image embeddings)"})
-    imitate_weight: float = 1.0
-    imitate_loss: str = field(default="mse", metadata={"help": "mse (normalised) | contrastive"})
-    align_weight: float = field(default=1.0, metadata={"help": "VL alignment (needs --class-text and --teacher-images)"})
-    align_topk: int = field(default=0, metadata={"help": "align over the teacher's top-k class texts; 0 = all"})
-    align_correct_only: bool = field(default=False, metadata={"help": "align only where the teacher is right"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
-    compile: bool = False
-    seed: int = 0
-    eval_every: int = 1
-    log_every: int = 20
-    max_steps: int = field(default=0, metadata={"help": "stop after this many steps (benchmarks); 0 = off"})
-    resume: bool = field(default=False, metadata={"help": "continue from --out/ckpt.pt"})
+    data: str = opt("data/fmnist-lt", "folder from prepare.py", heading="data")
+    train_split: str = opt("train.txt", "split file inside --data (id_train.txt for OOD sets)")
+    val_split: str = opt("val.txt", "split used for model selection; never the test split")
+    classes: str = opt("classes.txt", "class names inside --data (id_classes.txt for OOD sets)")
+    out: str = opt("runs/train", "run directory")
+    res: int = opt(32, "training / eval resolution")
+    max_res: int = opt(256, "longest side stored in the .beton cache")
+    min_scale: float = opt(-1.0, "RandomResizedCrop min area; -1: 0.35 for res <= 64, else 0.08")
+    crop_ratio: float = opt(-1.0, "eval centre-crop ratio; -1: 1.0 for res <= 64, else 0.875")
+    workers: int = opt(-1, "ffcv decoding threads; -1: all cores / processes")
+
+    arch: str = opt("resnet32", "resnet20/32/44/56 (CIFAR-style), a torchvision model name, or timm:<name> "
+                                "(random init; features are the pooled pre-logits)", heading="model")
+    init: str = opt("", "final.pt whose backbone starts this run (the classes may differ: the head is new)")
+    ema: float = opt(0.0, "EMA decay per step (e.g. 0.999); 0 = off. Eval and final.pt use the EMA")
+
+    epochs: int = opt(100, "passes over the training split", heading="optimisation")
+    batch_size: int = opt(128, "per process")
+    optimizer: Literal["sgd", "adamw"] = opt("sgd", "sgd (nesterov, momentum 0.9) or adamw")
+    lr: float = opt(0.1, "peak lr at a global batch of 128; scaled linearly with the global batch")
+    weight_decay: float = opt(5e-4, "not applied to biases, norms and the temperature")
+    warmup_epochs: float = opt(5.0, "linear warmup, then cosine decay to 0, per step")
+    grad_clip: float = opt(0.0, "max grad norm; 0 = off")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    compile: bool = opt(False, "torch.compile the model (~40 s first step on a CPU)")
+    seed: int = opt(0, "seed of init, crops, flips, caption sampling and data order")
+    max_steps: int = opt(0, "stop after this many steps (benchmarks); 0 = off")
+
+    loss: Literal["ce", "la", "bs"] = opt("la", "ce | la (logit-adjusted, Menon et al.) | bs (balanced softmax)",
+                                          heading="classification loss")
+    tau_la: float = opt(1.0, "logit adjustment strength of --loss la")
+    label_smoothing: float = opt(0.0, "label smoothing of the classification loss")
+    head: Literal["linear", "cosine"] = opt("linear", "linear | cosine (over --class-text embeddings, Li et al.)")
+    tau: float = opt(0.07, "temperature of the cosine head and the VL alignment")
+
+    text: str = opt("", "text.npy from encode.py: VLM caption features [N, P, D]",
+                    heading="VLM text distillation (VLM-KD)")
+    text_weight: float = opt(1.0, "weight of the text InfoNCE; 0 = off")
+    prompts: str = opt("", "comma-separated prompt ids to train on (default: all slots)")
+    text_temp: float = opt(0.07, "InfoNCE temperature (initial value when learnt)")
+    learn_temp: bool = opt(False, "learn the temperature (own param group, no decay, --temp-lr)")
+    temp_lr: float = opt(1e-3, "lr of the learnt temperature: SGD at the backbone's lr collapses it")
+    mask_same_class: bool = opt(False, "drop same-class negatives from the InfoNCE")
+    local_negatives: bool = opt(False, "under N processes, contrast only within each process's batch (default: "
+                                       "gather all processes' rows, as one process with batch N x B)")
+    embed_dim: int = opt(256, "width of the shared image-text space")
+    adaptor_hidden: int = opt(512, "hidden width of the text adaptor MLP")
+    drop_text_head: bool = opt(False, "leave the text head out of final.pt (deployment)")
+
+    teacher: str = opt("", "final.pt of a frozen vision teacher for logit KD", heading="vision teacher")
+    kd_weight: float = opt(1.0, "weight of the logit KD; 0 = off")
+    kd_temp: float = opt(4.0, "KD softmax temperature T (the loss is scaled by T^2)")
+
+    class_text: str = opt("", "classes.npy from encode.py --classes (CLIP text space); the rows of the training "
+                              "classes are used, checked by name", heading="CLIP teacher (Li et al.)")
+    teacher_images: str = opt("", "images.npy from encode.py --images (CLIP image embeddings)")
+    imitate_weight: float = opt(1.0, "weight of the image-embedding imitation; 0 = off")
+    imitate_loss: Literal["mse", "contrastive"] = opt("mse", "mse (of unit vectors) | contrastive (InfoNCE)")
+    align_weight: float = opt(1.0, "weight of the VL alignment (needs --class-text and --teacher-images); 0 = off")
+    align_topk: int = opt(0, "align over the teacher's top-k class texts (k > classes: all); 0 = all")
+    align_correct_only: bool = opt(False, "align only where the teacher is right")
+
+    resume: bool = opt(False, "continue from --out/ckpt.pt (refused if an input or a setting changed)", heading="run")
+    eval_every: int = opt(1, "evaluate on --val-split every this many epochs (and after the last)")
+    log_every: int = opt(20, "steps between metrics.jsonl rows")
+    report_to: REPORT_TO = opt("none", "also log metrics.jsonl's rows to this accelerate tracker")
+    export: str = opt("safetensors,pt2", "student files written next to final.pt: comma-separated from "
+                                         "safetensors, pt2, onnx; '' = none")
 
 
-def die(msg):
-    sys.exit(f"train.py: error: {msg}")
+# Flags that change only speed or logging: a resume may change them. Input paths are compared by content.
+RESUMABLE_CHANGES = {"workers", "log_every", "resume", "report_to", "export", "out"}
+INPUT_FIELDS = {"data", "train_split", "val_split", "classes", "text", "class_text", "teacher", "teacher_images",
+                "init"}
+EXPORTS = ("safetensors", "pt2", "onnx")
 
 
 # ----------------------------------------------------------------------------- models
@@ -137,21 +331,38 @@ class CifarResNet(nn.Module):
 CIFAR_ARCHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56}
 
 
+def build_timm(name, res):
+    """A timm model from scratch without its classifier: its output is the pooled pre-logits."""
+    import timm
+    if not timm.is_model(name):
+        die(f"unknown --arch timm:{name}; `python -c 'import timm; print(timm.list_models())'` lists them")
+    try:  # ViT-like models are built for the training resolution; others take no img_size
+        net, kwargs = timm.create_model(name, pretrained=False, num_classes=0, img_size=res), {"img_size": res}
+    except TypeError:
+        net, kwargs = timm.create_model(name, pretrained=False, num_classes=0), {}
+    net.classifier_name, net.constructor_kwargs = net.pretrained_cfg.get("classifier", "head"), kwargs
+    return net, getattr(net, "head_hidden_size", None) or net.num_features
+
+
 def build_backbone(arch, res):
-    """(module mapping images to features, feature width). torchvision models lose their last Linear."""
+    """(module mapping images to features, feature width). torchvision models lose their last Linear, whose name
+    (`classifier_name`) and constructor arguments (`constructor_kwargs`) the export needs to put it back."""
     if arch in CIFAR_ARCHS:
         return CifarResNet(CIFAR_ARCHS[arch]), 64
+    if arch.startswith("timm:"):
+        return build_timm(arch.removeprefix("timm:"), res)
     if arch not in torchvision.models.list_models(module=torchvision.models):
         known = sorted(CIFAR_ARCHS) + sorted(torchvision.models.list_models(module=torchvision.models))
-        die(f"unknown --arch {arch!r}; known: {', '.join(known)}")
+        die(f"unknown --arch {arch!r}; known: {', '.join(known)}, or timm:<name>")
     kwargs = {"image_size": res} if arch.startswith("vit_") else {}
     net = torchvision.models.get_model(arch, weights=None, **kwargs)
     parent, name, last = None, None, None
     for module_name, module in net.named_modules():
         for child_name, child in module.named_children():
             if isinstance(child, nn.Linear):
-                parent, name, last = module, child_name, child
-    setattr(parent, name, nn.Identity())
+                parent, name, last = module, f"{module_name}.{child_name}".lstrip("."), child
+    setattr(parent, name.rsplit(".", 1)[-1], nn.Identity())
+    net.classifier_name, net.constructor_kwargs = name, kwargs
     return net, last.in_features
 
 
@@ -207,21 +418,33 @@ class Model(nn.Module):
 
 # ----------------------------------------------------------------------------- losses (pure functions)
 
+def masked_mean(values, valid=None):
+    """Mean over the rows where `valid` (all rows when None); 0 when no row is valid."""
+    if valid is None:
+        return values.mean()
+    return (values * valid).sum() / valid.sum().clamp(min=1)
+
+
 def prior_adjusted_ce(logits, labels, log_prior, tau=1.0, label_smoothing=0.0):
     """Logit-adjusted CE (Menon et al.): CE(logits + tau * log prior). tau=1 is the balanced softmax."""
     return F.cross_entropy(logits.float() + tau * log_prior, labels, label_smoothing=label_smoothing)
 
 
-def info_nce(img_emb, txt_emb, logit_scale, labels=None, mask_same_class=False):
-    """Symmetric InfoNCE between matching rows; optionally same-class off-diagonal pairs are not negatives."""
+def info_nce(img_emb, txt_emb, logit_scale, labels=None, mask_same_class=False, valid=None):
+    """Symmetric InfoNCE between matching rows. Optionally same-class off-diagonal pairs are not negatives, and
+    rows that are not `valid` (no caption) are neither anchors nor negatives: loss 0 and no gradient."""
     img_emb, txt_emb = F.normalize(img_emb.float(), dim=-1), F.normalize(txt_emb.float(), dim=-1)
     logits = logit_scale * img_emb @ txt_emb.T
+    keep = torch.ones_like(logits, dtype=torch.bool)
     if mask_same_class:
-        same = labels[:, None] == labels[None, :]
-        same.fill_diagonal_(False)
-        logits = logits.masked_fill(same, float("-inf"))
+        keep = labels[:, None] != labels[None, :]
+    if valid is not None:
+        keep = keep & valid[:, None] & valid[None, :]
+    if mask_same_class or valid is not None:  # the diagonal stays: a row alone with its positive costs 0
+        logits = logits.masked_fill(~(keep | torch.eye(len(logits), dtype=torch.bool, device=logits.device)), -math.inf)
     target = torch.arange(len(logits), device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    per_row = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
+    return 0.5 * masked_mean(per_row, valid)
 
 
 def logit_kd(student_logits, teacher_logits, temp):
@@ -231,48 +454,91 @@ def logit_kd(student_logits, teacher_logits, temp):
     return temp ** 2 * F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
 
 
-def imitation_loss(student_emb, teacher_emb, kind="mse", logit_scale=1 / 0.07):
+def imitation_loss(student_emb, teacher_emb, kind="mse", logit_scale=1 / 0.07, valid=None):
     """Li et al. (1): match the teacher's image embedding: squared distance of unit vectors, or InfoNCE."""
     if kind == "contrastive":
-        return info_nce(student_emb, teacher_emb, logit_scale)
+        return info_nce(student_emb, teacher_emb, logit_scale, valid=valid)
     diff = F.normalize(student_emb.float(), dim=-1) - F.normalize(teacher_emb.float(), dim=-1)
-    return diff.pow(2).sum(-1).mean()
+    return masked_mean(diff.pow(2).sum(-1), valid)
 
 
-def alignment_loss(student_emb, teacher_emb, class_text, tau, labels=None, topk=0, correct_only=False):
-    """Li et al. (3): KL(teacher || student) over image-to-class-text similarity distributions,
-    optionally over the teacher's top-k classes and only on images the teacher gets right."""
+def alignment_loss(student_emb, teacher_emb, class_text, tau, labels=None, topk=0, correct_only=False, valid=None):
+    """Li et al. (3): KL(teacher || student) over image-to-class-text similarity distributions, optionally over
+    the teacher's top-k classes (k capped at the number of classes, as in their code) and only on images the
+    teacher gets right."""
     class_text = class_text.float()
     s_logits = F.normalize(student_emb.float(), dim=-1) @ class_text.T / tau
     t_logits = F.normalize(teacher_emb.float(), dim=-1) @ class_text.T / tau
-    keep = torch.ones(len(s_logits), device=s_logits.device)
+    keep = torch.ones(len(s_logits), device=s_logits.device) if valid is None else valid.float()
     if correct_only:
-        keep = (t_logits.argmax(-1) == labels).float()
+        keep = keep * (t_logits.argmax(-1) == labels).float()
     if topk:
-        top = t_logits.topk(topk, dim=-1).indices
+        top = t_logits.topk(min(topk, class_text.shape[0]), dim=-1).indices
         s_logits, t_logits = s_logits.gather(1, top), t_logits.gather(1, top)
     kl = (F.softmax(t_logits, -1) * (F.log_softmax(t_logits, -1) - F.log_softmax(s_logits, -1))).sum(-1)
     return (kl * keep).sum() / keep.sum().clamp(min=1)
 
 
+def gather_rows(x):
+    """All processes' rows in rank order; only this process's rows carry gradient (the others are copies)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[dist.get_rank()] = x
+    return torch.cat(parts)
+
+
+def global_info_nce(b, cfg):
+    """The text InfoNCE over every process's batch. Each process holds only its rows' share of the gradient and
+    DDP averages over N processes, so the loss is scaled by N for the backward (its value is kept) and the shared
+    temperature by 1/N: the step equals one process on the concatenated batch."""
+    n = dist.get_world_size()
+    img, txt, labels, valid = (None if t is None else gather_rows(t)
+                               for t in (b["img_emb"], b["txt_emb"], b["labels"], b["text_valid"]))
+    scale = b["logit_scale"] / n + b["logit_scale"].detach() * (1 - 1 / n)
+    loss = info_nce(img, txt, scale, labels, cfg.mask_same_class, valid)
+    return loss * n - loss.detach() * (n - 1)
+
+
+def text_term(b, cfg):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not cfg.local_negatives:
+        return global_info_nce(b, cfg)
+    return info_nce(b["img_emb"], b["txt_emb"], b["logit_scale"], b["labels"], cfg.mask_same_class, b["text_valid"])
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    name: str                      # its key in metrics.jsonl and final.pt["losses"]
+    weight: str                    # the Config field holding its weight ("" = always 1)
+    needs: tuple                   # supervision it needs (attributes of load_supervision's result)
+    fn: Callable                   # (batch dict, cfg) -> scalar tensor
+
+
+# The one list of losses: the forward, the logging and final.pt all read it. A new loss is one line here.
+LOSSES = (
+    LossTerm("loss_cls", "", (), lambda b, cfg: prior_adjusted_ce(b["logits"], b["labels"], b["log_prior"],
+                                                                   b["tau_cls"], cfg.label_smoothing)),
+    LossTerm("loss_text", "text_weight", ("text_feats",), text_term),
+    LossTerm("loss_kd", "kd_weight", ("teacher",),
+             lambda b, cfg: logit_kd(b["logits"], b["teacher_logits"], cfg.kd_temp)),
+    LossTerm("loss_imitate", "imitate_weight", ("teacher_images",),
+             lambda b, cfg: imitation_loss(b["clip_emb"], b["teacher_emb"], cfg.imitate_loss, 1 / cfg.tau,
+                                           b["teacher_valid"])),
+    LossTerm("loss_align", "align_weight", ("teacher_images", "class_text"),
+             lambda b, cfg: alignment_loss(b["clip_emb"], b["teacher_emb"], b["class_text"], cfg.tau, b["labels"],
+                                           cfg.align_topk, cfg.align_correct_only, b["teacher_valid"])),
+)
+
+
+def weight_of(term, cfg):
+    return getattr(cfg, term.weight) if term.weight else 1.0
+
+
+def active_losses(cfg, sup):
+    """The terms whose supervision is given and whose weight is not 0."""
+    return [t for t in LOSSES if weight_of(t, cfg) > 0 and all(getattr(sup, n) is not None for n in t.needs)]
+
+
 # ----------------------------------------------------------------------------- data
-
-def read_split(path):
-    """[(relative path, label)] from `relative/path label` lines; a bad line names file and line."""
-    if not Path(path).exists():
-        die(f"split file {path} not found (make it with prepare.py)")
-    items = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].isdigit():
-            die(f"{path}:{n}: expected `relative/path label`, got {line[:80]!r}")
-        items.append((parts[0], int(parts[1])))
-    return items
-
-
-def sha256_file(path):
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 class SplitImages:
     """(RGB image, label, row index) per split line, for ffcv's DatasetWriter (beton_for leaves unreadable ones out)."""
@@ -292,41 +558,110 @@ class SplitImages:
         return image, label, i
 
 
+def decode_error(path):
+    """None if the image decodes completely, else why not. verify() reads headers only: a JPEG cut off after its
+    header passes it and then kills ffcv's writer, so every pixel is decoded here."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:200]
+    return None
+
+
+def write_beton(tmp, dataset, indices, max_res):
+    """ffcv's DatasetWriter, except that a worker that dies (disk full, an image changed since the check) stops
+    the write with an error: ffcv's parent process would wait for its samples, or its allocations, forever."""
+    import multiprocessing
+    import multiprocessing.queues
+    import queue
+
+    import ffcv.writer
+    from ffcv.fields import IntField, RGBImageField
+    parent, workers = os.getpid(), []
+
+    def fail_if_a_worker_died():
+        dead = [p.exitcode for p in workers if p.exitcode not in (None, 0)] if os.getpid() == parent else []
+        if dead:
+            for p in workers:
+                p.kill()
+            raise RuntimeError(f"an ffcv writer worker died (exit code {dead[0]}; its error is printed above)")
+
+    class WatchedProcess(ffcv.writer.Process):
+        def start(self):
+            workers.append(self)
+            super().start()
+
+    class WatchedQueue(multiprocessing.queues.Queue):
+        def __init__(self):
+            super().__init__(0, ctx=multiprocessing.get_context())
+
+        def get(self, block=True, timeout=None):
+            while True:
+                try:
+                    return super().get(timeout=1.0)
+                except queue.Empty:
+                    fail_if_a_worker_died()
+
+    def sleep_or_fail(seconds):
+        fail_if_a_worker_died()
+        time.sleep(seconds)
+
+    fields = {"image": RGBImageField(write_mode="smart", max_resolution=max_res, smart_threshold=64 * 64 * 3),
+              "label": IntField(), "index": IntField()}
+    writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, os.cpu_count() or 1))
+    saved = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
+    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = WatchedProcess, sleep_or_fail, WatchedQueue
+    try:
+        writer.from_indexed_dataset(dataset, indices=indices, chunksize=64)
+    except BaseException:
+        if getattr(writer, "metadata_sm", None) is not None:  # else the resource tracker warns after our error
+            writer.metadata_sm.close()
+            writer.metadata_sm.unlink()
+        raise
+    finally:
+        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = saved
+
+
+def remove_stale_tmp(folder):
+    """Leftovers of a killed write: `<name>.<pid>.tmp` whose process is gone."""
+    for tmp in folder.glob("*.tmp"):
+        pid = tmp.suffixes[-2].lstrip(".") if len(tmp.suffixes) >= 2 else ""
+        alive = pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()
+        if not alive:
+            tmp.unlink(missing_ok=True)
+
+
 def beton_for(cfg, split, accelerator):
     """Write the split's .beton once, cached under a key of split contents + settings; reuse it after."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
-    from PIL import Image
     split_path = Path(cfg.data) / split
     key = hashlib.sha256(split_path.read_bytes() + f"|{cfg.max_res}|smart64".encode()).hexdigest()[:16]
     path = Path(cfg.data) / ".ffcv" / f"{split_path.stem}-{key}.beton"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not path.exists():
             path.parent.mkdir(exist_ok=True)
+            remove_stale_tmp(path.parent)
             items = read_split(split_path)
-
-            def check(i):  # an error string, or None for a readable image
-                try:
-                    with Image.open(Path(cfg.data) / items[i][0]) as im:
-                        im.verify()
-                except Exception as e:
-                    return f"{type(e).__name__}: {e}"[:200]
-
             # Threads: at ImageNet scale a serial pass over every file is minutes of start-up.
             with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-                errors = list(pool.map(check, range(len(items)), chunksize=256))
+                errors = list(pool.map(decode_error, [Path(cfg.data) / rel for rel, _ in items], chunksize=256))
             good = [i for i, e in enumerate(errors) if e is None]
             # Recorded and skipped; the row index keeps text rows aligned.
             bad = [{"index": i, "path": items[i][0], "error": e} for i, e in enumerate(errors) if e is not None]
             if bad:
                 (path.with_suffix(".errors.jsonl")).write_text("".join(json.dumps(b) + "\n" for b in bad))
-                print(f"train.py: {len(bad)} unreadable images in {split_path} skipped, listed in {path.with_suffix('.errors.jsonl')}")
-            dataset = SplitImages(cfg.data, items, cfg.max_res)
-            tmp = path.with_suffix(".tmp")
-            fields = {"image": RGBImageField(write_mode="smart", max_resolution=cfg.max_res, smart_threshold=64 * 64 * 3),
-                      "label": IntField(), "index": IntField()}
-            DatasetWriter(str(tmp), fields, num_workers=max(1, os.cpu_count() or 1)).from_indexed_dataset(
-                dataset, indices=good, chunksize=64)
+                print(f"train.py: {len(bad)} unreadable images in {split_path} skipped, "
+                      f"listed in {path.with_suffix('.errors.jsonl')}")
+            tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+            failure = None
+            try:
+                write_beton(tmp, SplitImages(cfg.data, items, cfg.max_res), good, cfg.max_res)
+            except (RuntimeError, OSError) as e:
+                failure = str(e).splitlines()[0]
+            if failure:  # outside the except: ffcv's progress bar is gone before the error line
+                tmp.unlink(missing_ok=True)
+                die(f"writing the training cache {path} failed: {failure}")
             os.replace(tmp, path)  # a half-written cache is never picked up
     return path
 
@@ -370,64 +705,196 @@ def make_seeded_rrc():
     return SeededRandomResizedCrop
 
 
+def crop_ratio(cfg):
+    return cfg.crop_ratio if cfg.crop_ratio > 0 else (1.0 if cfg.res <= 64 else 0.875)
+
+
 def make_loader(cfg, beton, train, accelerator):
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
     device = accelerator.device
-    small = cfg.res <= 64
     if train:
-        min_scale = cfg.min_scale if cfg.min_scale > 0 else (0.35 if small else 0.08)
+        min_scale = cfg.min_scale if cfg.min_scale > 0 else (0.35 if cfg.res <= 64 else 0.08)
         decoder = make_seeded_rrc()((cfg.res, cfg.res), scale=(min_scale, 1.0))
     else:
         decoder = CenterCropRGBImageDecoder((cfg.res, cfg.res), ratio=crop_ratio(cfg))
     # Flip and normalisation happen on the device (seeded there), so the loader only decodes and copies.
     image_pipe = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    int_pipe = lambda: [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]
+    int_pipes = [[IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)] for _ in range(2)]
     # ffcv also sets torch's CPU thread count to its worker count: on a CPU-only run, leave half the cores to compute.
     cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
     workers = cfg.workers if cfg.workers > 0 else (cores if device.type == "cuda" else max(1, cores // 2))
     return Loader(str(beton), batch_size=cfg.batch_size, num_workers=workers,
                   order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=train,
                   seed=cfg.seed, distributed=accelerator.num_processes > 1,
-                  pipelines={"image": image_pipe, "label": int_pipe(), "index": int_pipe()})
+                  pipelines={"image": image_pipe, "label": int_pipes[0], "index": int_pipes[1]})
 
 
-def crop_ratio(cfg):
-    return cfg.crop_ratio if cfg.crop_ratio > 0 else (1.0 if cfg.res <= 64 else 0.875)
+def load_data(cfg):
+    """Class names, both splits (every line checked before any work) and the training prior."""
+    root = Path(cfg.data)
+    class_names = read_classes(root / cfg.classes)
+    num_classes = len(class_names)
+    train_items = read_split(root / cfg.train_split, num_classes)
+    val_items = read_split(root / cfg.val_split, num_classes)
+    class_counts = np.bincount([y for _, y in train_items], minlength=num_classes)
+    if (class_counts == 0).any() and cfg.loss != "ce":
+        die(f"{root / cfg.train_split}: classes {np.flatnonzero(class_counts == 0)[:5].tolist()} have no images; "
+            f"--loss {cfg.loss} needs every class (use --classes id_classes.txt for OOD sets)")
+    log_prior = torch.log(torch.as_tensor(class_counts.clip(min=1) / class_counts.sum(), dtype=torch.float32))
+    return SimpleNamespace(class_names=class_names, num_classes=num_classes, train_items=train_items,
+                           val_items=val_items, class_counts=class_counts, log_prior=log_prior,
+                           train_path=root / cfg.train_split, classes_path=root / cfg.classes)
 
 
-def load_features(path, kind, split_path, num_rows):
-    """A per-image artifact from encode.py, refused unless its sidecar matches this split."""
-    sidecar_path = Path(path).with_suffix(".json")
-    if not Path(path).exists() or not sidecar_path.exists():
-        die(f"{path} or its sidecar {sidecar_path.name} not found (make them with encode.py)")
-    sidecar = json.loads(sidecar_path.read_text())
-    array = np.load(path, mmap_mode="r")
-    if sidecar.get("kind") != kind:
-        die(f"{sidecar_path}: kind is {sidecar.get('kind')!r}, expected {kind!r}")
-    if array.shape[0] != num_rows or sidecar.get("split_sha256") != sha256_file(split_path):
-        die(f"{path} was made from another split than {split_path} (rows {array.shape[0]} vs {num_rows}, "
-            f"split_sha256 {'matches' if sidecar.get('split_sha256') == sha256_file(split_path) else 'differs'}): re-run encode.py on this split")
-    return array, sidecar
+# ----------------------------------------------------------------------------- supervision
+
+def per_image_artifact(path, kind, data):
+    """An encode.py array of this training split (sidecar verified, rows finite) and its rows to leave out."""
+    array, sidecar = load_artifact(path, kind)
+    split_sha = sha256_file(data.train_path)
+    if array.shape[0] != len(data.train_items) or sidecar.get("split_sha256") != split_sha:
+        same = "matches" if sidecar.get("split_sha256") == split_sha else "differs"
+        die(f"{path} was made from another split than {data.train_path} (rows {array.shape[0]} vs "
+            f"{len(data.train_items)}, split_sha256 {same}): re-run encode.py on this split")
+    missing = sidecar.get("missing_rows") or []
+    if not all(isinstance(r, int) and 0 <= r < array.shape[0] for r in missing):
+        die(f"{Path(path).with_suffix('.json')}: missing_rows must be row numbers below {array.shape[0]}")
+    return array, sidecar, missing
+
+
+def valid_rows(num_rows, missing, device):
+    """True for rows with supervision; None when every row has it (the loss then needs no mask)."""
+    if not missing:
+        return None
+    valid = torch.ones(num_rows, dtype=torch.bool)
+    valid[missing] = False
+    return valid.to(device)
+
+
+def rows_to_device(array, slots, device, chunk=65536):
+    """array[:, slots] ([N, P, D] memmap) or the whole [N, D] array as an fp16 device tensor, read one slot and one
+    block of rows at a time: the host never holds a full copy, and slots not trained on are never read."""
+    if slots is None:
+        result = torch.empty(array.shape, dtype=torch.float16, device=device)
+        for start in range(0, array.shape[0], chunk):
+            result[start:start + chunk] = torch.from_numpy(np.asarray(array[start:start + chunk], dtype=np.float16))
+        return result
+    result = torch.empty((array.shape[0], len(slots), array.shape[2]), dtype=torch.float16, device=device)
+    for k, slot in enumerate(slots):
+        for start in range(0, array.shape[0], chunk):
+            block = np.ascontiguousarray(array[start:start + chunk, slot], dtype=np.float16)
+            result[start:start + chunk, k] = torch.from_numpy(block)
+    return result
+
+
+def load_text(cfg, data, device):
+    """VLM caption features of the chosen prompt slots, by the ids the (sha256-bound) sidecar lists."""
+    array, sidecar, missing = per_image_artifact(cfg.text, "text", data)
+    slot_ids = [str(p) for p in sidecar.get("prompts") or []]
+    if len(slot_ids) != array.shape[1]:
+        die(f"{Path(cfg.text).with_suffix('.json')}: prompts lists {len(slot_ids)} ids for {array.shape[1]} slots")
+    wanted = [p.strip() for p in cfg.prompts.split(",") if p.strip()] or slot_ids
+    unknown = [p for p in wanted if p not in slot_ids]
+    if unknown:
+        die(f"--prompts {','.join(unknown)} not in {cfg.text} (its prompts: {','.join(slot_ids)})")
+    feats = rows_to_device(array, [slot_ids.index(p) for p in wanted], device)
+    return feats, valid_rows(len(feats), missing, device), sidecar, wanted
+
+
+def load_class_text(cfg, data):
+    """The training classes' rows of classes.npy, checked by name (ID/OOD sets list the ID classes first)."""
+    array, sidecar = load_artifact(cfg.class_text, "classes")
+    names = sidecar.get("names")
+    if not isinstance(names, list) or names[:data.num_classes] != data.class_names:
+        die(f"{cfg.class_text}: its classes ({Path(cfg.class_text).with_suffix('.json').name} names) do not start "
+            f"with the {data.num_classes} classes of {data.classes_path}")
+    return torch.from_numpy(np.asarray(array[:data.num_classes], dtype=np.float32)), sidecar
+
+
+def load_teacher(cfg, data, device):
+    """A frozen earlier student for logit KD; a torn or foreign file is one line."""
+    try:
+        ckpt = torch.load(cfg.teacher, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != "vlmkd-final-1":
+            raise ValueError(f"format {ckpt.get('format')!r}, not vlmkd-final-1")
+    except Exception as e:
+        die(f"--teacher {cfg.teacher} cannot be loaded as a final.pt ({str(e).splitlines()[0][:200]})")
+    if ckpt.get("classes") != data.class_names:
+        die(f"--teacher {cfg.teacher} was trained on other classes than {data.classes_path}")
+    teacher = Student(ckpt["arch"], ckpt["num_classes"], ckpt["preprocess"]["res"], ckpt["head"],
+                      ckpt["model"].get("clip_proj.weight", torch.empty(0, 0)).shape[0], ckpt.get("class_text"),
+                      ckpt.get("tau", 0.07))
+    teacher.load_state_dict(ckpt["model"])
+    return teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
+
+
+def load_supervision(cfg, data, device):
+    """Every optional input, verified against this split and its classes before any work is spent.
+    `identity` holds a sha256 per input: a resume must see the same ones."""
+    sup = SimpleNamespace(text_feats=None, text_valid=None, text_meta={}, prompts=[], class_text=None, teacher=None,
+                          teacher_images=None, teacher_valid=None)
+    sup.identity = {"train_split": sha256_file(data.train_path),
+                    "val_split": sha256_file(Path(cfg.data) / cfg.val_split),
+                    "classes": sha256_file(data.classes_path)}
+    if cfg.text and cfg.text_weight > 0:
+        sup.text_feats, sup.text_valid, sup.text_meta, sup.prompts = load_text(cfg, data, device)
+        sup.identity["text"] = sup.text_meta["sha256"]
+    if cfg.class_text:
+        sup.class_text, meta = load_class_text(cfg, data)
+        sup.identity["class_text"] = meta["sha256"]
+    if cfg.head == "cosine" and sup.class_text is None:
+        die("--head cosine needs --class-text classes.npy (encode.py --classes)")
+    if cfg.teacher_images:
+        array, meta, missing = per_image_artifact(cfg.teacher_images, "images", data)
+        if sup.class_text is not None and sup.class_text.shape[1] != array.shape[1]:
+            die(f"--class-text width {sup.class_text.shape[1]} != --teacher-images width {array.shape[1]}: "
+                f"use one CLIP model for both")
+        sup.teacher_images = rows_to_device(array, None, device)
+        sup.teacher_valid = valid_rows(len(array), missing, device)
+        sup.identity["teacher_images"] = meta["sha256"]
+    if cfg.teacher and cfg.kd_weight > 0:
+        sup.teacher = load_teacher(cfg, data, device)
+        sup.identity["teacher"] = sha256_file(cfg.teacher)
+    if cfg.init:
+        if not Path(cfg.init).is_file():
+            die(f"--init {cfg.init} not found")
+        sup.identity["init"] = sha256_file(cfg.init)
+    return sup
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 def group_accuracy(preds, labels, class_counts):
-    """Top-1 overall and over many (>100 train images), medium (20-100) and few (<20) classes."""
-    counts = torch.as_tensor(class_counts)[labels]
+    """Top-1 overall and over OLTR's many / medium / few classes (None for a group with no image here)."""
+    groups = np.array([class_group(int(c)) for c in class_counts])[labels.numpy()]
     correct = (preds == labels).float()
     result = {"top1": correct.mean().item()}
-    for name, mask in (("many", counts > 100), ("medium", (counts >= 20) & (counts <= 100)), ("few", (counts > 0) & (counts < 20))):
-        result[name] = correct[mask].mean().item() if mask.any() else None  # no such class in this split
+    for name in GROUPS:
+        mask = torch.from_numpy(groups == name)
+        result[name] = correct[mask].mean().item() if mask.any() else None
     return result
 
 
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def pixel_mean_std(device):
+    """ImageNet statistics on the 0-255 scale of ffcv's uint8 batches, shaped to broadcast over NCHW."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+
+
+def normalize(images, mean, std):
+    return (images.float() - mean) / std
+
+
 @torch.no_grad()
-def evaluate(model, loader, accelerator, class_counts, mean, std):
+def evaluate(model, loader, accelerator, class_counts):
     model.eval()
+    mean, std = pixel_mean_std(accelerator.device)
     preds, labels, indices = [], [], []
     for images, y, idx in loader:
         with accelerator.autocast():
@@ -442,32 +909,54 @@ def evaluate(model, loader, accelerator, class_counts, mean, std):
     return group_accuracy(preds[first], labels[first], class_counts)
 
 
-def normalize(images, mean, std):
-    return (images.float() - mean) / std
-
-
 # ----------------------------------------------------------------------------- training
 
-def versions():
-    names = ("torch", "torchvision", "accelerate", "transformers", "ffcv", "numpy")
-    return {n: pkg_metadata.version(n) for n in names} | {"python": sys.version.split()[0]}
+def init_backbone(student, cfg):
+    """--init: the backbone of an earlier final.pt (same --arch); the head starts fresh for these classes."""
+    try:
+        ckpt = torch.load(cfg.init, map_location="cpu", weights_only=True)
+        if ckpt.get("format") != "vlmkd-final-1":
+            raise ValueError(f"format {ckpt.get('format')!r}, not vlmkd-final-1")
+    except Exception as e:
+        die(f"--init {cfg.init} cannot be loaded as a final.pt ({str(e).splitlines()[0][:200]})")
+    if ckpt["arch"] != cfg.arch:
+        die(f"--init {cfg.init} is a {ckpt['arch']}, not --arch {cfg.arch}")
+    weights = {k.removeprefix("backbone."): v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    try:
+        student.backbone.load_state_dict(weights)
+    except RuntimeError as e:
+        die(f"--init {cfg.init}: its backbone does not fit --arch {cfg.arch} ({str(e).splitlines()[0][:200]})")
 
 
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+def build_model(cfg, data, sup, device):
+    torch.manual_seed(cfg.seed)
+    clip_dim = sup.class_text.shape[1] if cfg.head == "cosine" else 0
+    clip_dim = sup.teacher_images.shape[1] if sup.teacher_images is not None else clip_dim
+    student = Student(cfg.arch, data.num_classes, cfg.res, cfg.head, clip_dim, sup.class_text, cfg.tau)
+    if cfg.init:
+        init_backbone(student, cfg)
+    text_head = None
+    if sup.text_feats is not None:
+        text_head = TextHead(student.feat_dim, sup.text_feats.shape[-1], cfg.embed_dim, cfg.adaptor_hidden,
+                             cfg.text_temp, cfg.learn_temp)
+    return Model(student, text_head).to(device, memory_format=torch.channels_last)
 
 
-def pixel_mean_std(device):
-    """ImageNet statistics on the 0-255 scale of ffcv's uint8 batches, shaped to broadcast over NCHW."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255, torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
+def warmup_cosine(warmup, total):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return factor
 
 
 def make_optimizer(cfg, model, num_processes, steps_per_epoch):
     """SGD (nesterov) or AdamW, no decay on biases, norms and the temperature; linear warmup then cosine, per step."""
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and p.requires_grad]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 and p.requires_grad and not n.endswith("log_scale")]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    temp = [p for n, p in model.named_parameters() if n.endswith("log_scale") and p.requires_grad]
-    if temp:  # its own lr: at the backbone's SGD lr it collapses (DESIGN.md)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    temp = [p for n, p in named if n.endswith("log_scale")]
+    groups = [{"params": [p for n, p in named if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if p.ndim <= 1 and not n.endswith("log_scale")], "weight_decay": 0.0}]
+    if temp:  # its own lr: at the backbone's SGD lr the temperature collapses
         groups.append({"params": temp, "weight_decay": 0.0, "lr": cfg.temp_lr})
     lr = cfg.lr * cfg.batch_size * num_processes / 128
     for g in groups:
@@ -475,47 +964,50 @@ def make_optimizer(cfg, model, num_processes, steps_per_epoch):
     optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True) if cfg.optimizer == "sgd"
                  else torch.optim.AdamW(groups, lr=lr))
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    schedule = lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
 
 
-def make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, text_feats, teacher, teacher_images, log_prior, loss_names):
+def unwrap(accelerator, model):
+    core = accelerator.unwrap_model(model)
+    return getattr(core, "_orig_mod", core)
+
+
+def make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, sup, log_prior, losses):
     """The hot path: one optimisation step on a loader batch. Returns [loss, *parts] as one device tensor,
     so the caller decides when to sync. `model` is the prepared (DDP / compiled) Model."""
     device = accelerator.device
-    core = accelerator.unwrap_model(model)
-    core = getattr(core, "_orig_mod", core)
+    core = unwrap(accelerator, model)
     mean, std = pixel_mean_std(device)
+    log_prior = log_prior.to(device)
     tau_cls = {"ce": 0.0, "la": cfg.tau_la, "bs": 1.0}[cfg.loss]
+    weights = [weight_of(t, cfg) for t in losses]
     live = list(core.student.state_dict().values())  # aliases of the parameters and buffers, updated in place
+
+    def rows(mask, indices):
+        return None if mask is None else mask[indices]
 
     def train_step(images, labels, indices, gen):
         flip = torch.rand(len(images), device=device, generator=gen) < 0.5
         images = normalize(torch.where(flip[:, None, None, None], images.flip(3), images), mean, std)
         images = images.contiguous(memory_format=torch.channels_last)
         texts = None
-        if text_feats is not None:  # one of each image's P captions, sampled every step
-            slot = torch.randint(text_feats.shape[1], (len(indices),), device=device, generator=gen)
-            texts = text_feats[indices, slot].float()
+        if sup.text_feats is not None:  # one of each image's P captions, sampled every step
+            slot = torch.randint(sup.text_feats.shape[1], (len(indices),), device=device, generator=gen)
+            texts = sup.text_feats[indices, slot].float()
         with accelerator.autocast():
             logits, clip_emb, img_emb, txt_emb = model(images, texts)
-            parts = [prior_adjusted_ce(logits, labels, log_prior, tau_cls, cfg.label_smoothing)]
-            weights = [1.0]
-            if "loss_text" in loss_names:
-                parts.append(info_nce(img_emb, txt_emb, core.text_head.log_scale.exp(), labels, cfg.mask_same_class))
-                weights.append(cfg.text_weight)
-            if "loss_kd" in loss_names:
+            batch = {"logits": logits, "labels": labels, "log_prior": log_prior, "tau_cls": tau_cls,
+                     "clip_emb": clip_emb, "img_emb": img_emb, "txt_emb": txt_emb,
+                     "class_text": core.student.class_text,
+                     "text_valid": rows(sup.text_valid, indices), "teacher_valid": rows(sup.teacher_valid, indices)}
+            if core.text_head is not None:
+                batch["logit_scale"] = core.text_head.log_scale.exp()
+            if sup.teacher is not None:
                 with torch.no_grad():
-                    teacher_logits = teacher(images)[1]
-                parts.append(logit_kd(logits, teacher_logits, cfg.kd_temp))
-                weights.append(cfg.kd_weight)
-            if "loss_imitate" in loss_names:
-                parts.append(imitation_loss(clip_emb, teacher_images[indices], cfg.imitate_loss, 1 / cfg.tau))
-                weights.append(cfg.imitate_weight)
-            if "loss_align" in loss_names:
-                parts.append(alignment_loss(clip_emb, teacher_images[indices], core.student.class_text, cfg.tau,
-                                            labels, cfg.align_topk, cfg.align_correct_only))
-                weights.append(cfg.align_weight)
+                    batch["teacher_logits"] = sup.teacher(images)[1]
+            if sup.teacher_images is not None:
+                batch["teacher_emb"] = sup.teacher_images[indices]
+            parts = [term.fn(batch, cfg) for term in losses]
             loss = sum(w * p for w, p in zip(weights, parts))
         accelerator.backward(loss)
         if cfg.grad_clip > 0:
@@ -528,199 +1020,6 @@ def make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, text_fea
         return torch.stack([loss.detach().float()] + [p.detach().float() for p in parts])
 
     return train_step
-
-
-def main():
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses()
-    if cfg.loss not in ("ce", "la", "bs") or cfg.head not in ("linear", "cosine") or cfg.imitate_loss not in ("mse", "contrastive"):
-        die(f"--loss must be ce|la|bs, --head linear|cosine, --imitate-loss mse|contrastive (got {cfg.loss}, {cfg.head}, {cfg.imitate_loss})")
-    on_gpu = torch.cuda.is_available()
-    precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.precision]
-    accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu)
-    device, is_main = accelerator.device, accelerator.is_main_process
-    out = Path(cfg.out)
-    train_path, val_path = Path(cfg.data) / cfg.train_split, Path(cfg.data) / cfg.val_split
-    classes_path = Path(cfg.data) / cfg.classes
-    if not classes_path.exists():
-        die(f"{classes_path} not found (make it with prepare.py)")
-    class_names = [n for n in classes_path.read_text().splitlines() if n.strip()]
-    train_items = read_split(train_path)
-    read_split(val_path)
-    num_classes = len(class_names)
-    labels_all = np.array([y for _, y in train_items])
-    if labels_all.max() >= num_classes:
-        die(f"{train_path}: label {labels_all.max()} but {classes_path} names {num_classes} classes")
-    class_counts = np.bincount(labels_all, minlength=num_classes)
-    if (class_counts == 0).any() and cfg.loss != "ce":
-        die(f"{train_path}: classes {np.flatnonzero(class_counts == 0)[:5].tolist()} have no images; --loss {cfg.loss} needs every class (use --classes id_classes.txt for OOD sets)")
-    log_prior = torch.log(torch.as_tensor(class_counts.clip(min=1) / class_counts.sum(), dtype=torch.float32)).to(device)
-
-    # Per-image supervision from encode.py, checked against this split.
-    text_feats, text_meta, slot_ids = None, {}, []
-    if cfg.text and cfg.text_weight > 0:
-        array, text_meta = load_features(cfg.text, "text", train_path, len(train_items))
-        slot_ids = list(text_meta.get("prompts", range(array.shape[1])))
-        wanted = [p.strip() for p in cfg.prompts.split(",") if p.strip()] or slot_ids
-        unknown = [p for p in wanted if p not in slot_ids]
-        if unknown:
-            die(f"--prompts {','.join(unknown)} not in {cfg.text} (its prompts: {','.join(map(str, slot_ids))})")
-        slots = [slot_ids.index(p) for p in wanted]
-        text_feats = torch.from_numpy(np.ascontiguousarray(array[:, slots])).to(device, torch.float16)
-        slot_ids = wanted
-    class_text = None
-    if cfg.class_text:
-        class_text = torch.from_numpy(np.load(cfg.class_text).astype(np.float32))
-        sidecar = Path(cfg.class_text).with_suffix(".json")
-        text_names = json.loads(sidecar.read_text()).get("names") if sidecar.exists() else None
-        # ID/OOD sets list the ID (training) classes first: their rows are the first num_classes.
-        if text_names is not None and text_names[:num_classes] != class_names:
-            die(f"{cfg.class_text}: its classes ({sidecar.name} names) do not start with the {num_classes} classes of {classes_path}")
-        if class_text.shape[0] < num_classes or (text_names is None and class_text.shape[0] != num_classes):
-            die(f"{cfg.class_text} has {class_text.shape[0]} class rows, {classes_path} names {num_classes}")
-        class_text = class_text[:num_classes]
-    if cfg.head == "cosine" and class_text is None:
-        die("--head cosine needs --class-text classes.npy (encode.py --classes)")
-    teacher_images = None
-    if cfg.teacher_images:
-        array, _ = load_features(cfg.teacher_images, "images", train_path, len(train_items))
-        teacher_images = torch.from_numpy(np.ascontiguousarray(array)).to(device, torch.float16)
-        if class_text is not None and class_text.shape[1] != teacher_images.shape[1]:
-            die(f"--class-text width {class_text.shape[1]} != --teacher-images width {teacher_images.shape[1]}: use one CLIP model for both")
-    clip_dim = (class_text.shape[1] if class_text is not None else 0) if cfg.head == "cosine" else 0
-    clip_dim = teacher_images.shape[1] if teacher_images is not None else clip_dim
-
-    torch.manual_seed(cfg.seed)
-    student = Student(cfg.arch, num_classes, cfg.res, cfg.head, clip_dim, class_text, cfg.tau)
-    text_head = None
-    if text_feats is not None:
-        text_head = TextHead(student.feat_dim, text_feats.shape[-1], cfg.embed_dim, cfg.adaptor_hidden, cfg.text_temp, cfg.learn_temp)
-    model = Model(student, text_head).to(device, memory_format=torch.channels_last)
-    teacher = None
-    if cfg.teacher and cfg.kd_weight > 0:
-        ckpt = torch.load(cfg.teacher, map_location="cpu", weights_only=True)
-        if ckpt.get("classes") != class_names:
-            die(f"--teacher {cfg.teacher} was trained on other classes than {classes_path}")
-        teacher = Student(ckpt["arch"], ckpt["num_classes"], ckpt["preprocess"]["res"], ckpt["head"],
-                          ckpt["model"].get("clip_proj.weight", torch.empty(0, 0)).shape[0], ckpt.get("class_text"), ckpt.get("tau", 0.07))
-        teacher.load_state_dict(ckpt["model"])
-        teacher = teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
-
-    loss_names = ["loss_cls"] + (["loss_text"] if text_head else []) + (["loss_kd"] if teacher else []) + \
-        (["loss_imitate"] if teacher_images is not None and cfg.imitate_weight > 0 else []) + \
-        (["loss_align"] if teacher_images is not None and class_text is not None and cfg.align_weight > 0 else [])
-    train_loader = make_loader(cfg, beton_for(cfg, cfg.train_split, accelerator), True, accelerator)
-    val_loader = make_loader(cfg, beton_for(cfg, cfg.val_split, accelerator), False, accelerator)
-    accelerator.print(f"train.py: {len(train_items)} train images, {num_classes} classes, world size {accelerator.num_processes}, "
-                      f"{device.type}, precision {precision}, losses {', '.join(loss_names)}")
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        die(f"{train_path}: fewer images than --batch-size {cfg.batch_size} per process")
-    total_steps = cfg.epochs * steps_per_epoch
-    optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes, steps_per_epoch)
-    ema = [p.detach().clone() for p in model.student.state_dict().values()] if cfg.ema > 0 else None
-
-    start_epoch, step = 0, 0
-    if cfg.resume and (out / "ckpt.pt").exists():
-        state = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)
-        if state["config"] != asdict(cfg) | {"resume": state["config"]["resume"]}:
-            changed = [k for k, v in asdict(cfg).items() if k != "resume" and state["config"].get(k) != v]
-            die(f"--resume: {out / 'ckpt.pt'} was made with other settings ({', '.join(changed)}); use another --out")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema = [t.to(device) for t in state["ema"]] if state["ema"] is not None else None
-        start_epoch, step = state["epoch"] + 1, state["step"]
-        accelerator.print(f"resuming {out} at epoch {start_epoch}")
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    core = accelerator.unwrap_model(model)
-    core = getattr(core, "_orig_mod", core)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(__file__, out / "train.py")
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-        (out / "versions.json").write_text(json.dumps(versions(), indent=1) + "\n")
-        if not cfg.resume:
-            (out / "metrics.jsonl").write_text("")
-    mean, std = pixel_mean_std(device)
-    train_step = make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, text_feats, teacher, teacher_images,
-                                 log_prior, loss_names)
-
-    def log(row):
-        if is_main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    running = torch.zeros(len(loss_names) + 1, device=device)
-    bad_step = torch.full((), -1, device=device, dtype=torch.long)
-    last_log, last_time, images_seen = step, time.perf_counter(), 0
-    train_loader.next_epoch = start_epoch  # ffcv's order for epoch e is seeded by seed + e
-    bar = tqdm(total=total_steps, initial=step, disable=not is_main, unit="step", dynamic_ncols=True)
-    for epoch in range(start_epoch, cfg.epochs):
-        gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
-        row_seen = torch.zeros(len(train_items), device=device, dtype=torch.int32)
-        for images, labels, indices in train_loader:
-            row_seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
-            values = train_step(images, labels, indices, gen)
-            with torch.no_grad():  # no host sync here: accumulate on the device, read when logging
-                running += values
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values).all(), step, bad_step)
-            step += 1
-            images_seen += len(images) * accelerator.num_processes
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps or step == cfg.max_steps:
-                check_finite(bad_step, running, loss_names, out)
-                now = time.perf_counter()
-                avg = (running / (step - last_log)).tolist()
-                row = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "loss": avg[0]} | dict(zip(loss_names, avg[1:]))
-                row["img_per_s"] = images_seen / (now - last_time)
-                if text_head is not None:
-                    row["text_logit_scale"] = core.text_head.log_scale.exp().item()
-                log(row)
-                bar.set_postfix(loss=f"{avg[0]:.3f}", img_s=f"{row['img_per_s']:.0f}")
-                running.zero_()
-                last_log, last_time, images_seen = step, now, 0
-            if step == cfg.max_steps:
-                break
-        check_finite(bad_step, running, loss_names, out)
-        row_seen = accelerator.reduce(row_seen, "sum")  # a sample seen twice in one epoch means a sharding bug
-        log({"epoch": epoch, "step": step, "rows_seen": int((row_seen > 0).sum()), "rows_max_repeat": int(row_seen.max())})
-        if is_main:
-            state = {"epoch": epoch, "step": step, "config": asdict(cfg), "model": core.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "ema": [t.cpu() for t in ema] if ema is not None else None}
-            torch.save(state, out / "ckpt.tmp")
-            os.replace(out / "ckpt.tmp", out / "ckpt.pt")  # a kill mid-save leaves the last good one
-        if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-            trained = swap_in_ema(core, ema)
-            acc = evaluate(core, val_loader, accelerator, class_counts, mean, std)
-            swap_in_ema(core, trained)
-            log({"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()})
-            accelerator.print(f"epoch {epoch}: val top-1 {acc['top1']:.4f} (" + " ".join(
-                f"{k} {acc[k]:.3f}" for k in ("many", "medium", "few") if acc[k] is not None) + ")")
-        accelerator.wait_for_everyone()
-        if step == cfg.max_steps:
-            break
-    bar.close()
-    if is_main:
-        swap_in_ema(core, ema)
-        final = {"format": "vlmkd-final-1", "arch": cfg.arch, "num_classes": num_classes, "feat_dim": core.student.feat_dim,
-                 "model": {k: v.cpu() for k, v in core.student.state_dict().items()}, "head": cfg.head, "tau": cfg.tau,
-                 "classes": class_names, "class_counts": class_counts.tolist(),
-                 "preprocess": {"res": cfg.res, "mean": MEAN, "std": STD, "crop_ratio": crop_ratio(cfg)},
-                 "train_split_sha256": sha256_file(train_path), "config": asdict(cfg)}
-        if class_text is not None and cfg.head == "cosine":
-            final["class_text"] = class_text
-        if text_head is not None and not cfg.drop_text_head:
-            final["text_head"] = {"proj": {k: v.cpu() for k, v in core.text_head.proj.state_dict().items()},
-                                  "adaptor": {k: v.cpu() for k, v in core.text_head.adaptor.state_dict().items()},
-                                  "logit_scale": core.text_head.log_scale.exp().item(), "feat_dim": core.student.feat_dim,
-                                  "text_dim": text_feats.shape[-1], "embed_dim": cfg.embed_dim, "hidden": cfg.adaptor_hidden,
-                                  "encoder": str(text_meta.get("encoder", "")), "prompts": [str(p) for p in slot_ids]}
-        torch.save(final, out / "final.pt")
-        accelerator.print(f"wrote {out / 'final.pt'}")
-    accelerator.end_training()
 
 
 def update_ema(ema, current, decay):
@@ -741,10 +1040,310 @@ def swap_in_ema(core, weights):
     return current
 
 
-def check_finite(bad_step, running, loss_names, out):
+# ----------------------------------------------------------------------------- run folder and checkpoints
+
+def last_good(out):
+    ckpt = Path(out) / "ckpt.pt"
+    return f"the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt.exists() else \
+        "no checkpoint was written"
+
+
+def require_finite_loss(bad_step, running, losses, out):
     if bad_step.item() >= 0:
-        parts = dict(zip(["loss"] + loss_names, running.tolist()))
-        die(f"non-finite loss at step {bad_step.item()} (running sums {parts}); the last good checkpoint is {out / 'ckpt.pt'}")
+        parts = dict(zip(["loss"] + [t.name for t in losses], running.tolist()))
+        die(f"non-finite loss at step {bad_step.item()} (running sums {parts}); {last_good(out)}")
+
+
+def require_finite_weights(core, ema, step, out):
+    """No diverged model is ever written: every parameter and buffer (and the EMA) must be finite."""
+    named = list(core.state_dict().items()) + [(f"ema[{i}]", t) for i, t in enumerate(ema or [])]
+    bad = [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        die(f"training diverged by step {step}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
+            f"nothing written; {last_good(out)}")
+
+
+def save_atomic(obj, path, out):
+    """torch.save through a temporary file and a rename; a full disk is one line and leaves the old file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (RuntimeError, OSError) as e:
+        tmp.unlink(missing_ok=True)
+        die(f"cannot write {path} ({str(e).strip().splitlines()[-1][:200]}); {last_good(out)}")
+
+
+def read_checkpoint(cfg, out, identity):
+    """--resume: ckpt.pt, refused unless made with the same settings and the same inputs (by content)."""
+    path = out / "ckpt.pt"
+    if not cfg.resume or not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        old, inputs = state["config"], state["inputs"]
+    except Exception as e:
+        die(f"--resume: {path} cannot be read ({str(e).strip().splitlines()[0][:200]}); delete it to start over")
+    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES | INPUT_FIELDS and old.get(k) != v]
+    changed += [f"{k} (content)" for k in sorted(set(identity) | set(inputs)) if identity.get(k) != inputs.get(k)]
+    if changed:
+        die(f"--resume: {path} was made with other {', '.join(changed)}; use the same inputs or another --out")
+    return state
+
+
+def restore(state, model, optimizer, scheduler, cfg, device):
+    """(ema, progress) from the checkpoint, or fresh ones."""
+    ema = [p.detach().clone() for p in model.student.state_dict().values()] if cfg.ema > 0 else None
+    progress = SimpleNamespace(epoch=0, step=0, running=None, last_log=0)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ema = [t.to(device) for t in state["ema"]] if state["ema"] is not None else None
+        progress = SimpleNamespace(epoch=state["epoch"] + 1, step=state["step"], running=state["running"],
+                                   last_log=state["last_log"])
+    return ema, progress
+
+
+def start_run_folder(cfg, out, accelerator, state):
+    """Script copy, config, versions; metrics.jsonl cut back to the checkpoint's step (a resumed run logs
+    exactly the rows of an uninterrupted one), or emptied for a fresh run."""
+    if not accelerator.is_main_process:
+        return
+    shutil.copy(__file__, out / "train.py")
+    write_json(out / "config.json", asdict(cfg))
+    write_json(out / "versions.json", versions("torch", "torchvision", "accelerate", "timm", "ffcv", "numpy"))
+    kept = []
+    if state is not None and (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= state["step"]:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError):  # a row torn by the kill
+                pass
+    tmp = out / f".metrics.jsonl.{os.getpid()}.tmp"
+    tmp.write_text("".join(kept))
+    os.replace(tmp, out / "metrics.jsonl")
+    if cfg.report_to != "none":
+        accelerator.init_trackers(Path(out).name, config=asdict(cfg))
+
+
+def make_logger(out, accelerator):
+    def log(row):
+        if accelerator.is_main_process:
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
+    return log
+
+
+def save_checkpoint(run, epoch, step, running, last_log):
+    require_finite_weights(run.core, run.ema, step, run.out)
+    if run.accelerator.is_main_process:
+        state = {"epoch": epoch, "step": step, "config": asdict(run.cfg), "inputs": run.sup.identity,
+                 "model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
+                 "scheduler": run.scheduler.state_dict(), "running": running.cpu(), "last_log": last_log,
+                 "ema": [t.cpu() for t in run.ema] if run.ema is not None else None}
+        save_atomic(state, run.out / "ckpt.pt", run.out)  # a kill mid-save leaves the last good one
+
+
+def train(run, progress):
+    """The epochs: steps (metrics every --log-every), then coverage, validation and ckpt.pt per epoch."""
+    cfg, accelerator, core, losses = run.cfg, run.accelerator, run.core, run.losses
+    device, log, step = accelerator.device, make_logger(run.out, accelerator), progress.step
+    total_steps = cfg.epochs * len(run.train_loader)
+    running = torch.zeros(len(losses) + 1, device=device) if progress.running is None else progress.running.to(device)
+    bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    last_log, last_time, images_seen = progress.last_log, time.perf_counter(), 0
+    run.train_loader.next_epoch = progress.epoch  # ffcv's order for epoch e is seeded by seed + e
+    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",
+               dynamic_ncols=True)
+    try:  # the bar is closed before an error line, which stays the last line
+        for epoch in range(progress.epoch, cfg.epochs):
+            gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
+            row_seen = torch.zeros(len(run.data.train_items), device=device, dtype=torch.int32)
+            for images, labels, indices in run.train_loader:
+                row_seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+                values = run.train_step(images, labels, indices, gen)
+                with torch.no_grad():  # no host sync here: accumulate on the device, read when logging
+                    running += values
+                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values).all(), step, bad_step)
+                step, images_seen = step + 1, images_seen + len(images) * accelerator.num_processes
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == total_steps or step == cfg.max_steps:
+                    require_finite_loss(bad_step, running, losses, run.out)
+                    now = time.perf_counter()
+                    avg = (running / (step - last_log)).tolist()
+                    row = {"step": step, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "loss": avg[0]}
+                    row |= {t.name: v for t, v in zip(losses, avg[1:])} | {"img_per_s": images_seen / (now - last_time)}
+                    if core.text_head is not None:
+                        row["text_logit_scale"] = core.text_head.log_scale.exp().item()
+                    log(row)
+                    bar.set_postfix(loss=f"{avg[0]:.3f}", img_s=f"{row['img_per_s']:.0f}")
+                    running.zero_()
+                    last_log, last_time, images_seen = step, now, 0
+                if step == cfg.max_steps:
+                    break
+            require_finite_loss(bad_step, running, losses, run.out)
+            row_seen = accelerator.reduce(row_seen, "sum")  # a sample seen twice in one epoch means a sharding bug
+            log({"epoch": epoch, "step": step, "rows_seen": int((row_seen > 0).sum()),
+                 "rows_max_repeat": int(row_seen.max())})
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                trained = swap_in_ema(core, run.ema)
+                acc = evaluate(core, run.val_loader, accelerator, run.data.class_counts)
+                swap_in_ema(core, trained)
+                log({"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()})
+                accelerator.print(f"epoch {epoch}: val top-1 {acc['top1']:.4f} (" + " ".join(
+                    f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None) + ")")
+            save_checkpoint(run, epoch, step, running, last_log)  # after the epoch's rows: a resume re-logs none
+            accelerator.wait_for_everyone()
+            if step == cfg.max_steps:
+                break
+    finally:
+        bar.close()
+    return step
+
+
+# ----------------------------------------------------------------------------- final.pt and the exported student
+
+def final_record(run, step):
+    """final.pt: the (EMA) student and everything eval.py needs, checked finite first."""
+    cfg, core, data, sup = run.cfg, run.core, run.data, run.sup
+    swap_in_ema(core, run.ema)
+    require_finite_weights(core, None, step, run.out)
+    final = {"format": "vlmkd-final-1", "arch": cfg.arch, "num_classes": data.num_classes,
+             "feat_dim": core.student.feat_dim, "model": {k: v.cpu() for k, v in core.student.state_dict().items()},
+             "head": cfg.head, "tau": cfg.tau, "classes": data.class_names, "class_counts": data.class_counts.tolist(),
+             "preprocess": {"res": cfg.res, "mean": MEAN, "std": STD, "crop_ratio": crop_ratio(cfg)},
+             "train_split_sha256": sup.identity["train_split"], "inputs": sup.identity, "config": asdict(cfg),
+             "losses": {t.name: weight_of(t, cfg) for t in run.losses}}
+    if sup.class_text is not None and cfg.head == "cosine":
+        final["class_text"] = sup.class_text
+    if core.text_head is not None and not cfg.drop_text_head:
+        final["text_head"] = {"proj": {k: v.cpu() for k, v in core.text_head.proj.state_dict().items()},
+                              "adaptor": {k: v.cpu() for k, v in core.text_head.adaptor.state_dict().items()},
+                              "logit_scale": core.text_head.log_scale.exp().item(), "feat_dim": core.student.feat_dim,
+                              "text_dim": sup.text_feats.shape[-1], "embed_dim": cfg.embed_dim,
+                              "hidden": cfg.adaptor_hidden, "encoder": str(sup.text_meta.get("encoder", "")),
+                              "prompts": sup.prompts}
+    return final
+
+
+class Logits(nn.Module):
+    """The student as deployed: normalised images in, class logits out."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images):
+        return self.student(images)[1]
+
+
+def library_weights(cfg, student):
+    """(constructor description, state dict) whose keys load into torchvision's / timm's own model with strict=True:
+    our head goes back under the classifier's name. None where no public constructor exists."""
+    if cfg.arch in CIFAR_ARCHS or cfg.head != "linear":
+        return None
+    backbone = student.backbone
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    head = student.head.state_dict().items()
+    state |= {f"{backbone.classifier_name}.{k}": v.detach().cpu().contiguous() for k, v in head}
+    library = "timm" if cfg.arch.startswith("timm:") else "torchvision"
+    return {"library": library, "model": cfg.arch.removeprefix("timm:"), "kwargs": backbone.constructor_kwargs}, state
+
+
+def export_student(run, final):
+    """student.safetensors + student.json, student.pt2 (torch.export) and student.onnx, as --export asks."""
+    cfg, out = run.cfg, run.out
+    kinds = [k.strip() for k in cfg.export.split(",") if k.strip()]
+    if not kinds:
+        return
+    student = Student(cfg.arch, final["num_classes"], cfg.res, cfg.head, final["model"].get(
+        "clip_proj.weight", torch.empty(0, 0)).shape[0], final.get("class_text"), cfg.tau)
+    student.load_state_dict(final["model"])
+    net, example = Logits(student).eval(), torch.randn(2, 3, cfg.res, cfg.res)
+    meta = {"arch": cfg.arch, "num_classes": final["num_classes"], "classes": final["classes"],
+            "preprocess": final["preprocess"], "input": "RGB, Resize(round(res / crop_ratio)), CenterCrop(res), "
+                                                        "ToTensor, Normalize(mean, std); NCHW float32"}
+    weights = library_weights(cfg, student) if "safetensors" in kinds else None
+    if weights is not None:
+        from safetensors.torch import save_file
+        save_file(weights[1], out / "student.safetensors")
+        meta |= weights[0]
+    elif "safetensors" in kinds:  # CIFAR ResNets and the cosine head exist only in this code
+        meta |= {"library": None, "note": f"--arch {cfg.arch} --head {cfg.head}: no torchvision/timm constructor, "
+                                          f"load student.pt2"}
+    if "pt2" in kinds:
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.export.save(program, out / "student.pt2")
+    if "onnx" in kinds:
+        try:
+            torch.onnx.export(net, (example,), out / "student.onnx", input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+        except Exception as e:  # an architecture ONNX cannot express is a warning, not a failed run
+            warn(f"ONNX export of {cfg.arch} failed ({str(e).splitlines()[0][:200]}); student.pt2 still works")
+    write_json(out / "student.json", meta)
+
+
+def write_final(run, step):
+    if run.accelerator.is_main_process:
+        final = final_record(run, step)
+        save_atomic(final, run.out / "final.pt", run.out)
+        export_student(run, final)
+        run.accelerator.print(f"wrote {run.out / 'final.pt'}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def start(cfg):
+    """The accelerator (tracker included) and a writable --out, checked before anything is read."""
+    for kind in (k.strip() for k in cfg.export.split(",") if k.strip()):
+        if kind not in EXPORTS:
+            die(f"--export {kind}: expected a comma-separated subset of {', '.join(EXPORTS)}")
+    on_gpu = torch.cuda.is_available()
+    precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.precision]
+    out = writable_dir(cfg.out)
+    remove_stale_tmp(out)
+    accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu, project_dir=out,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to)
+    return accelerator, out
+
+
+def prepare_model(cfg, accelerator, model, optimizer):
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, unwrap(accelerator, model)
+
+
+def main():
+    cfg = parse_config(Config)
+    accelerator, out = start(cfg)
+    device = accelerator.device
+    data = load_data(cfg)
+    sup = load_supervision(cfg, data, device)
+    losses = active_losses(cfg, sup)
+    state = read_checkpoint(cfg, out, sup.identity)
+    model = build_model(cfg, data, sup, device)
+    train_loader = make_loader(cfg, beton_for(cfg, cfg.train_split, accelerator), True, accelerator)
+    val_loader = make_loader(cfg, beton_for(cfg, cfg.val_split, accelerator), False, accelerator)
+    if len(train_loader) == 0:
+        die(f"{data.train_path}: fewer readable images than --batch-size {cfg.batch_size} per process")
+    optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes, len(train_loader))
+    ema, progress = restore(state, model, optimizer, scheduler, cfg, device)
+    model, optimizer, core = prepare_model(cfg, accelerator, model, optimizer)
+    start_run_folder(cfg, out, accelerator, state)
+    accelerator.print(f"train.py: {len(data.train_items)} train images, {data.num_classes} classes, world size "
+                      f"{accelerator.num_processes}, {device.type}, precision {cfg.precision}, losses "
+                      f"{', '.join(t.name for t in losses)}" + (f"; resuming at epoch {progress.epoch}" * bool(state)))
+    train_step = make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, sup, data.log_prior, losses)
+    run = SimpleNamespace(cfg=cfg, accelerator=accelerator, out=out, data=data, sup=sup, losses=losses, core=core,
+                          optimizer=optimizer, scheduler=scheduler, ema=ema, train_step=train_step,
+                          train_loader=train_loader, val_loader=val_loader)
+    step = train(run, progress)
+    write_final(run, step)
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Throughput of train.py's training step against a plain PyTorch baseline, and the cost of the text loss.
 
-    python bench/train_bench.py                                                  # fmnist-lt, resnet32 @ 32 px (CPU: ~2 min)
-    python bench/train_bench.py --script-check                                   # + train.py --max-steps as a subprocess (~5 min)
+    python bench/train_bench.py                    # fmnist-lt, resnet32 @ 32 px (CPU: ~2 min)
+    python bench/train_bench.py --script-check     # + train.py --max-steps as a subprocess (~5 min)
+    python bench/train_bench.py --gather-check     # the text InfoNCE's cross-process gather, 2 processes (~1 min)
     python bench/train_bench.py --data data/imagenet-lt --arch resnet50 --res 176 --batch-size 256   # a GPU
 
 Three variants in one process: the same images (the --split file's), the same initial weights, batch
@@ -15,7 +16,8 @@ size, SGD (nesterov) optimizer, LR schedule and classification loss (train.py's 
   train.py + text  the same plus VLM-KD: `TextHead`, `info_nce`, text features [N, P, D] fp16 on the
                    device (random unit vectors), one of P gathered by the batch's row index each step.
 `train_py_variant` drives train.py's own `make_optimizer` and `make_train_step` (what its main() loop
-calls, no host sync per step). --script-check cross-checks against the whole script: it runs `train.py --max-steps` (with and without a random text.npy) as a user would and
+calls, no host sync per step). --script-check cross-checks against the whole script: it runs
+`train.py --max-steps` (with and without a random text.npy) as a user would and
 reads the img_per_s rows of its metrics.jsonl (its epoch-end checkpoints included).
 
 Timing: variants run in interleaved rounds, cycling through every order (A B C, A C B, B A C, ...), so
@@ -35,14 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from types import SimpleNamespace
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import HfArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -51,31 +53,37 @@ import train  # noqa: E402  (the bench measures the stage's own functions)
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
+opt = train.opt
+
+
 @dataclass
 class BenchConfig:
-    data: str = field(default="data/fmnist-lt", metadata={"help": "folder from prepare.py"})
-    prepare: str = field(default="fashion-mnist-lt", metadata={"help": "if --data has no split file, make it with `prepare.py THIS --out DATA`; '' = fail"})
-    split: str = field(default="train.txt", metadata={"help": "split file inside --data whose images are trained on"})
-    arch: str = field(default="resnet32", metadata={"help": "train.py --arch"})
-    res: int = field(default=32, metadata={"help": "training resolution"})
-    batch_size: int = 128
-    steps: int = field(default=30, metadata={"help": "timed steps per variant, split evenly over the rounds"})
-    warmup: int = field(default=3, metadata={"help": "untimed steps per variant before its first round (compile, cudnn, loader start)"})
-    rounds: int = field(default=-1, metadata={"help": "interleaved rounds, each in the next order of the variants; -1: one per step on a CPU, 6 on a GPU"})
-    round_warmup: int = field(default=-1, metadata={"help": "untimed steps before each later round; -1: 0 on a CPU, 3 on a GPU"})
-    workers: int = field(default=-1, metadata={"help": "workers of both loaders; -1: train.py's default"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads for every variant; 0: what ffcv sets (its worker count)"})
-    # nargs/const reach argparse as they are: a bare --compile means true; leaving it out keeps None (auto).
-    compile: Optional[bool] = field(default=None, metadata={"help": "torch.compile train.py's model; default: on for CUDA, off on CPU",
-                                                            "nargs": "?", "const": True})
-    precision: str = field(default="auto", metadata={"help": "train.py --precision: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"})
-    text_prompts: int = field(default=5, metadata={"help": "P: captions per image in the random text features"})
-    text_dim: int = field(default=384, metadata={"help": "D: text feature width (all-MiniLM-L6-v2)"})
-    loader_batches: int = field(default=10, metadata={"help": "batches timed for each loader alone (no model); 0 = skip"})
-    script_check: bool = field(default=False, metadata={"help": "also run `train.py --max-steps` with and without text as a subprocess and "
-                                                                "read its img_per_s (about doubles the run time; two more compilations on a GPU)"})
-    seed: int = 0
-    out: str = field(default="bench/results/train_bench.json", metadata={"help": "JSON with every figure ('' = none)"})
+    data: str = opt("data/fmnist-lt", "folder from prepare.py", heading="data and model")
+    prepare: str = opt("fashion-mnist-lt", "if --data has no split file, make it with `prepare.py THIS --out DATA`; "
+                                           "'' = fail")
+    split: str = opt("train.txt", "split file inside --data whose images are trained on")
+    arch: str = opt("resnet32", "train.py --arch")
+    res: int = opt(32, "training resolution")
+    batch_size: int = opt(128, "per process")
+    steps: int = opt(30, "timed steps per variant, split evenly over the rounds", heading="timing")
+    warmup: int = opt(3, "untimed steps per variant before its first round (compile, cudnn, loader start)")
+    rounds: int = opt(-1, "interleaved rounds, each in the next order of the variants; -1: one per step on a CPU, "
+                          "6 on a GPU")
+    round_warmup: int = opt(-1, "untimed steps before each later round; -1: 0 on a CPU, 3 on a GPU")
+    workers: int = opt(-1, "workers of both loaders; -1: train.py's default")
+    threads: int = opt(0, "torch CPU threads for every variant; 0: what ffcv sets (its worker count)")
+    compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile train.py's model; auto: on for CUDA, off on CPU")
+    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "train.py --precision")
+    text_prompts: int = opt(5, "P: captions per image in the random text features")
+    text_dim: int = opt(384, "D: text feature width (all-MiniLM-L6-v2)")
+    loader_batches: int = opt(10, "batches timed for each loader alone (no model); 0 = skip")
+    script_check: bool = opt(False, "also run `train.py --max-steps` with and without text as a subprocess and read "
+                                    "its img_per_s (about doubles the run time; two more compilations on a GPU)")
+    gather_check: bool = opt(False, "only time the text InfoNCE with negatives gathered from 2 processes (torchrun, "
+                                    "gloo on CPU / nccl on GPU) against local negatives, and exit")
+    gather_worker: str = opt("", "internal: the JSON path a --gather-check worker process writes")
+    seed: int = opt(0, "seed of the students, text features and loaders")
+    out: str = opt("bench/results/train_bench.json", "JSON with every figure ('' = none)")
 
 
 def die(msg):
@@ -144,13 +152,15 @@ def train_py_variant(tcfg, student, text_head, text_feats, log_prior, num_rows, 
     if tcfg.compile:
         model = torch.compile(model)
     model, optimizer = accelerator.prepare(model, optimizer)
-    loss_names = ["loss_cls"] + (["loss_text"] if text_head is not None else [])
-    train_step = train.make_train_step(tcfg, accelerator, model, optimizer, scheduler, None, text_feats, None, None,
-                                       log_prior, loss_names)
+    sup = SimpleNamespace(text_feats=text_feats, text_valid=None, class_text=None, teacher=None, teacher_images=None,
+                          teacher_valid=None)
+    losses = train.active_losses(tcfg, sup)
+    train_step = train.make_train_step(tcfg, accelerator, model, optimizer, scheduler, None, sup, log_prior, losses)
     epoch = 0
     loader.next_epoch = 0
     while True:
-        gen = torch.Generator(accelerator.device).manual_seed(tcfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
+        seed = tcfg.seed * 100_003 + epoch * 1009 + accelerator.process_index
+        gen = torch.Generator(accelerator.device).manual_seed(seed)
         for images, labels, indices in loader:
             yield tuple(train_step(images, labels, indices, gen).unbind())
         epoch += 1
@@ -222,6 +232,7 @@ def write_text_features(path, split_path, num_rows, prompts, dim, seed):
     np.save(path, feats.astype(np.float16))
     sidecar = {"kind": "text", "encoder": "random (train_bench.py)", "prompts": [f"r{i}" for i in range(prompts)],
                "shape": list(feats.shape), "split_sha256": train.sha256_file(split_path)}
+    sidecar["sha256"] = train.sidecar_digest(path, sidecar)  # load_artifact refuses an unbound sidecar
     Path(path).with_suffix(".json").write_text(json.dumps(sidecar, indent=1) + "\n")
 
 
@@ -238,8 +249,10 @@ def script_check(cfg, tcfg, workers, num_rows, tmp):
     for name, extra in (("train.py", []), ("train.py + text", ["--text", str(text_path), "--text-weight", "1.0"])):
         run_dir = Path(tmp) / ("text" if extra else "plain")
         cmd = [sys.executable, str(ROOT / "train.py"), "--data", tcfg.data, "--train-split", tcfg.train_split,
-               "--arch", tcfg.arch, "--res", str(tcfg.res), "--batch-size", str(tcfg.batch_size), "--workers", str(workers),
-               "--precision", tcfg.precision, "--compile", str(tcfg.compile).lower(), "--seed", str(tcfg.seed),
+               "--arch", tcfg.arch, "--res", str(tcfg.res), "--batch-size", str(tcfg.batch_size),
+               "--workers", str(workers),
+               "--precision", tcfg.precision, "--compile" if tcfg.compile else "--no-compile", "--seed", str(tcfg.seed),
+               "--export", "",
                "--epochs", "1000", "--eval-every", "1000000", "--log-every", str(window),
                "--max-steps", str(max_steps), "--out", str(run_dir)] + extra
         print(f"train_bench: running train.py {' '.join(cmd[2:])}", flush=True)
@@ -258,8 +271,56 @@ def script_check(cfg, tcfg, workers, num_rows, tmp):
     return out
 
 
+def gather_worker(cfg):
+    """One process of --gather-check: ms per forward + backward of the text InfoNCE, gathered vs local negatives."""
+    import torch.distributed as dist
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    torch.manual_seed(cfg.seed + rank)
+    proj = torch.nn.Linear(512, 256).to(device)
+    feats, texts = torch.randn(cfg.batch_size, 512, device=device), torch.randn(cfg.batch_size, 256, device=device)
+    labels = torch.randint(0, 100, (cfg.batch_size,), device=device)
+    scale = torch.tensor(1 / 0.07, device=device)
+    timings = {}
+    for mode in ("local", "gathered", "local", "gathered"):  # the second pass of each is the one timed
+        cfg_mode = SimpleNamespace(mask_same_class=False, local_negatives=mode == "local")
+        times = []
+        for _ in range(cfg.warmup + cfg.steps):
+            dist.barrier()
+            sync(device)
+            start = time.perf_counter()
+            batch = {"img_emb": proj(feats), "txt_emb": texts, "labels": labels, "text_valid": None,
+                     "logit_scale": scale}
+            train.text_term(batch, cfg_mode).backward()
+            sync(device)
+            times.append(time.perf_counter() - start)
+        timings[mode] = 1000 * float(np.median(times[cfg.warmup:]))
+    if rank == 0:
+        Path(cfg.gather_worker).write_text(json.dumps(timings))
+    dist.destroy_process_group()
+
+
+def gather_check(cfg):
+    """--gather-check: 2 processes on this machine, batch --batch-size each, embed 256."""
+    with tempfile.TemporaryDirectory(prefix="train_bench-") as tmp:
+        path = Path(tmp) / "gather.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+               str(Path(__file__).resolve()), "--gather-worker", str(path), "--batch-size", str(cfg.batch_size),
+               "--steps", str(cfg.steps), "--warmup", str(cfg.warmup), "--out", ""]
+        subprocess.run(cmd, check=True)
+        timings = json.loads(path.read_text())
+    extra = timings["gathered"] - timings["local"]
+    print(f"text InfoNCE forward + backward, 2 processes x batch {cfg.batch_size}, embed 256: local negatives "
+          f"{timings['local']:.2f} ms, gathered {timings['gathered']:.2f} ms (gather costs {extra:+.2f} ms per step)")
+
+
 def main():
-    (cfg,) = HfArgumentParser(BenchConfig).parse_args_into_dataclasses()
+    cfg = train.parse_config(BenchConfig)
+    if cfg.gather_worker:
+        return gather_worker(cfg)
+    if cfg.gather_check:
+        return gather_check(cfg)
     split_path = Path(cfg.data) / cfg.split
     if not split_path.exists():
         if not cfg.prepare:
@@ -271,10 +332,8 @@ def main():
 
     from accelerate import Accelerator
     on_gpu = torch.cuda.is_available()
-    use_compile = on_gpu if cfg.compile is None else cfg.compile
-    precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}.get(cfg.precision)
-    if precision is None:
-        die(f"--precision must be auto|bf16|fp32, got {cfg.precision!r}")
+    use_compile = on_gpu if cfg.compile == "auto" else cfg.compile == "on"
+    precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.precision]
     rounds = cfg.rounds if cfg.rounds > 0 else (min(6, cfg.steps) if on_gpu else cfg.steps)
     round_warmup = cfg.round_warmup if cfg.round_warmup >= 0 else (3 if on_gpu else 0)
     if not 1 <= rounds <= cfg.steps:
@@ -284,7 +343,8 @@ def main():
     # train.py's own config and defaults (lr, weight decay, schedule, min_scale, loss, text head sizes ...);
     # only what a bench varies is set here.
     tcfg = train.Config(data=cfg.data, train_split=cfg.split, arch=cfg.arch, res=cfg.res, batch_size=cfg.batch_size,
-                        workers=cfg.workers, compile=use_compile, precision=cfg.precision, seed=cfg.seed, text_weight=1.0)
+                        workers=cfg.workers, compile=use_compile, precision=cfg.precision, seed=cfg.seed,
+                        text_weight=1.0)
 
     classes_path = Path(cfg.data) / tcfg.classes
     if not classes_path.exists():
@@ -303,8 +363,10 @@ def main():
     torch.manual_seed(cfg.seed)
     student = train.Student(cfg.arch, num_classes, cfg.res)
     torch.manual_seed(cfg.seed + 1)
-    text_head = train.TextHead(student.feat_dim, cfg.text_dim, tcfg.embed_dim, tcfg.adaptor_hidden, tcfg.text_temp, tcfg.learn_temp)
-    text_feats = torch.randn(len(items), cfg.text_prompts, cfg.text_dim, generator=torch.Generator().manual_seed(cfg.seed))
+    text_head = train.TextHead(student.feat_dim, cfg.text_dim, tcfg.embed_dim, tcfg.adaptor_hidden, tcfg.text_temp,
+                               tcfg.learn_temp)
+    text_feats = torch.randn(len(items), cfg.text_prompts, cfg.text_dim,
+                             generator=torch.Generator().manual_seed(cfg.seed))
     text_feats = F.normalize(text_feats, dim=-1).to(device, torch.float16)
 
     beton = train.beton_for(tcfg, cfg.split, accelerator)  # written once, then cached under DATA/.ffcv
@@ -316,18 +378,21 @@ def main():
     min_scale = tcfg.min_scale if tcfg.min_scale > 0 else (0.35 if cfg.res <= 64 else 0.08)
     # Images train.py found unreadable are not in its .beton: the baseline leaves them out too (same images).
     errors_path = Path(beton).with_suffix(".errors.jsonl")
-    skipped = {json.loads(line)["index"] for line in errors_path.read_text().splitlines()} if errors_path.exists() else set()
+    error_lines = errors_path.read_text().splitlines() if errors_path.exists() else []
+    skipped = {json.loads(line)["index"] for line in error_lines}
     base_items = [item for i, item in enumerate(items) if i not in skipped]
     base_loader = plain_loader(tcfg, base_items, device, workers, min_scale)
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores)"
     prec_name = "bf16" if precision == "bf16" else "fp32"
-    print(f"train_bench: {split_path} ({len(items)} images, {num_classes} classes), {cfg.arch} @ {cfg.res}px, batch {cfg.batch_size}, "
-          f"{device_name}, torch {torch.__version__}; loader workers {workers} (both), torch threads {threads} (all variants); "
+    print(f"train_bench: {split_path} ({len(items)} images, {num_classes} classes), {cfg.arch} @ {cfg.res}px, "
+          f"batch {cfg.batch_size}, {device_name}, torch {torch.__version__}; loader workers {workers} (both), "
+          f"torch threads {threads} (all variants); "
           f"train.py: {prec_name}, compile {'on' if use_compile else 'off'}, channels_last; "
           + (f"baseline convs in TF32: {torch.backends.cudnn.allow_tf32} (torch's default); " if on_gpu else "")
           + f"{cfg.steps} timed steps per variant "
-          f"in {rounds} interleaved rounds (+{cfg.warmup} warm-up steps, +{round_warmup} before later rounds)", flush=True)
+          f"in {rounds} interleaved rounds (+{cfg.warmup} warm-up steps, +{round_warmup} before later rounds)",
+          flush=True)
 
     loader_rates = {}
     if cfg.loader_batches > 0:
@@ -337,11 +402,13 @@ def main():
         loader_rates["PIL + DataLoader"] = loader_alone(forever(alone), cfg.loader_batches, 2, cfg.batch_size, device)
         del alone
         torch.set_num_threads(threads)
-        print("loaders alone (no model): " + ", ".join(f"{n} {r:.0f} img/s" for n, r in loader_rates.items()), flush=True)
+        print("loaders alone (no model): " + ", ".join(f"{n} {r:.0f} img/s" for n, r in loader_rates.items()),
+              flush=True)
 
     variants = {
         "baseline": baseline_variant(tcfg, copy.deepcopy(student), base_loader, log_prior, device),
-        "train.py": train_py_variant(tcfg, copy.deepcopy(student), None, None, log_prior, len(items), ffcv_loaders[0], accelerator),
+        "train.py": train_py_variant(tcfg, copy.deepcopy(student), None, None, log_prior, len(items), ffcv_loaders[0],
+                                     accelerator),
         "train.py + text": train_py_variant(tcfg, copy.deepcopy(student), text_head, text_feats, log_prior, len(items),
                                             ffcv_loaders[1], accelerator)}
     results = run_rounds(variants, cfg, device, threads, rounds, round_warmup)
@@ -356,14 +423,19 @@ def main():
             if len(res["losses"][0]) > part:
                 res[key] = loss_summary(res["losses"], part)
         loss = res["loss"]
-        flag = "" if loss["decreasing"] and loss["finite"] else "  NON-FINITE" if not loss["finite"] else "  NOT DECREASING"
-        parts = "".join(f"  {key[5:]} {res[key]['first']:.3f} -> {res[key]['last']:.3f}" for key in ("loss_cls", "loss_text") if "loss_text" in res)
+        flag = "" if loss["decreasing"] and loss["finite"] else \
+            "  NON-FINITE" if not loss["finite"] else "  NOT DECREASING"
+        parts = "".join(f"  {key[5:]} {res[key]['first']:.3f} -> {res[key]['last']:.3f}"
+                        for key in ("loss_cls", "loss_text") if "loss_text" in res)
         spread = "/".join(f"{v:.0f}" for v in np.percentile(res["round_img_per_s"], [0, 50, 100]))
-        print(f"{titles[name]:<44} {res['img_per_s']:7.1f}   {spread:<21}   {loss['first']:.3f} -> {loss['last']:.3f}{flag}{parts}")
+        print(f"{titles[name]:<44} {res['img_per_s']:7.1f}   {spread:<21}   "
+              f"{loss['first']:.3f} -> {loss['last']:.3f}{flag}{parts}")
 
     # Paired per round: a round's variants ran back to back, so a slow spell on a shared machine cancels.
     # The quartiles of those per-round ratios say how far to trust the figures on this machine today.
-    paired = lambda a, b: np.percentile([x / y for x, y in zip(results[a]["round_img_per_s"], results[b]["round_img_per_s"])], [25, 50, 75])
+    def paired(a, b):
+        ratios = [x / y for x, y in zip(results[a]["round_img_per_s"], results[b]["round_img_per_s"])]
+        return np.percentile(ratios, [25, 50, 75])
     ratio = results["train.py"]["img_per_s"] / results["baseline"]["img_per_s"]
     text_cost = 100 * (1 - results["train.py + text"]["img_per_s"] / results["train.py"]["img_per_s"])
     ratio_q = paired("train.py", "baseline")
@@ -384,15 +456,19 @@ def main():
         if all("img_per_s" in v for v in checked.values()):
             plain, text = checked["train.py"]["img_per_s"], checked["train.py + text"]["img_per_s"]
             # Run after the interleaved rounds, not among them: on a shared machine the load may have changed since.
-            print(f"train.py --max-steps (subprocess, metrics.jsonl img_per_s, run after the rounds above): {plain:.1f} img/s, "
-                  f"+ text {text:.1f} img/s (text cost {100 * (1 - text / plain):+.1f} %), vs in-process {results['train.py']['img_per_s']:.1f} "
-                  f"and {results['train.py + text']['img_per_s']:.1f}; loss {checked['train.py']['loss_first']:.3f} -> {checked['train.py']['loss_last']:.3f}")
+            first, last = checked["train.py"]["loss_first"], checked["train.py"]["loss_last"]
+            print(f"train.py --max-steps (subprocess, metrics.jsonl img_per_s, run after the rounds above): "
+                  f"{plain:.1f} img/s, + text {text:.1f} img/s (text cost {100 * (1 - text / plain):+.1f} %), "
+                  f"vs in-process {results['train.py']['img_per_s']:.1f} and "
+                  f"{results['train.py + text']['img_per_s']:.1f}; loss {first:.3f} -> {last:.3f}")
 
     if cfg.out:
-        report = {"made_by": "bench/train_bench.py", "config": asdict(cfg), "device": device_name, "torch": torch.__version__,
+        report = {"made_by": "bench/train_bench.py", "config": asdict(cfg), "device": device_name,
+                  "torch": torch.__version__,
                   "precision": prec_name, "compile": use_compile, "workers": workers, "torch_threads": threads,
                   "rounds": rounds, "round_warmup": round_warmup, "num_images": len(items),
-                  "split_sha256": train.sha256_file(split_path), "loaders_alone_img_per_s": loader_rates, "variants": results,
+                  "split_sha256": train.sha256_file(split_path), "loaders_alone_img_per_s": loader_rates,
+                  "variants": results,
                   "ratio_train_py_over_baseline": ratio, "ratio_per_round_quartiles": ratio_q.tolist(),
                   "text_loss_cost_pct": text_cost, "text_loss_cost_pct_per_round_quartiles": text_cost_q.tolist(),
                   "script_check": checked}
