@@ -47,6 +47,11 @@ SUBSTITUTIONS = {
          "--arch resnet20 --res 32 --max-res 64 --batch-size 8 --epochs 1"),
         (r"--compile ", ""),  # tested on its own in test_train.py: ~1 min on this CPU
     ],
+    "Li et al.'s protocol": [
+        (r"--source /data/food101", "--source {tmp}/food"),
+        (r"--model openai/clip-vit-base-patch32", "--model {tmp}/tiny-clip"),
+        (r"--arch resnet18 --res 112", "--arch resnet20 --res 32 --batch-size 8 --epochs 1"),
+    ],
     "Open vocabulary": [
         (r"--source /data/food101", "--source {tmp}/food"),
         (r"--vlm llava-hf/llava-v1.6-mistral-7b-hf", TINY_VLM),
@@ -136,8 +141,8 @@ def test_imagenet_lt(tmp_path):
     assert (work / "runs/inlt/report/results.json").exists()
 
 
-def test_open_vocabulary(tmp_path):
-    work = scratch(tmp_path)
+def fake_food(work):
+    """Food-101 in its published layout (images/<class>/<id>.jpg, meta/{train,test}.json, meta/classes.txt)."""
     build_tiny_clip(work / "tiny-clip")
     food = work / "food/food-101"
     names = ["apple_pie", "baklava", "churros", "donuts"]
@@ -150,8 +155,25 @@ def test_open_vocabulary(tmp_path):
         (food / "meta").mkdir(parents=True, exist_ok=True)
         (food / "meta" / f"{split}.json").write_text(json.dumps(per_class))
     (food / "meta" / "classes.txt").write_text("\n".join(names) + "\n")
+
+
+def test_open_vocabulary(tmp_path):
+    work = scratch(tmp_path)
+    fake_food(work)
     run_block("Open vocabulary", work)
     results = json.loads((work / "runs/food/report/results.json").read_text())
     assert results["runs"][0]["name"] == "li"
     final = __import__("torch").load(work / "runs/food/li/final.pt", weights_only=True)
     assert final["head"] == "cosine" and "clip_proj.weight" in final["model"] and final["num_classes"] == 2
+
+
+def test_li_protocol(tmp_path):
+    work = scratch(tmp_path)
+    fake_food(work)
+    run_block("Li et al.'s protocol", work)
+    zero_shot = json.loads((work / "runs/food-li/zero-shot/results.json").read_text())
+    five_shot = json.loads((work / "runs/food-li/five-shot-report/results.json").read_text())
+    assert zero_shot["runs"][0]["name"] == "student" and five_shot["runs"][0]["name"] == "five-shot"
+    assert "OOD/class" in (work / "runs/food-li/five-shot-report/report.md").read_text()
+    final = __import__("torch").load(work / "runs/food-li/five-shot/final.pt", weights_only=True)
+    assert final["num_classes"] == 4 and final["head"] == "linear"
