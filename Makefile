@@ -12,7 +12,8 @@ EPOCHS ?= 30
 # Sized for 2 CPU cores; on a GPU raise EPOCHS and drop --max-new-tokens. A batch of 15 holds all 5 prompts of 3 images,
 # whose vision-tower work caption.py shares.
 CAPTION_ARGS ?= --max-new-tokens 24 --batch-size 15
-PYTEST_ARGS ?=
+# Two workers for two cores; --dist loadfile keeps a file on one worker, so its fixtures are built once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 .PHONY: setup test demo ablate bench clean
 setup: $(STAMP)
 

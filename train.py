@@ -814,14 +814,20 @@ def load_class_text(cfg, data):
     return torch.from_numpy(np.asarray(array[:data.num_classes], dtype=np.float32)), sidecar
 
 
-def load_teacher(cfg, data, device):
-    """A frozen earlier student for logit KD; a torn or foreign file is one line."""
+def read_final(path, flag):
+    """An earlier run's final.pt (plain tensors only); a torn or foreign file is one line naming the flag."""
     try:
-        ckpt = torch.load(cfg.teacher, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != "vlmkd-final-1":
             raise ValueError(f"format {ckpt.get('format')!r}, not vlmkd-final-1")
     except Exception as e:
-        die(f"--teacher {cfg.teacher} cannot be loaded as a final.pt ({str(e).splitlines()[0][:200]})")
+        die(f"{flag} {path} cannot be loaded as a final.pt ({str(e).splitlines()[0][:200]})")
+    return ckpt
+
+
+def load_teacher(cfg, data, device):
+    """A frozen earlier student for logit KD."""
+    ckpt = read_final(cfg.teacher, "--teacher")
     if ckpt.get("classes") != data.class_names:
         die(f"--teacher {cfg.teacher} was trained on other classes than {data.classes_path}")
     teacher = Student(ckpt["arch"], ckpt["num_classes"], ckpt["preprocess"]["res"], ckpt["head"],
@@ -913,12 +919,7 @@ def evaluate(model, loader, accelerator, class_counts):
 
 def init_backbone(student, cfg):
     """--init: the backbone of an earlier final.pt (same --arch); the head starts fresh for these classes."""
-    try:
-        ckpt = torch.load(cfg.init, map_location="cpu", weights_only=True)
-        if ckpt.get("format") != "vlmkd-final-1":
-            raise ValueError(f"format {ckpt.get('format')!r}, not vlmkd-final-1")
-    except Exception as e:
-        die(f"--init {cfg.init} cannot be loaded as a final.pt ({str(e).splitlines()[0][:200]})")
+    ckpt = read_final(cfg.init, "--init")
     if ckpt["arch"] != cfg.arch:
         die(f"--init {cfg.init} is a {ckpt['arch']}, not --arch {cfg.arch}")
     weights = {k.removeprefix("backbone."): v for k, v in ckpt["model"].items() if k.startswith("backbone.")}

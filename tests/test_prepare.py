@@ -13,9 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 
-def prepare(*args, check=True):
+def prepare(*args, check=True, cwd=None):
     proc = subprocess.run([sys.executable, REPO / "prepare.py", *map(str, args)], capture_output=True, text=True,
-                          env=ENV)
+                          env=ENV, cwd=cwd, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc

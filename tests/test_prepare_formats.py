@@ -3,13 +3,15 @@ pickles with their real keys, the ImageNet-LT / Places-LT / iNat 2018 list and c
 layouts, Li et al.'s split files), run as a user runs it: the published counts and the class names must come out."""
 import json
 import pickle
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_prepare import lines, per_class, prepare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -21,22 +23,6 @@ CIFAR100_NAMES = (
     "plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
     "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train "
     "trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
-
-
-def prepare(*args, check=True, cwd=None):
-    proc = subprocess.run([sys.executable, REPO / "prepare.py", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stderr
-    return proc
-
-
-def lines(path):
-    return Path(path).read_text().splitlines()
-
-
-def per_class(split_lines, num_classes):
-    return np.bincount([int(line.rsplit(maxsplit=1)[1]) for line in split_lines], minlength=num_classes).tolist()
 
 
 def write_cifar(root, which, train_per_class, test_per_class, seed=0):
@@ -226,12 +212,12 @@ def write_food(root, names=("apple_pie", "baklava", "churros", "donuts"), train=
     base = Path(root) / "food-101"
     meta = {"train": {n: [f"{n}/{c}{i:03d}" for i in range(train)] for c, n in enumerate(names)},
             "test": {n: [f"{n}/{c}{i:03d}" for i in range(train, train + test)] for c, n in enumerate(names)}}
-    for split, per_class in meta.items():
-        for rels in per_class.values():
+    for split, images_of in meta.items():
+        for rels in images_of.values():
             for rel in rels:
                 jpeg(base / "images" / f"{rel}.jpg", len(rel))
         (base / "meta").mkdir(parents=True, exist_ok=True)
-        (base / "meta" / f"{split}.json").write_text(json.dumps(per_class))
+        (base / "meta" / f"{split}.json").write_text(json.dumps(images_of))
     (base / "meta" / "classes.txt").write_text("\n".join(names) + "\n")
     return base
 
