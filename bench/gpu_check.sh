@@ -263,7 +263,7 @@ part_train() {
     if [ "$SMALL" = 1 ]; then
         make_images "$WORK/synth-images" 12 12 48 || { record train failed 0 "making images"; return; }
         args=(--arch resnet20 --res 32 --batch-size 16 --steps 2 --warmup 1 --rounds 1 --round-warmup 0
-              --loader-batches 1 --workers 2 --compile false)
+              --loader-batches 1 --workers 2 --compile off)
     else
         # 100 classes x 80 = 8000 images, 6400 to train on: 25 steps of 256 per epoch, so epoch ends are rare.
         make_images "$WORK/synth-images" 100 80 256 || { record train failed 0 "making images"; return; }
@@ -281,7 +281,7 @@ part_train() {
     limit=$(( $(cap 230 "$(reserve_after train)") - (SECONDS - t0) ))
     # --script-check false: train.py --max-steps as a subprocess would double the time (two more compiles).
     run_timed train "$limit" "$WORK/train.log" \
-        "$PY" bench/train_bench.py --data "$WORK/synth" --prepare "" "${args[@]}" --script-check false \
+        "$PY" bench/train_bench.py --data "$WORK/synth" --prepare "" "${args[@]}" --no-script-check \
         --out "$RES/train_bench.json" "${extra[@]}"
 }
 
