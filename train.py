@@ -746,7 +746,8 @@ def load_data(cfg):
     log_prior = torch.log(torch.as_tensor(class_counts.clip(min=1) / class_counts.sum(), dtype=torch.float32))
     return SimpleNamespace(class_names=class_names, num_classes=num_classes, train_items=train_items,
                            val_items=val_items, class_counts=class_counts, log_prior=log_prior,
-                           train_path=root / cfg.train_split, classes_path=root / cfg.classes)
+                           train_path=root / cfg.train_split, classes_path=root / cfg.classes,
+                           train_sha256=sha256_file(root / cfg.train_split))
 
 
 # ----------------------------------------------------------------------------- supervision
@@ -754,7 +755,7 @@ def load_data(cfg):
 def per_image_artifact(path, kind, data):
     """An encode.py array of this training split (sidecar verified, rows finite) and its rows to leave out."""
     array, sidecar = load_artifact(path, kind)
-    split_sha = sha256_file(data.train_path)
+    split_sha = data.train_sha256
     if array.shape[0] != len(data.train_items) or sidecar.get("split_sha256") != split_sha:
         same = "matches" if sidecar.get("split_sha256") == split_sha else "differs"
         die(f"{path} was made from another split than {data.train_path} (rows {array.shape[0]} vs "
@@ -842,7 +843,7 @@ def load_supervision(cfg, data, device):
     `identity` holds a sha256 per input: a resume must see the same ones."""
     sup = SimpleNamespace(text_feats=None, text_valid=None, text_meta={}, prompts=[], class_text=None, teacher=None,
                           teacher_images=None, teacher_valid=None)
-    sup.identity = {"train_split": sha256_file(data.train_path),
+    sup.identity = {"train_split": data.train_sha256,
                     "val_split": sha256_file(Path(cfg.data) / cfg.val_split),
                     "classes": sha256_file(data.classes_path)}
     if cfg.text and cfg.text_weight > 0:
