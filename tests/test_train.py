@@ -20,6 +20,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from shared_helpers import sidecar_digest  # noqa: E402  (tests may import ours; stages may not)
+from test_readme import free_port  # noqa: E402  (torchrun tests of several files run at once)
 
 spec = importlib.util.spec_from_file_location("train_stage", REPO / "train.py")
 T = importlib.util.module_from_spec(spec)
@@ -372,7 +373,7 @@ def test_kill_and_resume_matches_one_run(data, tmp_path):
 
 def test_two_processes_see_each_sample_once(data, tmp_path):
     run = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
            REPO / "train.py", "--data", data, "--out", run, "--batch-size", "16", "--epochs", 2, "--log-every", 2,
            "--export", ""]
     proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=ENV, timeout=300)
@@ -582,7 +583,7 @@ def test_gathered_negatives_equal_one_process(tmp_path):
     worker.write_text(GATHER_WORKER)
     results = {}
     for name, nproc, mode in (("one", 1, "global"), ("two", 2, "global"), ("local", 2, "local")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_port", "29531",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", nproc, "--master_port", free_port(),
                worker, REPO / "train.py", mode, tmp_path / f"{name}.pt"]
         proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=ENV, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
