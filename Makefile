@@ -25,8 +25,10 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	@rm -f .venv/.stamp-* && touch $@
 
-# Lint first (ruff.toml: line length 120, no assigned lambdas), so CI fails on a lint error too.
+# The hardware first (CPU flags that change --dtype auto, GPU or not), so a failure report carries it; then lint
+# (ruff.toml: line length 120, no assigned lambdas), so CI fails on a lint error too.
 test: setup
+	@$(PY) tests/hardware.py
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 

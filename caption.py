@@ -26,21 +26,20 @@ import json
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import typing
+import urllib.error
+import urllib.request
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Literal
-from urllib.parse import urlparse
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 CLASS_PROMPT = "class_description"  # the file stem of the class-description prompt, never an image prompt
@@ -48,7 +47,6 @@ TINY_VERSION = 1  # bump when build_tiny_llava changes, so cached tiny models ar
 MATCH_KEYS = ("model", "quant", "dtype", "prompts", "generation", "processor", "split_sha256", "name_hint",
               "classes_sha256")
 VISION_TOWERS = ("model.vision_tower", "model.vision_model", "vision_tower", "vision_model")
-HUB_PROBE_SECONDS = 3.0  # an unreachable hub is found in this long, not after from_pretrained's ~2.5 min of retries
 
 
 # --- shared helpers (byte-identical in every stage: tests/test_shared.py)
@@ -102,6 +100,115 @@ def is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def pick_device(choice="auto"):
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else the CPU."""
+    import torch
+    if choice != "auto":
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            die(f"--device {choice}, but torch sees no CUDA device (use --device cpu)")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def has_native_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """Whether the device computes bf16 in hardware: a GPU since Ampere, a CPU with avx512_bf16 or AMX. Elsewhere
+    torch emulates bf16, and a bf16 VLM ran 3.1x slower than fp32 on such a CPU."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def auto_dtype(device_type, native_bf16):
+    """`--dtype auto`: (dtype, why). bf16 where the hardware computes it; else fp16 on a GPU (same speed, needs
+    no bf16 units) and fp32 on a CPU (fp16 is emulated there too)."""
+    where = "GPU" if device_type == "cuda" else "CPU"
+    if native_bf16:
+        return "bf16", f"this {where} computes bf16 natively"
+    return ("fp16" if device_type == "cuda" else "fp32"), f"this {where} has no native bf16 (it would be emulated)"
+
+
+def hub_unreachable(repo_id, timeout=8.0):
+    """Why the hub cannot serve `repo_id` now (HF_HUB_OFFLINE, or no answer to one request in `timeout` s), else
+    None. Asked before from_pretrained, whose client retries a dead connection for minutes before a useful line."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT.rstrip("/")
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/models/{repo_id}", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # the hub answered: an unknown or gated id is from_pretrained's to report
+    except (OSError, ValueError) as e:
+        return f"the hub {endpoint} cannot be reached ({getattr(e, 'reason', e)})"
+    return None
+
+
+class LineProgress:
+    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip("\r\n"):
+            self.stream.write(text.strip("\r\n") + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
+    Rank 0 alone draws it."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                file=sys.stderr if tty else LineProgress(sys.stderr))
+
+
+LOCKS = []
+
+def lock_or_die(path, what):
+    """Hold an exclusive lock on `path` (a hidden lock file) for the life of this process, or stop with one line:
+    two processes appending to one output interleave or duplicate it. A killed process leaves no stale lock."""
+    import fcntl
+    path = Path(path)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        die(f"{what} is in use by {holder}: wait for it to end, or use another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({Path(sys.argv[0]).name})\n")
+    handle.flush()
+    LOCKS.append(handle)
+    return handle
+
+
+def rgb_image(image):
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
+    truncated image fails here, where the caller records it."""
+    if image.mode.startswith("I"):
+        import numpy
+        from PIL import Image
+        scaled = numpy.asarray(image, dtype=numpy.float64) / 257.0
+        image = Image.fromarray(numpy.clip(numpy.rint(scaled), 0, 255).astype(numpy.uint8), "L")
+    return image.convert("RGB")
+
+
 def sha256_file(path):
     """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
     digest = hashlib.sha256()
@@ -135,14 +242,17 @@ def read_split(path, num_classes=None):
 
 
 def read_classes(path):
-    """Class names, line i naming label i."""
+    """Class names, line i naming label i; each name once."""
     path = Path(path)
     if not path.is_file():
         die(f"classes file {path} not found (prepare.py writes it)")
     names = path.read_text(encoding="utf-8").splitlines()
+    first = {}
     for n, name in enumerate(names, 1):
         if not name.strip():
             die(f"{path}:{n}: empty class name")
+        if first.setdefault(name, n) != n:  # two labels, one class text: zero-shot could not tell them apart
+            die(f"{path}:{n}: {name!r} also names line {first[name]}: each class needs its own name")
     if not names:
         die(f"classes file {path} is empty")
     return names
@@ -207,7 +317,9 @@ class Config:
     revision: str = opt("", "hub revision (branch, tag or commit) of --vlm")
     quant: Literal["auto", "4bit", "8bit", "none"] = opt(
         "auto", "4bit (NF4, double quant), 8bit or none; auto: 4bit on CUDA, none on a CPU (bitsandbytes is slow)")
-    dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "compute dtype")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "compute dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, CPUs with avx512_bf16 "
+        "or AMX), else fp16 on a GPU and fp32 on a CPU (emulated bf16 ran 3.1x slower than fp32 there)")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:0, ...")
     tiny_dir: str = opt("~/.cache/vlmkd/tiny-llava", "where --vlm tiny is built and cached")
     image_size: int = opt(0, "longest edge before tiling (Idefics3/SmolVLM) or sqrt of max pixels (Qwen2-VL); "
@@ -408,12 +520,13 @@ def build_tiny_llava(folder):
     return folder
 
 
-def resolve_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
+def resolve_dtype(choice, device):
+    """(dtype, why): --dtype, or with auto the hardware's choice, said once (captions differ a little by dtype)."""
+    if choice != "auto":
+        return choice, "--dtype"
+    dtype, why = auto_dtype(device.type, has_native_bf16(device))
+    say(f"--dtype auto: {dtype}, since {why}; pass --dtype to choose")
+    return dtype, f"auto: {why}"
 
 
 def resolve_quant(quant, device):
@@ -425,23 +538,9 @@ def resolve_quant(quant, device):
     return quant
 
 
-def hub_reachable(timeout=HUB_PROBE_SECONDS):
-    """One TCP connect to the hub endpoint: without network, from_pretrained would retry for minutes instead."""
-    from huggingface_hub import constants
-    if constants.HF_HUB_OFFLINE:
-        return False
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def offline_source(vlm, revision):
+def offline_source(vlm, revision, why):
     """A hub id when the hub cannot be reached: load from the cache in offline mode, or stop with what to do."""
     from huggingface_hub import constants, try_to_load_from_cache
-    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"{constants.ENDPOINT} is unreachable"
     if not isinstance(try_to_load_from_cache(vlm, "config.json", revision=revision or None), str):
         die(f"cannot load VLM {vlm!r} (offline: {why}, and it is not in the cache): on a machine with network run "
             f"`hf download {vlm} --local-dir DIR`, copy DIR here and pass --vlm /local/dir (DIR), or --vlm tiny "
@@ -456,8 +555,8 @@ def load_vlm(vlm, quant="none", dtype="bf16", device="cpu", revision="", tiny_di
     if vlm.startswith(("/", "./", "../", "~")) and not local.is_dir():
         die(f"VLM folder {vlm} not found: pass --vlm with a folder holding config.json, or a hub id")
     source = str(build_tiny_llava(tiny_dir)) if tiny else str(local) if local.is_dir() else vlm
-    if not tiny and not local.is_dir() and not hub_reachable():
-        offline_source(vlm, revision)
+    if not tiny and not local.is_dir() and (why := hub_unreachable(vlm)):
+        offline_source(vlm, revision, why)
     compute_dtype = getattr(torch, TORCH_DTYPES[dtype])
     kwargs = {"dtype": compute_dtype, "device_map": {"": str(device)}, **({"revision": revision} if revision else {})}
     if quant == "4bit":
@@ -632,7 +731,7 @@ def preflight(model, processor, settings, compute_dtype, gen, with_image, vlm):
 def load_image(path):
     try:
         with Image.open(path) as img:
-            return img.convert("RGB"), None  # convert() decodes the whole file: truncation shows here
+            return rgb_image(img), None  # convert() decodes the whole file: truncation shows here
     except Exception as err:  # any decoder failure is the image's own: recorded and skipped
         return None, f"{type(err).__name__}: {err}"
 
@@ -709,8 +808,7 @@ def run_batches(model, processor, gen, batches, settings, compute_dtype, write, 
         rows = next(batches, None)
         return None if rows is None else prepare_batch(processor, rows, settings, compute_dtype)
 
-    with ThreadPoolExecutor(1) as prep, tqdm(total=total, desc=desc, unit="caption", dynamic_ncols=True,
-                                             disable=not desc) as bar:
+    with ThreadPoolExecutor(1) as prep, progress_bar(total, "caption", desc=desc, disable=not desc) as bar:
         future = prep.submit(next_prepared)
         while (prepared := future.result()) is not None:
             future = prep.submit(next_prepared)
@@ -763,12 +861,13 @@ def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image):
     """Check the meta before any work, load the model, test it, write the meta: (model, processor, gen, dtype)."""
     writable_dir(out_path.parent)  # a bad --out fails now, not after the model is loaded
     extra = parse_processor_kwargs(cfg.processor_kwargs)
-    device = resolve_device(cfg.device)
-    meta.update(quant=resolve_quant(cfg.quant, device), dtype=cfg.dtype, prompts=prompts,
+    device = pick_device(cfg.device)
+    dtype, meta["dtype_chosen_by"] = resolve_dtype(cfg.dtype, device)
+    meta.update(quant=resolve_quant(cfg.quant, device), dtype=dtype, prompts=prompts,
                 generation=generation_meta(cfg), batch_size=cfg.batch_size)
     meta["processor"] = None  # known once the processor is loaded; checked again then
     check_meta(meta_path, meta, [k for k in match_keys if k != "processor"], out_path)
-    model, processor, meta["revision"], tiny = load_vlm(cfg.vlm, meta["quant"], cfg.dtype, device, cfg.revision,
+    model, processor, meta["revision"], tiny = load_vlm(cfg.vlm, meta["quant"], dtype, device, cfg.revision,
                                                         cfg.tiny_dir)
     meta["processor"] = processor_settings(processor, cfg.image_size, cfg.image_splitting, extra)
     check_meta(meta_path, meta, ("processor",), out_path)
@@ -778,7 +877,7 @@ def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image):
         say("WARNING: --vlm tiny is a RANDOM untrained model: its captions are noise and only prove the plumbing")
     gen = generation_config(model, processor, cfg.max_new_tokens, cfg.min_new_tokens, cfg.do_sample, cfg.temperature,
                             cfg.top_p)
-    compute_dtype = getattr(torch, TORCH_DTYPES[cfg.dtype])
+    compute_dtype = getattr(torch, TORCH_DTYPES[dtype])
     preflight(model, processor, meta["processor"], compute_dtype, gen, with_image, cfg.vlm)
     if not meta_path.exists():
         meta.update(model=cfg.vlm, tiny_random=tiny, made=time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -83,6 +83,105 @@ def is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def pick_device(choice="auto"):
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else the CPU."""
+    import torch
+    if choice != "auto":
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            die(f"--device {choice}, but torch sees no CUDA device (use --device cpu)")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def has_native_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """Whether the device computes bf16 in hardware: a GPU since Ampere, a CPU with avx512_bf16 or AMX. Elsewhere
+    torch emulates bf16, and a bf16 VLM ran 3.1x slower than fp32 on such a CPU."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def auto_dtype(device_type, native_bf16):
+    """`--dtype auto`: (dtype, why). bf16 where the hardware computes it; else fp16 on a GPU (same speed, needs
+    no bf16 units) and fp32 on a CPU (fp16 is emulated there too)."""
+    where = "GPU" if device_type == "cuda" else "CPU"
+    if native_bf16:
+        return "bf16", f"this {where} computes bf16 natively"
+    return ("fp16" if device_type == "cuda" else "fp32"), f"this {where} has no native bf16 (it would be emulated)"
+
+
+def hub_unreachable(repo_id, timeout=8.0):
+    """Why the hub cannot serve `repo_id` now (HF_HUB_OFFLINE, or no answer to one request in `timeout` s), else
+    None. Asked before from_pretrained, whose client retries a dead connection for minutes before a useful line."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT.rstrip("/")
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/models/{repo_id}", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # the hub answered: an unknown or gated id is from_pretrained's to report
+    except (OSError, ValueError) as e:
+        return f"the hub {endpoint} cannot be reached ({getattr(e, 'reason', e)})"
+    return None
+
+
+class LineProgress:
+    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip("\r\n"):
+            self.stream.write(text.strip("\r\n") + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+LOCKS = []
+
+def lock_or_die(path, what):
+    """Hold an exclusive lock on `path` (a hidden lock file) for the life of this process, or stop with one line:
+    two processes appending to one output interleave or duplicate it. A killed process leaves no stale lock."""
+    import fcntl
+    path = Path(path)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        die(f"{what} is in use by {holder}: wait for it to end, or use another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({Path(sys.argv[0]).name})\n")
+    handle.flush()
+    LOCKS.append(handle)
+    return handle
+
+
+def rgb_image(image):
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
+    truncated image fails here, where the caller records it."""
+    if image.mode.startswith("I"):
+        import numpy
+        from PIL import Image
+        scaled = numpy.asarray(image, dtype=numpy.float64) / 257.0
+        image = Image.fromarray(numpy.clip(numpy.rint(scaled), 0, 255).astype(numpy.uint8), "L")
+    return image.convert("RGB")
+
+
 def sha256_file(path):
     """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
     digest = hashlib.sha256()
@@ -116,14 +215,17 @@ def read_split(path, num_classes=None):
 
 
 def read_classes(path):
-    """Class names, line i naming label i."""
+    """Class names, line i naming label i; each name once."""
     path = Path(path)
     if not path.is_file():
         die(f"classes file {path} not found (prepare.py writes it)")
     names = path.read_text(encoding="utf-8").splitlines()
+    first = {}
     for n, name in enumerate(names, 1):
         if not name.strip():
             die(f"{path}:{n}: empty class name")
+        if first.setdefault(name, n) != n:  # two labels, one class text: zero-shot could not tell them apart
+            die(f"{path}:{n}: {name!r} also names line {first[name]}: each class needs its own name")
     if not names:
         die(f"classes file {path} is empty")
     return names
@@ -218,7 +320,6 @@ def load_artifact(path, kind):
 
 # --- configuration
 MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")
-HUB_TIMEOUT_S = 8  # an unreachable hub is one line after this, not minutes of retries
 # Sidecar keys that must agree between encode shards. Not encoder_path (the offline MiniLM sits in each machine's own
 # venv), not compute_dtype (bf16 and fp16 shards agree to ~1e-3, far below what the features are used for).
 MERGE_MATCH_KEYS = ("kind", "encoder", "prompts", "split_sha256", "captions_sha256", "num_images", "normalized")
@@ -244,8 +345,9 @@ class Config:
     model: str = opt("minilm", "sentence-transformers or CLIP/SigLIP folder or hub id; 'minilm' is the offline "
                      "all-MiniLM-L6-v2 package", heading="model")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:0, ...")
-    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "weight dtype; auto: fp16 on CUDA, bf16 on CPUs "
-                                                         "with native bf16, else fp32")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "weight dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, CPUs with avx512_bf16 "
+        "or AMX), else fp16 on a GPU and fp32 on a CPU")
     batch_size: int = opt(128, "sentences or images per forward pass")
     workers: int = opt(4, "threads decoding images ahead of the model")
     out: str = opt("runs/text", "output folder", heading="output")
@@ -282,10 +384,14 @@ def shard_stem(stem, rank, world):
     return f"{stem}.shard-{rank}-of-{world}" if world > 1 else stem
 
 
-def progress_bar(total, unit, initial=0):
+def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
+    Rank 0 alone draws it."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, unit=unit, unit_scale=True, dynamic_ncols=True,
-                disable=not is_main_process())
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                file=sys.stderr if tty else LineProgress(sys.stderr))
 
 
 # --- captions
@@ -391,18 +497,11 @@ def resolve_model(model):
         return resolve_model(snapshot_download(model, local_files_only=True))
     except Exception:
         pass  # not in the cache
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
     how = f"pass a local folder: `hf download {model} --local-dir DIR` on a machine online, then --model DIR"
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        die(f"--model {model}: not in the hub cache and HF_HUB_OFFLINE is set: {how}")
+    if why := hub_unreachable(model):
+        die(f"--model {model}: not in the hub cache and {why}: {how}")
     try:
-        urllib.request.urlopen(f"{endpoint}/api/models/{model}", timeout=HUB_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        pass  # the hub answered (a gated or unknown id is hf_hub_download's to report)
-    except (OSError, ValueError) as e:
-        die(f"--model {model}: the hub {endpoint} cannot be reached ({getattr(e, 'reason', e)}): {how}")
-    try:
-        return model, json.loads(Path(hf_hub_download(model, "config.json", etag_timeout=HUB_TIMEOUT_S)).read_text())
+        return model, json.loads(Path(hf_hub_download(model, "config.json", etag_timeout=8)).read_text())
     except Exception as e:  # a sentence-transformers repo may have no root config.json
         if type(e).__name__ == "EntryNotFoundError":
             return model, {}
@@ -410,18 +509,13 @@ def resolve_model(model):
 
 
 def pick_device_dtype(cfg):
-    import torch
-    if cfg.device != "auto":
-        device = cfg.device
-    else:  # under torchrun each rank takes its own GPU
-        device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    """(device name, dtype); --dtype auto is decided by the hardware and said once."""
+    device = pick_device(cfg.device)
     if cfg.dtype != "auto":
-        return device, cfg.dtype
-    if device.startswith("cuda"):
-        return device, "fp16"
-    # bf16 measured ~2x fp32 on a CPU with native bf16 (avx512_bf16); without it bf16 is emulated: keep fp32.
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    return device, "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "fp32"
+        return str(device), cfg.dtype
+    dtype, why = auto_dtype(device.type, has_native_bf16(device))
+    say(f"--dtype auto: {dtype}, since {why}")
+    return str(device), dtype
 
 
 class Encoder:
@@ -680,7 +774,7 @@ def image_loader(root, items, transform):
     def load(row):
         try:
             with Image.open(root / items[row][0]) as image:
-                return row, transform(image.convert("RGB")), None
+                return row, transform(rgb_image(image)), None
         except Exception as e:
             return row, None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     return load

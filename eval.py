@@ -36,7 +36,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from tqdm import tqdm
 
 # ----------------------------------------------------------------------------- shared helpers
 # Byte-identical in every stage (tests/test_shared.py): change tests/shared_helpers.py, then run its --sync.
@@ -87,6 +86,59 @@ def warn(msg):
     print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def pick_device(choice="auto"):
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else the CPU."""
+    import torch
+    if choice != "auto":
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            die(f"--device {choice}, but torch sees no CUDA device (use --device cpu)")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def is_main_process():
+    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class LineProgress:
+    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip("\r\n"):
+            self.stream.write(text.strip("\r\n") + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
+    Rank 0 alone draws it."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                file=sys.stderr if tty else LineProgress(sys.stderr))
+
+
+def rgb_image(image):
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
+    truncated image fails here, where the caller records it."""
+    if image.mode.startswith("I"):
+        import numpy
+        from PIL import Image
+        scaled = numpy.asarray(image, dtype=numpy.float64) / 257.0
+        image = Image.fromarray(numpy.clip(numpy.rint(scaled), 0, 255).astype(numpy.uint8), "L")
+    return image.convert("RGB")
+
+
 def sha256_file(path):
     """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
     digest = hashlib.sha256()
@@ -120,14 +172,17 @@ def read_split(path, num_classes=None):
 
 
 def read_classes(path):
-    """Class names, line i naming label i."""
+    """Class names, line i naming label i; each name once."""
     path = Path(path)
     if not path.is_file():
         die(f"classes file {path} not found (prepare.py writes it)")
     names = path.read_text(encoding="utf-8").splitlines()
+    first = {}
     for n, name in enumerate(names, 1):
         if not name.strip():
             die(f"{path}:{n}: empty class name")
+        if first.setdefault(name, n) != n:  # two labels, one class text: zero-shot could not tell them apart
+            die(f"{path}:{n}: {name!r} also names line {first[name]}: each class needs its own name")
     if not names:
         die(f"classes file {path} is empty")
     return names
@@ -460,7 +515,7 @@ class SplitImages(torch.utils.data.Dataset):
         path, label = self.items[i]
         try:
             with Image.open(self.root / path) as image:
-                return self.transform(image.convert("RGB")), label, i, ""
+                return self.transform(rgb_image(image)), label, i, ""
         except Exception as e:  # decoding only: the model runs outside, so its failures are never blamed on an image
             return torch.zeros(3, self.res, self.res), label, i, f"{type(e).__name__}: {e}"[:200]
 
@@ -473,7 +528,7 @@ def batches(student, root, items, preprocess, cfg, device, desc):
     loader = torch.utils.data.DataLoader(SplitImages(root, items, preprocess), batch_size=cfg.batch_size,
                                          num_workers=workers if len(items) > cfg.batch_size else 0,
                                          pin_memory=device.type == "cuda")
-    with tqdm(total=len(items), desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+    with progress_bar(len(items), "img", desc=desc) as bar:
         for images, labels, rows, errors in loader:
             images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             feats, logits, _ = student(images)
@@ -1035,16 +1090,10 @@ def write_report(runs, plots, inputs, cfg, out):
 
 # ----------------------------------------------------------------------------- main
 
-def pick_device(choice):
-    if choice == "cuda" and not torch.cuda.is_available():
-        die("--device cuda, but torch sees no CUDA device (use --device cpu)")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def main(argv=None):
     cfg = read_command_line(sys.argv[1:] if argv is None else argv)
     device = pick_device(cfg.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # eval needs no fp32 matmuls
     inputs = read_inputs(cfg)                         # classes, splits, labels, k-shot split, class text
     out = writable_dir(cfg.out)                       # a bad --out fails now, not after the work
     paths = cfg.checkpoints.split(",")

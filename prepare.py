@@ -35,7 +35,6 @@ from typing import Literal
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 # --- shared helpers (byte-identical in every stage: tests/test_shared.py)
 
@@ -82,6 +81,35 @@ def die(msg):
 
 def warn(msg):
     print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def is_main_process():
+    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class LineProgress:
+    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip("\r\n"):
+            self.stream.write(text.strip("\r\n") + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
+    Rank 0 alone draws it."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                file=sys.stderr if tty else LineProgress(sys.stderr))
 
 
 def sha256_file(path):
@@ -262,7 +290,7 @@ def pick_test(labels, per_class, rng):
 def write_pngs(out, name, images, labels, indices):
     """Write images[indices] as PNG files (skipping those a killed run finished) and return the split lines."""
     lines = []
-    for i in tqdm(indices, desc=f"{name} images", unit="img", dynamic_ncols=True, disable=None):
+    for i in progress_bar(len(indices), "img", desc=f"{name} images", iterable=indices):
         rel = f"images/{name}/{int(labels[i])}/{i:06d}.png"
         path = out / rel
         if not path.exists():
@@ -433,7 +461,7 @@ def prepare_lists(cfg, out):
     root = link_images(out, cfg.root)
     lines, missing = {}, {}
     for split, split_items in items.items():
-        gone = {p for p, _ in tqdm(split_items, desc=f"checking {split}", unit="img", disable=None)
+        gone = {p for p, _ in progress_bar(len(split_items), "img", desc=f"checking {split}", iterable=split_items)
                 if not (root / p).is_file()}
         if gone:
             warn(f"{len(gone)} of {len(split_items)} {split} images missing under {root}, left out, "

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,7 +44,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from accelerate import Accelerator
-from tqdm import tqdm
 
 # --- shared helpers (byte-identical in every stage: tests/test_shared.py)
 
@@ -92,6 +92,104 @@ def warn(msg):
     print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def pick_device(choice="auto"):
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else the CPU."""
+    import torch
+    if choice != "auto":
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            die(f"--device {choice}, but torch sees no CUDA device (use --device cpu)")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def has_native_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """Whether the device computes bf16 in hardware: a GPU since Ampere, a CPU with avx512_bf16 or AMX. Elsewhere
+    torch emulates bf16, and a bf16 VLM ran 3.1x slower than fp32 on such a CPU."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def auto_dtype(device_type, native_bf16):
+    """`--dtype auto`: (dtype, why). bf16 where the hardware computes it; else fp16 on a GPU (same speed, needs
+    no bf16 units) and fp32 on a CPU (fp16 is emulated there too)."""
+    where = "GPU" if device_type == "cuda" else "CPU"
+    if native_bf16:
+        return "bf16", f"this {where} computes bf16 natively"
+    return ("fp16" if device_type == "cuda" else "fp32"), f"this {where} has no native bf16 (it would be emulated)"
+
+
+def is_main_process():
+    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class LineProgress:
+    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip("\r\n"):
+            self.stream.write(text.strip("\r\n") + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
+    Rank 0 alone draws it."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                file=sys.stderr if tty else LineProgress(sys.stderr))
+
+
+LOCKS = []
+
+def lock_or_die(path, what):
+    """Hold an exclusive lock on `path` (a hidden lock file) for the life of this process, or stop with one line:
+    two processes appending to one output interleave or duplicate it. A killed process leaves no stale lock."""
+    import fcntl
+    path = Path(path)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        die(f"{what} is in use by {holder}: wait for it to end, or use another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({Path(sys.argv[0]).name})\n")
+    handle.flush()
+    LOCKS.append(handle)
+    return handle
+
+
+def rgb_image(image):
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
+    truncated image fails here, where the caller records it."""
+    if image.mode.startswith("I"):
+        import numpy
+        from PIL import Image
+        scaled = numpy.asarray(image, dtype=numpy.float64) / 257.0
+        image = Image.fromarray(numpy.clip(numpy.rint(scaled), 0, 255).astype(numpy.uint8), "L")
+    return image.convert("RGB")
+
+
 def sha256_file(path):
     """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
     digest = hashlib.sha256()
@@ -125,14 +223,17 @@ def read_split(path, num_classes=None):
 
 
 def read_classes(path):
-    """Class names, line i naming label i."""
+    """Class names, line i naming label i; each name once."""
     path = Path(path)
     if not path.is_file():
         die(f"classes file {path} not found (prepare.py writes it)")
     names = path.read_text(encoding="utf-8").splitlines()
+    first = {}
     for n, name in enumerate(names, 1):
         if not name.strip():
             die(f"{path}:{n}: empty class name")
+        if first.setdefault(name, n) != n:  # two labels, one class text: zero-shot could not tell them apart
+            die(f"{path}:{n}: {name!r} also names line {first[name]}: each class needs its own name")
     if not names:
         die(f"classes file {path} is empty")
     return names
@@ -237,9 +338,13 @@ class Config:
     weight_decay: float = opt(5e-4, "not applied to biases, norms and the temperature")
     warmup_epochs: float = opt(5.0, "linear warmup, then cosine decay to 0, per step")
     grad_clip: float = opt(0.0, "max grad norm; 0 = off")
-    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "auto: bf16 autocast on GPU, fp32 on CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "autocast dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, CPUs with avx512_bf16 "
+        "or AMX: ~2x fp32 there), fp16 on older GPUs, fp32 on other CPUs")
     compile: bool = opt(False, "torch.compile the model (~40 s first step on a CPU)")
     seed: int = opt(0, "seed of init, crops, flips, caption sampling and data order")
+    deterministic: bool = opt(False, "deterministic GPU kernels (cuDNN without autotuning, cuBLAS, scatter/index "
+                                     "adds): bit-identical reruns on one GPU, somewhat slower; CPU runs need no flag")
     max_steps: int = opt(0, "stop after this many steps (benchmarks); 0 = off")
 
     loss: Literal["ce", "la", "bs"] = opt("la", "ce | la (logit-adjusted, Menon et al.) | bs (balanced softmax)",
@@ -552,7 +657,7 @@ class SplitImages:
     def __getitem__(self, i):
         from PIL import Image
         path, label = self.items[i]
-        image = Image.open(self.root / path).convert("RGB")
+        image = rgb_image(Image.open(self.root / path))
         if max(image.size) > self.max_res:  # store at most max_res on the long side
             image.thumbnail((self.max_res, self.max_res))
         return image, label, i
@@ -1158,8 +1263,7 @@ def train(run, progress):
     bad_step = torch.full((), -1, device=device, dtype=torch.long)
     last_log, last_time, images_seen = progress.last_log, time.perf_counter(), 0
     run.train_loader.next_epoch = progress.epoch  # ffcv's order for epoch e is seeded by seed + e
-    bar = tqdm(total=total_steps, initial=step, disable=not accelerator.is_main_process, unit="step",
-               dynamic_ncols=True)
+    bar = progress_bar(total_steps, "step", initial=step, disable=not accelerator.is_main_process)
     try:  # the bar is closed before an error line, which stays the last line
         for epoch in range(progress.epoch, cfg.epochs):
             gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
@@ -1304,11 +1408,22 @@ def start(cfg):
         if kind not in EXPORTS:
             die(f"--export {kind}: expected a comma-separated subset of {', '.join(EXPORTS)}")
     on_gpu = torch.cuda.is_available()
-    precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.precision]
+    precision, why = cfg.precision, ""
+    if precision == "auto":
+        precision, why = auto_dtype("cuda" if on_gpu else "cpu", has_native_bf16(pick_device("auto")))
+    if precision == "fp16" and not on_gpu:
+        die("--precision fp16 needs a GPU; on a CPU use bf16 (with native bf16) or fp32")
+    if cfg.deterministic:  # cuDNN autotuning and atomic adds make GPU reruns drift; before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, not stops
+        torch.backends.cudnn.benchmark = False
     out = writable_dir(cfg.out)
     remove_stale_tmp(out)
-    accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu, project_dir=out,
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not on_gpu,
+                              project_dir=out,
                               log_with=None if cfg.report_to == "none" else cfg.report_to)
+    if cfg.precision == "auto":
+        accelerator.print(f"train.py: --precision auto: {precision}, since {why}")
     return accelerator, out
 
 
@@ -1337,7 +1452,7 @@ def main():
     model, optimizer, core = prepare_model(cfg, accelerator, model, optimizer)
     start_run_folder(cfg, out, accelerator, state)
     accelerator.print(f"train.py: {len(data.train_items)} train images, {data.num_classes} classes, world size "
-                      f"{accelerator.num_processes}, {device.type}, precision {cfg.precision}, losses "
+                      f"{accelerator.num_processes}, {device.type}, precision {accelerator.mixed_precision}, losses "
                       f"{', '.join(t.name for t in losses)}" + (f"; resuming at epoch {progress.epoch}" * bool(state)))
     train_step = make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, sup, data.log_prior, losses)
     run = SimpleNamespace(cfg=cfg, accelerator=accelerator, out=out, data=data, sup=sup, losses=losses, core=core,

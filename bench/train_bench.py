@@ -11,7 +11,7 @@ size, SGD (nesterov) optimizer, LR schedule and classification loss (train.py's 
                    ToTensor + Normalize) + torch DataLoader (same worker count) + eager fp32, contiguous.
   train.py         train.py's own pieces, imported: its cached FFCV .beton (`beton_for`) and loader
                    (`make_loader`: seeded RandomResizedCrop decoder, ToDevice), flip + normalisation on the
-                   device, channels_last, Accelerator autocast (bf16 on GPU, fp32 on CPU), torch.compile
+                   device, channels_last, Accelerator autocast (train.py's --precision auto), torch.compile
                    with --compile (default: on for CUDA), `Student`, `prior_adjusted_ce`.
   train.py + text  the same plus VLM-KD: `TextHead`, `info_nce`, text features [N, P, D] fp16 on the
                    device (random unit vectors), one of P gathered by the batch's row index each step.
@@ -73,7 +73,7 @@ class BenchConfig:
     workers: int = opt(-1, "workers of both loaders; -1: train.py's default")
     threads: int = opt(0, "torch CPU threads for every variant; 0: what ffcv sets (its worker count)")
     compile: Literal["auto", "on", "off"] = opt("auto", "torch.compile train.py's model; auto: on for CUDA, off on CPU")
-    precision: Literal["auto", "bf16", "fp32"] = opt("auto", "train.py --precision")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = opt("auto", "train.py --precision")
     text_prompts: int = opt(5, "P: captions per image in the random text features")
     text_dim: int = opt(384, "D: text feature width (all-MiniLM-L6-v2)")
     loader_batches: int = opt(10, "batches timed for each loader alone (no model); 0 = skip")
@@ -333,12 +333,14 @@ def main():
     from accelerate import Accelerator
     on_gpu = torch.cuda.is_available()
     use_compile = on_gpu if cfg.compile == "auto" else cfg.compile == "on"
-    precision = {"auto": "bf16" if on_gpu else "no", "bf16": "bf16", "fp32": "no"}[cfg.precision]
+    precision = cfg.precision  # train.py's own decision for auto: bf16 where the hardware computes it
+    if precision == "auto":
+        precision = train.auto_dtype("cuda" if on_gpu else "cpu", train.has_native_bf16(train.pick_device()))[0]
     rounds = cfg.rounds if cfg.rounds > 0 else (min(6, cfg.steps) if on_gpu else cfg.steps)
     round_warmup = cfg.round_warmup if cfg.round_warmup >= 0 else (3 if on_gpu else 0)
     if not 1 <= rounds <= cfg.steps:
         die(f"--rounds {rounds} must be between 1 and --steps {cfg.steps}")
-    accelerator = Accelerator(mixed_precision=precision, cpu=not on_gpu)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not on_gpu)
     device = accelerator.device
     # train.py's own config and defaults (lr, weight decay, schedule, min_scale, loss, text head sizes ...);
     # only what a bench varies is set here.
@@ -384,7 +386,7 @@ def main():
     base_loader = plain_loader(tcfg, base_items, device, workers, min_scale)
 
     device_name = torch.cuda.get_device_name(device) if on_gpu else f"cpu ({os.cpu_count()} cores)"
-    prec_name = "bf16" if precision == "bf16" else "fp32"
+    prec_name = precision
     print(f"train_bench: {split_path} ({len(items)} images, {num_classes} classes), {cfg.arch} @ {cfg.res}px, "
           f"batch {cfg.batch_size}, {device_name}, torch {torch.__version__}; loader workers {workers} (both), "
           f"torch threads {threads} (all variants); "

@@ -4,15 +4,18 @@ Each stage imports nothing of ours (a stage is copied alone into other projects)
 need is repeated in each of them. tests/test_shared.py pins every copy byte-identical to the function of the same
 name here: change a helper here, then paste it into every stage that carries it (`python tests/test_shared.py
 --sync` does the pasting). Imports used below: argparse, dataclasses (field, fields), hashlib, json, os, shutil,
-sys, typing, pathlib.Path, importlib.metadata as pkg_metadata, numpy as np.
+re, sys, typing, urllib.error, urllib.request, pathlib.Path, importlib.metadata as pkg_metadata, numpy as np.
 """
 import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import typing
+import urllib.error
+import urllib.request
 from dataclasses import field, fields
 from importlib import metadata as pkg_metadata
 from pathlib import Path
@@ -70,6 +73,116 @@ def is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def pick_device(choice="auto"):
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else the CPU."""
+    import torch
+    if choice != "auto":
+        if choice.startswith("cuda") and not torch.cuda.is_available():
+            die(f"--device {choice}, but torch sees no CUDA device (use --device cpu)")
+        return torch.device(choice)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def has_native_bf16(device, cpuinfo="/proc/cpuinfo"):
+    """Whether the device computes bf16 in hardware: a GPU since Ampere, a CPU with avx512_bf16 or AMX. Elsewhere
+    torch emulates bf16, and a bf16 VLM ran 3.1x slower than fp32 on such a CPU."""
+    if device.type == "cuda":
+        import torch
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def auto_dtype(device_type, native_bf16):
+    """`--dtype auto`: (dtype, why). bf16 where the hardware computes it; else fp16 on a GPU (same speed, needs
+    no bf16 units) and fp32 on a CPU (fp16 is emulated there too)."""
+    where = "GPU" if device_type == "cuda" else "CPU"
+    if native_bf16:
+        return "bf16", f"this {where} computes bf16 natively"
+    return ("fp16" if device_type == "cuda" else "fp32"), f"this {where} has no native bf16 (it would be emulated)"
+
+
+def hub_unreachable(repo_id, timeout=8.0):
+    """Why the hub cannot serve `repo_id` now (HF_HUB_OFFLINE, or no answer to one request in `timeout` s), else
+    None. Asked before from_pretrained, whose client retries a dead connection for minutes before a useful line."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    endpoint = constants.ENDPOINT.rstrip("/")
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/models/{repo_id}", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # the hub answered: an unknown or gated id is from_pretrained's to report
+    except (OSError, ValueError) as e:
+        return f"the hub {endpoint} cannot be reached ({getattr(e, 'reason', e)})"
+    return None
+
+
+class LineProgress:
+    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip("\r\n"):
+            self.stream.write(text.strip("\r\n") + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
+    Rank 0 alone draws it."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                file=sys.stderr if tty else LineProgress(sys.stderr))
+
+
+LOCKS = []  # open lock files: the kernel drops a lock when its process ends, however it ends
+
+
+def lock_or_die(path, what):
+    """Hold an exclusive lock on `path` (a hidden lock file) for the life of this process, or stop with one line:
+    two processes appending to one output interleave or duplicate it. A killed process leaves no stale lock."""
+    import fcntl
+    path = Path(path)
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        die(f"{what} is in use by {holder}: wait for it to end, or use another --out")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} ({Path(sys.argv[0]).name})\n")
+    handle.flush()
+    LOCKS.append(handle)
+    return handle
+
+
+def rgb_image(image):
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
+    truncated image fails here, where the caller records it."""
+    if image.mode.startswith("I"):
+        import numpy
+        from PIL import Image
+        scaled = numpy.asarray(image, dtype=numpy.float64) / 257.0
+        image = Image.fromarray(numpy.clip(numpy.rint(scaled), 0, 255).astype(numpy.uint8), "L")
+    return image.convert("RGB")
+
+
 def sha256_file(path):
     """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
     digest = hashlib.sha256()
@@ -103,14 +216,17 @@ def read_split(path, num_classes=None):
 
 
 def read_classes(path):
-    """Class names, line i naming label i."""
+    """Class names, line i naming label i; each name once."""
     path = Path(path)
     if not path.is_file():
         die(f"classes file {path} not found (prepare.py writes it)")
     names = path.read_text(encoding="utf-8").splitlines()
+    first = {}
     for n, name in enumerate(names, 1):
         if not name.strip():
             die(f"{path}:{n}: empty class name")
+        if first.setdefault(name, n) != n:  # two labels, one class text: zero-shot could not tell them apart
+            die(f"{path}:{n}: {name!r} also names line {first[name]}: each class needs its own name")
     if not names:
         die(f"classes file {path} is empty")
     return names

@@ -116,7 +116,9 @@ def lm(tmp_path_factory):
     captions = write_captions(root / "caps" / "captions.jsonl", split,
                               {"describe": "Describe it.", "noise": "Say anything."},
                               records, len(labels))
-    args = ["--captions", captions, "--split", split, "--model", "minilm", "--chunk", 8, "--batch-size", 8]
+    # The dtype stated: `auto` is bf16 or fp32 by the CPU, and the refusal below needs another setting on any CPU.
+    args = ["--captions", captions, "--split", split, "--model", "minilm", "--chunk", 8, "--batch-size", 8,
+            "--dtype", "fp32"]
     proc = run(*args, "--out", root / "ref")
     return {"root": root, "labels": np.asarray(labels), "split": split, "captions": captions, "args": args,
             "out": root / "ref", "stdout": proc.stdout}
@@ -145,6 +147,18 @@ def test_minilm_text_shape_norm_order_and_sidecar(lm):
     assert (lm["labels"][sims.argmax(1)] == lm["labels"]).mean() > 0.9
 
 
+def test_the_same_command_twice_gives_the_same_bytes(lm):
+    """Determinism (CPU): a second run of the same command writes a bit-identical array, and a sidecar that differs
+    only where it names its own --out."""
+    again = lm["root"] / "again"
+    run(*lm["args"], "--out", again)
+    assert sha256(again / "text.npy") == sha256(lm["out"] / "text.npy")
+    first, second = (json.loads((d / "text.json").read_text()) for d in (lm["out"], again))
+    assert {k: v for k, v in first.items() if k not in ("config", "sha256")} == \
+        {k: v for k, v in second.items() if k not in ("config", "sha256")}
+    assert first["compute_dtype"] == "fp32"  # the stated --dtype, on any CPU
+
+
 def test_minilm_kill_and_resume_equals_one_run(lm):
     out = lm["root"] / "resume"
     cmd = [sys.executable, str(SCRIPT), *map(str, lm["args"]), "--out", str(out)]
@@ -166,7 +180,7 @@ def test_minilm_kill_and_resume_equals_one_run(lm):
     assert 16 <= json.loads(progress.read_text())["rows_done"] < len(lm["labels"])
 
     # Other settings must not continue this partial.
-    line = refused(*lm["args"], "--out", out, "--dtype", "fp32")
+    line = refused(*lm["args"], "--out", out, "--dtype", "bf16")
     assert "unfinished run" in line and "--overwrite" in line
 
     resumed = run(*lm["args"], "--out", out)
@@ -359,8 +373,8 @@ def test_refusals(tmp_path, clip):
     good = write_captions(tmp_path / "b" / "captions.jsonl", split, prompts, records, 3)
     line = refused("--captions", good, "--split", split, "--model", "nobody/no-such-model", "--out", tmp_path / "out")
     assert "local folder" in line
-    run("--captions", good, "--split", split, *common)
-    line = refused("--captions", good, "--split", split, *common, "--dtype", "fp32")
+    run("--captions", good, "--split", split, *common, "--dtype", "fp32")
+    line = refused("--captions", good, "--split", split, *common, "--dtype", "bf16")
     assert "--overwrite" in line and "text.json" in line
     assert "exactly one" in refused("--captions", good, "--images", "--split", split, *common)
     assert "--probe-folds" in run("--help").stdout

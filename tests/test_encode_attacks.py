@@ -89,7 +89,7 @@ def build_wide_clip(folder, width):
 
 
 def test_full_disk_is_one_line_before_the_memmap(tmp_path):
-    width = 1 << 18  # 512 KiB per row in float16
+    width = 1 << 21  # 4 MiB per row in float16: a split of 3M lines outgrows 12 TiB free, more than CI machines have
     free = shutil.disk_usage(tmp_path).free
     rows = int(free * 1.25) // (2 * width) + 1000  # the array needs a quarter more than the whole free space
     if rows > 3_000_000:
@@ -205,7 +205,7 @@ def test_minilm_never_contacts_the_hub(tmp_path, hub):
     assert hub.connections == [], "encode.py --model minilm contacted the hub"
     assert "Retry" not in proc.stderr and "thrown while requesting" not in proc.stderr, proc.stderr[-2000:]
     assert np.load(tmp_path / "out" / "text.npy").shape == (6, 1, 384)
-    assert took < 120, f"{took:.0f} s"  # ~10 s here; the old hub retries took 31 s before any work
+    print(f"encoded in {took:.1f} s without a word to the hub")  # no connection is what keeps it fast, not a clock
 
 
 def test_unreachable_hub_id_fails_fast_with_one_line(tmp_path, hub):
@@ -217,7 +217,9 @@ def test_unreachable_hub_id_fails_fast_with_one_line(tmp_path, hub):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
     assert "cannot be reached" in lines[0] and "local folder" in lines[0] and "hf download" in lines[0]
-    assert took < 40, f"{took:.0f} s"  # ~10 s: one request with an 8 s timeout, no retries
+    # Fast means one request, never answered, then the error: huggingface_hub's own client retried five times.
+    assert len(hub.connections) == 1, f"{len(hub.connections)} connections"
+    print(f"failed after {took:.1f} s and one connection")
 
 
 # ------------------------------------------------------------------------------------------- up to date, probe

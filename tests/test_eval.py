@@ -117,40 +117,54 @@ def test_first_k_per_class_keeps_split_order():
     assert rows == [0, 1, 2, 5] and taken == {1: 2, 3: 2}
 
 
-MEMORY_PROBE = """
-import importlib.util, sys, types
-import numpy as np, torch
-spec = importlib.util.spec_from_file_location("ev", sys.argv[1]); ev = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(ev)
-def kib(field):
-    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
-n, classes, dim, batch = int(sys.argv[2]), 1000, 512, 500
-ckpt = {"num_classes": classes, "class_counts": [50] * classes}
-inputs = types.SimpleNamespace(classes=[str(c) for c in range(classes)], id_count=0)
-cfg = types.SimpleNamespace(ece_bins=15)
-keep = np.zeros(n, bool); keep[::n // 100] = True  # a t-SNE sample of 100 rows
-state = ev.Pass(ckpt, inputs, cfg, None, keep)
-gen = torch.Generator().manual_seed(0)
-open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS, so the import's peak does not hide ours
-before = kib("VmRSS:")
-for start in range(0, n, batch):
-    rows = torch.arange(start, min(n, start + batch))
-    state.add(torch.randn(len(rows), dim, generator=gen), torch.randn(len(rows), classes, generator=gen),
-              torch.randint(0, classes, (len(rows),), generator=gen), rows, torch.ones(len(rows), dtype=torch.bool), [])
-grown = (kib("VmHWM:") - before) / 1024
-print(grown, len(state.kept()[0]), state.results()["classifier"]["samples"])
-"""
+def retained_bytes(obj, seen=None):
+    """Bytes an object holds on to: its tensors' and arrays' buffers, containers and attributes, each once."""
+    import types
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType, types.MethodType)):
+        return 0
+    seen.add(id(obj))
+    if torch.is_tensor(obj):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        children = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple, set, frozenset)):
+        children = list(obj)
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    return sys.getsizeof(obj) + sum(retained_bytes(child, seen) for child in children)
+
+
+def pass_state_bytes(n, classes=1000, dim=512, batch=500):
+    """What a streaming pass over n images (random features and logits) holds once every image was added, less the
+    sample mask its caller hands it (one bool an image, by design)."""
+    ckpt = {"num_classes": classes, "class_counts": [50] * classes}
+    inputs = SimpleNamespace(classes=[str(c) for c in range(classes)], id_count=0)
+    keep = np.zeros(n, bool)
+    keep[::n // 100] = True  # a t-SNE sample of 100 rows, whatever n
+    state = ev.Pass(ckpt, inputs, SimpleNamespace(ece_bins=15), None, keep)
+    gen = torch.Generator().manual_seed(0)
+    for start in range(0, n, batch):
+        rows = torch.arange(start, min(n, start + batch))
+        state.add(torch.randn(len(rows), dim, generator=gen), torch.randn(len(rows), classes, generator=gen),
+                  torch.randint(0, classes, (len(rows),), generator=gen), rows, torch.ones(len(rows), dtype=torch.bool),
+                  [])
+    assert len(state.kept()[0]) == 100 and state.results()["classifier"]["samples"] == n
+    return retained_bytes(state) - state.keep_rows.untyped_storage().nbytes()
 
 
 def test_a_pass_keeps_memory_per_class_not_per_image():
     """Issue 16: features + logits + probabilities (+ a float64 copy) of every image were ~14 KB an image here (1,000
-    classes, 512-d); 20,000 images would hold ~270 MiB. Counted in a streaming pass, the peak RSS must not grow with
-    the images: only the t-SNE sample's features are kept."""
-    result = run("-c", MEMORY_PROBE, REPO / "eval.py", 20_000)
-    grown_mib, kept, samples = result.stdout.split()
-    print(f"peak RSS grown by {float(grown_mib):.1f} MiB over 20,000 images x 1,000 classes")
-    assert int(kept) == 100 and int(samples) == 20_000
-    assert float(grown_mib) < 40
+    classes, 512-d). A streaming pass must hold as much after 20,000 images as after 2,000: counts per class and the
+    t-SNE sample's features, nothing per image. Measured as what the pass holds on to, two sizes in one run: a peak
+    RSS depends on the allocator, BLAS threads and the CPU (it moved by 40 MiB between runs of one command here)."""
+    small, large = 2_000, 20_000
+    held_small, held_large = pass_state_bytes(small), pass_state_bytes(large)
+    per_image = (held_large - held_small) / (large - small)
+    assert held_small > 100 * 512 * 4  # the walk sees the kept features, so it would see per-image ones
+    assert per_image < 1, f"{held_small:,} B after {small:,} images, {held_large:,} B after {large:,}"
 
 
 def test_models_section_is_trains():
@@ -504,15 +518,14 @@ def test_torn_or_incomplete_checkpoint_is_one_line(tiny, monkeypatch, attack):
             "wrong_shapes": "do not fit a resnet32"}[attack] in message
 
 
-@pytest.mark.parametrize("kind", ["file", "under_a_file", "read_only"])
+@pytest.mark.parametrize("kind", ["file", "under_a_file", "unwritable"])
 def test_bad_out_fails_before_any_work(tiny, kind):
-    """Issue 15.7: --out that is a file used to fail with a traceback after every image was evaluated."""
+    """Issue 15.7: --out that is a file used to fail with a traceback after every image was evaluated. `unwritable`
+    is a folder that refuses new files to every user, root included (chmod 500 does not stop root)."""
     target = tiny.root / "attacks" / f"out_{kind}"
     target.parent.mkdir(parents=True, exist_ok=True)
-    if kind == "read_only":
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders; `under_a_file` covers an unwritable --out")
-        target.mkdir(mode=0o500)
+    if kind == "unwritable":
+        target = Path("/proc/self")
     else:
         target.write_text("a file")
         target = target / "report" if kind == "under_a_file" else target

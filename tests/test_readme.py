@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +41,7 @@ SUBSTITUTIONS = {
     ],
     "ImageNet-LT": [
         (r"--root /data/imagenet", "--root {tmp}/imagenet"),
-        (r"--nproc_per_node 8", "--nproc_per_node 2 --master_port {port}"),
+        (r"--nproc_per_node 8", "--nproc_per_node 2 --standalone"),  # torchrun picks a free port itself
         (r"--vlm llava-hf/llava-v1.6-mistral-7b-hf", TINY_VLM),
         (r"--arch resnet50 --res 176 --max-res 256 --batch-size 128 --epochs 90",
          "--arch resnet20 --res 32 --max-res 64 --batch-size 8 --epochs 1"),
@@ -61,13 +60,6 @@ SUBSTITUTIONS = {
     ],
 }
 
-
-
-def free_port():
-    """A port no other test holds: pytest-xdist runs torchrun tests of several files at once."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 def readme_block(heading):
     """The first ```bash block after the `## heading...` line, continuation lines joined."""
@@ -94,7 +86,7 @@ def run_block(heading, work):
     joined = "\n".join(lines)
     for pattern, replacement in SUBSTITUTIONS[heading]:
         assert re.search(pattern, joined), f"README block {heading!r} no longer has {pattern!r}: update SUBSTITUTIONS"
-        joined = re.sub(pattern, replacement.replace("{tmp}", str(work)).replace("{port}", free_port()), joined)
+        joined = re.sub(pattern, replacement.replace("{tmp}", str(work)), joined)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
     for line in joined.splitlines():
         proc = subprocess.run(argv_of(line), cwd=work, capture_output=True, text=True, env=env, timeout=600)

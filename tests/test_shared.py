@@ -3,8 +3,11 @@
     python tests/test_shared.py --sync     # paste the canonical helpers into every stage that carries them
 """
 import ast
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ["prepare.py", "caption.py", "encode.py", "train.py", "eval.py"]
@@ -38,6 +41,90 @@ def test_every_copy_is_the_canonical_one():
         missing = EVERY_STAGE - set(mine)
         assert not missing, f"{stage} lacks {sorted(missing)}"
     assert all(carried.values()), f"helpers no stage carries: {[n for n, s in carried.items() if not s]}"
+
+
+def test_auto_dtype_is_decided_both_ways(tmp_path):
+    """`--dtype auto` (caption.py, encode.py) and `--precision auto` (train.py): the decision for each answer of the
+    hardware check, and the check itself on a CPU flag list with and without native bf16, whatever this CPU has."""
+    import torch
+    from shared_helpers import auto_dtype, has_native_bf16
+    assert auto_dtype("cpu", True)[0] == "bf16" and auto_dtype("cpu", False)[0] == "fp32"
+    assert auto_dtype("cuda", True)[0] == "bf16" and auto_dtype("cuda", False)[0] == "fp16"
+    assert "no native bf16" in auto_dtype("cpu", False)[1] and "natively" in auto_dtype("cpu", True)[1]
+    flags = "flags\t\t: fpu vme sse2 avx2 avx512f avx512bw {} xsave\n"
+    for extra, native in (("", False), ("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512_bf16x", False)):
+        (tmp_path / "cpuinfo").write_text("processor\t: 0\n" + flags.format(extra))
+        assert has_native_bf16(torch.device("cpu"), tmp_path / "cpuinfo") is native, extra
+    assert has_native_bf16(torch.device("cpu"), tmp_path / "no-such-file") is False
+
+
+def test_a_16_bit_grayscale_png_keeps_its_levels(tmp_path):
+    """convert("RGB") clips 16-bit grayscale to white; rgb_image scales it to 8 bits (every stage reads images so)."""
+    import numpy as np
+    from PIL import Image
+    from shared_helpers import rgb_image
+    levels = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65,520
+    Image.fromarray(levels).save(tmp_path / "gray16.png")
+    with Image.open(tmp_path / "gray16.png") as image:
+        assert image.mode.startswith("I")
+        clipped, rgb = np.asarray(image.convert("RGB")), np.asarray(rgb_image(image))
+    assert len(np.unique(clipped)) < 20 and len(np.unique(rgb[..., 0])) == 256
+    assert rgb.shape == (64, 64, 3) and rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255
+    assert np.abs(rgb[..., 1].astype(int) - levels / 257).max() <= 0.5
+
+
+def test_duplicate_class_names_are_refused_with_the_line(tmp_path):
+    from shared_helpers import read_classes
+    (tmp_path / "classes.txt").write_text("cat\ndog\ncat\n")
+    with pytest.raises(SystemExit) as exc:
+        read_classes(tmp_path / "classes.txt")
+    assert "classes.txt:3: 'cat' also names line 1" in str(exc.value)
+
+
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from shared_helpers import lock_or_die
+lock_or_die(sys.argv[2], "the run")
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_lock_is_one_process_at_a_time_and_dies_with_its_holder(tmp_path):
+    """A second process is refused in one line naming the holder; a SIGKILLed holder leaves no stale lock."""
+    from shared_helpers import lock_or_die
+    lock = tmp_path / ".run.lock"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(REPO / "tests"), str(lock)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(SystemExit) as exc:
+            lock_or_die(lock, f"run folder {tmp_path}")
+        assert f"is in use by pid {holder.pid}" in str(exc.value) and "another --out" in str(exc.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    handle = lock_or_die(lock, f"run folder {tmp_path}")  # the kernel dropped the dead holder's lock
+    handle.close()
+
+
+PROGRESS = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from shared_helpers import progress_bar
+with progress_bar(3, "img", desc="work") as bar:
+    for _ in range(3):
+        bar.update(1)
+"""
+
+
+def test_progress_is_lines_where_output_is_not_a_terminal():
+    """Under make, a pipe or a job log a bar is lines (tqdm's '\\r' redraws would pile up on one line)."""
+    proc = subprocess.run([sys.executable, "-c", PROGRESS, str(REPO / "tests")], capture_output=True, text=True)
+    assert proc.returncode == 0 and "\r" not in proc.stderr, repr(proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("work:") and "3/3" in lines[-1] and "img/s" in lines[-1]
 
 
 def sync():
