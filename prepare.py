@@ -387,14 +387,17 @@ LIST_FILES = {  # train, val, test list inside --lists (Liu et al. 2019, OLTR; K
 CATEGORY_FILES = {"places-lt": "categories_places365.txt", "inat2018": "categories.json"}
 
 
-def list_class_names(cfg):
+def list_class_names(cfg, required=True):
     """Human names, index = label: torchvision's ImageNet categories (the standard label order the ImageNet-LT
-    lists use), Places365's `/a/apartment_building/outdoor 8` lines, iNat's categories.json `{"id", "name"}`."""
+    lists use), Places365's `/a/apartment_building/outdoor 8` lines, iNat's categories.json `{"id", "name"}`.
+    Not `required` and no file: []."""
     if cfg.dataset == "imagenet-lt":
         from torchvision.models import ResNet50_Weights
         return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
     default = CATEGORY_FILES[cfg.dataset]
     path = Path(cfg.categories or Path(cfg.lists) / default)
+    if not path.is_file() and not required:
+        return []
     if not path.is_file():
         die(f"{path} not found: {cfg.dataset} takes its class names from the published {default} "
             f"(put it in --lists or pass --categories FILE)")
@@ -428,13 +431,75 @@ def link_images(out, root):
     return root
 
 
+def folders_of(path, items, skip_index_dir=False):
+    """{label: the folder of its images} from `split/folder.../file` lines (Places365's one-letter index level
+    `a/` ... `z/` dropped when asked); a label whose images sit in two folders is refused."""
+    found = {}
+    for n, (rel, label) in enumerate(items, 1):
+        parts = rel.replace("\\", "/").split("/")[1:-1]
+        if skip_index_dir and len(parts) > 1 and len(parts[0]) == 1:
+            parts = parts[1:]
+        if not parts:
+            continue
+        folder = "/".join(parts)
+        if found.setdefault(label, folder) != folder:
+            die(f"{path}:{n}: label {label} is in {folder!r} here and in {found[label]!r} on an earlier line")
+    return found
+
+
+def places_names(cfg, path, items, by_file):
+    """Places-LT: a label's name is the folder of its training images (the LT lists number five classes in another
+    order than categories_places365.txt), the file's name (`by_file`) only for labels without a training path. Also
+    the notes listing where the two disagree."""
+    by_path = folders_of(path, items, skip_index_dir=True)
+    used = 1 + max(y for _, y in items)
+    unnamed = [c for c in range(max(used, len(by_file))) if c not in by_path and c >= len(by_file)]
+    if unnamed:
+        die(f"label {unnamed[0]} has no training image in {path} and no line in "
+            f"{Path(cfg.categories or Path(cfg.lists) / CATEGORY_FILES['places-lt'])}: it cannot be named")
+    names = [by_path.get(c, by_file[c] if c < len(by_file) else None) for c in range(max(used, len(by_file)))]
+    differ = [f"{c} {by_path[c]} (file: {by_file[c]})" for c in sorted(by_path) if c < len(by_file)
+              and by_path[c] != by_file[c]]
+    notes = [f"{len(differ)} labels named by their training images' folder, where {CATEGORY_FILES['places-lt']} "
+             f"has another name: {', '.join(differ)}"] if differ else []
+    return names, notes
+
+
+def check_wnid_order(path, items):
+    """ImageNet-LT's names are torchvision's, in the sorted WordNet-id order: the labels' folders must follow it."""
+    by_label = sorted(folders_of(path, items).items())
+    for (a, wnid_a), (b, wnid_b) in zip(by_label, by_label[1:]):
+        if wnid_a.rsplit("/", 1)[-1] >= wnid_b.rsplit("/", 1)[-1]:
+            die(f"{path}: label {a} is {wnid_a} but label {b} is {wnid_b}: the labels do not follow the sorted "
+                f"WordNet-id order of torchvision's ImageNet names")
+
+
+def check_inat_folders(path, items):
+    """iNat 2018's images sit in a folder named by their category id: it must be the line's label."""
+    for n, (rel, label) in enumerate(items, 1):
+        folder = rel.replace("\\", "/").split("/")[-2] if "/" in rel else ""
+        if folder.isdigit() and int(folder) != label:
+            die(f"{path}:{n}: the image is in category folder {folder} but labelled {label}")
+
+
 def prepare_lists(cfg, out):
-    names = list_class_names(cfg)
+    names = list_class_names(cfg, required=cfg.dataset != "places-lt")
     files = {s: Path(cfg.lists) / f for s, f in zip(("train", "val", "test"), LIST_FILES[cfg.dataset]) if f}
     for path in files.values():
         if not path.is_file():
             die(f"{path} not found: --lists must hold {', '.join(f for f in LIST_FILES[cfg.dataset] if f)}")
-    items = {split: read_split(path, len(names)) for split, path in files.items()}  # every line checked first
+    items = {split: read_split(path, len(names) or None) for split, path in files.items()}  # every line checked
+    notes = []
+    if cfg.dataset == "places-lt":
+        names, notes = places_names(cfg, files["train"], items["train"], names)
+    elif cfg.dataset == "imagenet-lt":
+        check_wnid_order(files["train"], items["train"])
+    else:
+        for split, path in files.items():
+            check_inat_folders(path, items[split])
+    used = 1 + max(y for split_items in items.values() for _, y in split_items)  # a subset of the first classes
+    if used > len(names):
+        die(f"label {used - 1} in the lists of {cfg.lists}, but only {len(names)} classes are named")
     root = link_images(out, cfg.root)
     lines, missing = {}, {}
     for split, split_items in items.items():
@@ -445,8 +510,7 @@ def prepare_lists(cfg, out):
                  f"e.g. {sorted(gone)[:3]}")
         lines[split] = [f"images/{p} {y}" for p, y in split_items if p not in gone]
         missing[split] = len(gone)
-    used = 1 + max(y for split_items in items.values() for _, y in split_items)  # a subset of the first classes
-    return names[:used], lines, {"missing": missing}
+    return names[:used], lines, {"missing": missing, "notes": notes}
 
 
 # --- folder
@@ -491,9 +555,16 @@ def load_cub(src):
     paths = dict(read_table(base / "images.txt"))
     labels = {i: int(y) - 1 for i, y in read_table(base / "image_class_labels.txt")}
     is_train = {i: t.strip() == "1" for i, t in read_table(base / "train_test_split.txt")}
-    names = [n.split(".", 1)[-1].replace("_", " ") for _, n in read_table(base / "classes.txt")]  # 001.Black_footed_..
+    by_id = {int(k) - 1: n for k, n in read_table(base / "classes.txt")}  # `1 001.Black_footed_Albatross`, by id
+    if sorted(by_id) != list(range(len(by_id))):
+        die(f"{base / 'classes.txt'}: class ids must run 1..{len(by_id)}")
+    names = [by_id[c].split(".", 1)[-1].replace("_", " ") for c in range(len(by_id))]
     split = {True: [], False: []}
     for i, p in paths.items():
+        folder = p.split("/")[0]
+        if "/" in p and class_key(folder) != class_key(by_id.get(labels[i], "")):  # a label is its folder
+            die(f"{base / 'image_class_labels.txt'}: image {i} ({p}) is labelled {labels[i] + 1} "
+                f"({by_id.get(labels[i])}), not the class of its folder")
         split[is_train[i]].append((str(base / "images" / p), labels[i]))
     return names, split[True], split[False]
 
