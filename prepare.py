@@ -12,8 +12,9 @@
 
 Long-tail sets keep n_i = floor(n_max * IF^(-i/(C-1))) training images of class i (Cao et al. 2019) as PNGs, val
 from training images the long tail left unused, test = the whole official test set. Published lists link
-`--out/images` to --root and name classes from torchvision's ImageNet categories, `categories_places365.txt`,
-iNat's `categories.json`; iNat 2018 has no public test labels, so no test.txt. OOD sets put the ID classes first
+`--out/images` to --root and name classes from torchvision's ImageNet categories (labels checked against the sorted
+wnid folders), Places-LT's training-image folders (`categories_places365.txt` for labels without one), iNat's
+`categories.json` by id; iNat 2018 has no public test labels, so no test.txt. OOD sets put the ID classes first
 (`id_classes.txt`, `ood_classes.txt`); `--protocol ours` writes id_train/id_val/ood_train/ood_val.txt from the
 official split; `--protocol li` (Li et al., ICCV 2023) id_train/id_test.txt (ID pooled, 70/30), ood_test.txt (all
 OOD images), li_train.txt (ID train + the first 5 sorted images of each OOD class), li_ood_test.txt (the rest).
@@ -189,8 +190,9 @@ class Config:
                       heading="Sources")
     lists: str = opt("", "folder with the published split lists (imagenet-lt, places-lt, inat2018)")
     root: str = opt("", "image root the published lists are relative to; folder: one subfolder of images per class")
-    categories: str = opt("", "class names: places-lt categories_places365.txt, inat2018 categories.json "
-                              "(default: that file inside --lists)")
+    categories: str = opt("", "class names: places-lt categories_places365.txt (for labels without a training "
+                              "image: the others are named by its folder), inat2018 categories.json (default: that "
+                              "file inside --lists)")
     class_names: str = opt("", "optional file, one class name a line, replacing the names found")
     protocol: Literal["ours", "li"] = opt("ours", "OOD sets: ours = official train/test split of each class half; "
                                                   "li = Li et al. 2023 (ID pooled 70/30, all OOD images, 5-shot files)",

@@ -10,7 +10,10 @@ optionally with the CLIP-teacher losses of Li et al. (imitation, class-text clas
     python train.py ... --teacher runs/fmnist/ce/final.pt --kd-weight 1.0    # + vision-teacher logit KD
     python train.py ... --class-text runs/x/clip/classes.npy --head cosine \
         --teacher-images runs/x/clip/images.npy                             # Li et al. CLIP-teacher losses
-    python train.py ... --init runs/x/li/final.pt                            # finetune (e.g. Li et al.'s 5-shot)
+    python train.py ... --init runs/x/li/final.pt                            # finetune from every fitting weight
+    accelerate launch train.py --recipe li-main --data data/food-li --class-text runs/food-li/clip/classes.npy \
+        --teacher-images runs/food-li/clip/id_train.npy --out runs/food-li/student   # a published protocol
+    python train.py --recipe li-5shot --help                                 # its settings, shown as the defaults
     python train.py ... --resume                                             # continue a killed run in --out
     torchrun --nproc_per_node 2 train.py ...                                 # several CPU processes (gloo)
 
@@ -224,7 +227,8 @@ class Config:
                                        "'Recipes'); flags given still win, config.json lists them", heading="recipe")
     data: str = opt("data/fmnist-lt", "folder from prepare.py", heading="data")
     train_split: str = opt("train.txt", "split file inside --data (id_train.txt for OOD sets)")
-    val_split: str = opt("val.txt", "split used for model selection; never the test split")
+    val_split: str = opt("val.txt", "split scored every --eval-every epochs (nothing is selected on it: final.pt is "
+                                    "the last epoch)")
     classes: str = opt("classes.txt", "class names inside --data (id_classes.txt for OOD sets)")
     ood_split: str = opt("", "split inside --data of images of the classes after id_classes.txt, scored every eval "
                              "epoch within those classes through clip_proj and --class-text (Li et al.'s OOD number: "
