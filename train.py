@@ -883,7 +883,7 @@ def make_loader(cfg, beton, train, accelerator):
         decoder = CenterCropRGBImageDecoder((cfg.res, cfg.res), ratio=crop_ratio(cfg))
     # Flip and normalisation happen on the device (seeded there), so the loader only decodes and copies.
     image_pipe = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    int_pipes = [[IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)] for _ in range(2)]
+    int_pipes = [[IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)] for _ in range(2)]
     # ffcv also sets torch's CPU thread count to its worker count: on a CPU-only run, leave half the cores to compute.
     cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
     workers = cfg.workers if cfg.workers > 0 else (cores if device.type == "cuda" else max(1, cores // 2))

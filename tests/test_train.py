@@ -904,3 +904,24 @@ def test_recipe_flags_help_and_missing_inputs(tmp_path):
     assert not (tmp_path / "out").exists()
     proc = run_train(tmp_path / "data", tmp_path / "out", "--imitate-loss", "mse,l1", check=False)
     assert "--imitate-loss mse,l1" in last_line(proc)
+
+
+def test_a_last_batch_of_one_image_is_scored(data, tmp_path):
+    """The val split's 100 images at --batch-size 33 end in a batch of one: ffcv's Squeeze() made its labels a 0-d
+    tensor, its copy thread died, and the run waited forever (found running li-5shot on two processes)."""
+    run = tmp_path / "one"
+    run_train(data, run, "--epochs", 1, "--max-steps", 1, "--batch-size", 33, timeout=240)
+    assert [r for r in metrics(run) if "val_top1" in r]
+
+
+def test_repeat_epochs_pass_over_the_data_within_an_epoch(data, tmp_path):
+    """--repeat-epochs 2 (Li et al.'s small sets use 5): each epoch is two passes; the step schedule counts epochs, so
+    a milestone at epoch 1 never comes within one epoch of two passes."""
+    run = tmp_path / "repeat"
+    run_train(data, run, "--epochs", 1, "--repeat-epochs", 2, "--schedule", "step", "--milestones", "1",
+              "--warmup-epochs", 0, "--lr", 0.05)
+    rows = metrics(run)
+    cover = [r for r in rows if "rows_seen" in r]
+    assert len(cover) == 1 and cover[0]["rows_max_repeat"] == 2 and cover[0]["step"] == 2 * (len(labels_of(data)) // 32)
+    logged = [r for r in rows if "lr" in r]  # the lr logged after step s is step s+1's: the last row is past the end
+    assert len(logged) > 3 and all(r["lr"] == pytest.approx(0.05 * 32 / 128) for r in logged[:-1])
