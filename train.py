@@ -1068,8 +1068,8 @@ def load_ood(cfg, data):
 
 
 def check_recipe_inputs(cfg, sup):
-    """Warnings where a Li et al. recipe's inputs differ from the published ones."""
-    if cfg.recipe.startswith("li-"):
+    """Warnings (rank 0) where a Li et al. recipe's inputs differ from the published ones."""
+    if cfg.recipe.startswith("li-") and os.environ.get("RANK", "0") == "0":
         teacher, template = sup.made_with.get("teacher", ""), sup.made_with.get("template")
         if LI_TEACHER not in teacher.lower():
             warn(f"--recipe {cfg.recipe}: Li et al.'s teacher is CLIP ViT-L/14 at 224 px (openai/{LI_TEACHER}); "
