@@ -4,6 +4,7 @@
     python encode.py --captions runs/x/captions.jsonl --split data/x/train.txt --out runs/x/text --shard 0/4
     python encode.py --merge --out runs/x/text                      # after shards 0/4 .. 3/4 (or torchrun ranks)
     python encode.py --classes data/x/classes.txt --descriptions runs/x/class_descriptions.jsonl --out runs/x/text
+    python encode.py --classes data/x/classes.txt --descriptions li/data/Food101/chatgpt.txt --out runs/x/clip
     python encode.py --images --split data/x/train.txt --model openai/clip-vit-base-patch32 --out runs/x/clip
     python encode.py --probe --text runs/x/text/text.npy --split data/x/train.txt      # do the captions know the class?
 
@@ -45,10 +46,12 @@ def opt(default, help, heading=""):
     return field(default=default, metadata={"help": help, "heading": heading})
 
 
-def parse_config(config_cls, argv=None, positional=()):
+def parse_config(config_cls, argv=None, positional=(), defaults=None):
     """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
-    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
+    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
+    flags given on the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -70,6 +73,9 @@ def parse_config(config_cls, argv=None, positional=()):
     for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
         if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
+    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+        parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
+        parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_args(argv)))
 
 
@@ -325,6 +331,10 @@ MINILM_ALIASES = ("minilm", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniL
 MERGE_MATCH_KEYS = ("kind", "encoder", "prompts", "split_sha256", "captions_sha256", "num_images", "normalized")
 
 
+OUR_TEMPLATE = "a photo of a {name}."
+LI_TEMPLATE = "a photo of {name} . {description}"  # Li et al.: "a photo of " + name + " . " + description
+
+
 @dataclass
 class Config:
     captions: str = opt("", "captions.jsonl from caption.py (shards joined by its --merge) -> text.npy [N, P, D]",
@@ -336,9 +346,12 @@ class Config:
     split: str = opt("", "split file (`relative/path label` lines) of the captions, images or probe labels",
                      heading="inputs")
     root: str = opt("", "folder the split's paths are relative to (default: the split file's folder)")
-    descriptions: str = opt("", "class_descriptions.jsonl ({class, name, text}) for --classes; several per class are "
-                            "averaged")
-    template: str = opt("a photo of a {name}.", "class text; a description goes after it, or where {description} is")
+    descriptions: str = opt("", "for --classes: class_descriptions.jsonl ({class, name, text}; several per class are "
+                            "averaged) or Li et al.'s chatgpt.txt (a description a line, in the order of the "
+                            "label2text.txt beside it)")
+    template: str = opt("auto", "class text; a description goes after it, or where {description} is. auto: Li et "
+                        f"al.'s {LI_TEMPLATE!r} with a chatgpt.txt (their class names, from label2text.txt), "
+                        f"else {OUR_TEMPLATE!r}")
     text: str = opt("", "text.npy to --probe (with its text.json)")
     allow_missing: bool = opt(False, "fill a missing caption from the image's other captions; zeros (listed in "
                               "missing_rows) where an image has none")
@@ -709,6 +722,46 @@ def read_descriptions(path, names, classes_path):
     return descriptions
 
 
+def name_key(name):
+    """`063.Ivory_Gull`, `Ivory Gull`, `apartment_building_outdoor`, `apartment building/outdoor` -> one key."""
+    return re.sub(r"[^a-z0-9]+", "_", re.sub(r"^\d+\.", "", name.lower())).strip("_")
+
+
+def is_jsonl(path):
+    first = next((line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()), "")
+    return first.lstrip().startswith("{")
+
+
+def read_li_descriptions(path, names, classes_path):
+    """Li et al.'s data/<Dataset>/chatgpt.txt: one description per non-empty line, line i describing the class on line
+    i of the label2text.txt beside it (`folder id name`, the name with underscores). Returns ({class: [description]},
+    {class: their name}, the label2text path); classes are matched to classes.txt by name, not by order."""
+    path = Path(path)
+    label2text = path.with_name("label2text.txt")
+    if not label2text.is_file():
+        die(f"{label2text} not found: {path} names no class, its lines follow the label2text.txt Li et al. ship "
+            f"beside it (data/<Dataset>/)")
+    texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    entries = []
+    for n, line in enumerate(label2text.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 3 or not parts[1].isdigit():
+            die(f"{label2text}:{n}: expected `folder id name`, got {line[:80]!r}")
+        entries.append((n, parts[0], parts[2].replace("_", " ")))
+    if len(texts) != len(entries):
+        die(f"{path} has {len(texts)} descriptions, {label2text} {len(entries)} classes: one a line, in the same order")
+    by_key = {name_key(name): c for c, name in enumerate(names)}
+    descriptions, their_names = {}, {}
+    for (n, folder, name), text in zip(entries, texts):
+        if name_key(folder) not in by_key:
+            die(f"{label2text}:{n}: class {folder!r} is not a class of {classes_path}")
+        c = by_key[name_key(folder)]
+        descriptions[c], their_names[c] = [text], name
+    return descriptions, their_names, label2text
+
+
 def class_texts(names, descriptions, template):
     """Per class: the template alone, or the template enriched with each of the class's descriptions."""
     def fill(name, description=None):
@@ -725,14 +778,25 @@ def class_texts(names, descriptions, template):
 
 def run_classes(cfg):
     names = read_classes(cfg.classes)
-    descriptions = read_descriptions(cfg.descriptions, names, cfg.classes) if cfg.descriptions else {}
+    if cfg.descriptions and not Path(cfg.descriptions).is_file():
+        die(f"{cfg.descriptions} not found")
+    li_format = bool(cfg.descriptions) and not is_jsonl(cfg.descriptions)
+    descriptions, text_names, label2text = {}, names, None
+    if li_format:
+        descriptions, their_names, label2text = read_li_descriptions(cfg.descriptions, names, cfg.classes)
+        text_names = [their_names.get(c, name) for c, name in enumerate(names)]
+    elif cfg.descriptions:
+        descriptions = read_descriptions(cfg.descriptions, names, cfg.classes)
     desc_sha = sha256_file(cfg.descriptions) if cfg.descriptions else None
-    texts = class_texts(names, descriptions, cfg.template)
+    label2text_sha = sha256_file(label2text) if label2text else None
+    template = cfg.template if cfg.template != "auto" else LI_TEMPLATE if li_format else OUR_TEMPLATE
+    texts = class_texts(text_names, descriptions, template)
     path, model_config = resolve_model(cfg.model)
     device, dtype = pick_device_dtype(cfg)
     classes_sha, out, stem = sha256_file(cfg.classes), Path(cfg.out), cfg.name or "classes"
     key = identity_hash(kind="classes", encoder=path, dtype=dtype, classes_sha256=classes_sha,
-                        descriptions_sha256=desc_sha, template=cfg.template)
+                        descriptions_sha256=desc_sha, template=template,
+                        **({"label2text_sha256": label2text_sha} if label2text else {}))
     if check_done(out, stem, key, cfg.overwrite):
         return
     encoder = Encoder(cfg.model, path, model_config, device, dtype)
@@ -748,7 +812,9 @@ def run_classes(cfg):
     writer.array[:] = class_feats.astype(np.float16)
     sidecar = common_sidecar(cfg, "classes", encoder, class_feats.shape, key)
     sidecar.update(classes=cfg.classes, classes_sha256=classes_sha, names=names, descriptions=cfg.descriptions or None,
-                   descriptions_sha256=desc_sha, template=cfg.template, texts_per_class=[len(t) for t in texts],
+                   descriptions_sha256=desc_sha, template=template, texts_per_class=[len(t) for t in texts],
+                   descriptions_format="li-chatgpt" if li_format else "jsonl" if cfg.descriptions else None,
+                   label2text=str(label2text) if label2text else None, label2text_sha256=label2text_sha,
                    without_description=[c for c in range(len(names)) if cfg.descriptions and c not in descriptions],
                    missing_rows=[])
     writer.finish(sidecar)

@@ -49,10 +49,12 @@ def opt(default, help, heading=""):
     return field(default=default, metadata={"help": help, "heading": heading})
 
 
-def parse_config(config_cls, argv=None, positional=()):
+def parse_config(config_cls, argv=None, positional=(), defaults=None):
     """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
-    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
+    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
+    flags given on the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -74,6 +76,9 @@ def parse_config(config_cls, argv=None, positional=()):
     for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
         if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
+    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+        parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
+        parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_args(argv)))
 
 
@@ -275,6 +280,12 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
     tta: bool = opt(False, "average the logits and features of the image and of its horizontal flip")
     ece_bins: int = opt(15, "equal-width confidence bins of the expected calibration error", heading="metrics")
+    group_average: Literal["images", "classes"] = opt(
+        "images", "many / medium / few accuracy: over the images of the group's classes, or the mean of its classes' "
+                  "accuracies (OLTR's and Kang et al.'s shot_acc); the two agree on a test set with as many images "
+                  "per class")
+    last_epochs: int = opt(5, "the report's training-time validation: each run's last evaluated epoch in "
+                              "metrics.jsonl and the mean of its last N (Li et al. report the mean of the last 5)")
     class_text: str = opt("", "classes.npy of encode.py --classes (with its .json): zero-shot through the text head "
                           "(VLM-KD) or clip_proj (Li et al.)")
     zero_shot_head: Literal["auto", "text", "clip"] = opt(
@@ -302,8 +313,10 @@ def read_command_line(argv):
     cfg = parse_config(Config, rest + (["--checkpoints", ",".join(paths)] if paths else []))
     if not cfg.checkpoints:
         die("no checkpoint given: python eval.py RUN/final.pt [RUN2/final.pt ...] --data DATA --out REPORT")
-    if min(cfg.batch_size, cfg.ece_bins) < 1 or min(cfg.few_shot, cfg.tsne_samples) < 0 or cfg.few_shot_c <= 0:
-        die("--batch-size and --ece-bins must be >= 1, --few-shot and --tsne-samples >= 0, --few-shot-c > 0")
+    if min(cfg.batch_size, cfg.ece_bins, cfg.last_epochs) < 1 or min(cfg.few_shot, cfg.tsne_samples) < 0 \
+            or cfg.few_shot_c <= 0:
+        die("--batch-size, --ece-bins and --last-epochs must be >= 1, --few-shot and --tsne-samples >= 0, "
+            "--few-shot-c > 0")
     return cfg
 
 
@@ -456,11 +469,16 @@ class Tally:
             self.bin_conf += np.bincount(which, weights=confidence.cpu().numpy(), minlength=self.bins)
             self.bin_right += np.bincount(which, weights=right_np, minlength=self.bins)
 
-    def groups(self, class_counts):
-        """Top-1 over all images and over the images of many / medium / few classes (None: no such image)."""
+    def groups(self, class_counts, average="images"):
+        """Top-1 over all images and over many / medium / few classes (None: no such image): over the images of the
+        group's classes, or (average="classes") the mean of those classes' accuracies."""
         group = np.array([class_group(int(c)) for c in class_counts])
-        return {"top1": ratio(self.right.sum(), self.total.sum())} | {
-            g: ratio(self.right[group == g].sum(), self.total[group == g].sum()) for g in GROUPS}
+        if average == "classes":
+            per_class = self.per_class()
+            by_group = {g: mean_of([per_class[c] for c in np.flatnonzero(group == g)]) for g in GROUPS}
+        else:
+            by_group = {g: ratio(self.right[group == g].sum(), self.total[group == g].sum()) for g in GROUPS}
+        return {"top1": ratio(self.right.sum(), self.total.sum())} | by_group
 
     def per_class(self):
         return [ratio(r, t) for r, t in zip(self.right, self.total)]
@@ -478,9 +496,9 @@ class Tally:
                 "mean_class": mean_of([per_class[c] for c in classes]), "samples": int(self.total.sum())}
 
 
-def report_of(tally, class_counts):
+def report_of(tally, class_counts, average="images"):
     per_class = tally.per_class()
-    return tally.groups(class_counts) | {"mean_class": mean_of(per_class), "per_class": per_class,
+    return tally.groups(class_counts, average) | {"mean_class": mean_of(per_class), "per_class": per_class,
                                          "samples": int(tally.total.sum())}
 
 
@@ -780,6 +798,7 @@ class Pass:
             self.tallies |= {"zero_shot": Tally(every), "zero_shot.id": Tally(every, self.counts > 0),
                              "zero_shot.ood": Tally(every, self.counts == 0)}
         self.own, self.scorer, self.keep_rows = own, scorer, torch.as_tensor(keep_rows, dtype=torch.bool)
+        self.average = cfg.group_average
         self.kept_rows, self.kept_feats, self.errors = [], [], []
 
     def add(self, feats, logits, labels, rows, decoded, errors):
@@ -806,12 +825,13 @@ class Pass:
 
     def results(self):
         t, counts = self.tallies, self.counts
-        result = {"classifier": report_of(t["classifier"], counts[:self.own]) | t["classifier"].calibration()
+        result = {"classifier": report_of(t["classifier"], counts[:self.own], self.average)
+                  | t["classifier"].calibration()
                   if t["classifier"].total.sum() else None, "zero_shot": None}
         if result["classifier"] and "classifier.id" in t:
             result["classifier"] |= {"id": t["classifier.id"].within(), "ood": t["classifier.ood"].within()}
         if "zero_shot" in t:
-            result["zero_shot"] = report_of(t["zero_shot"], counts) | {
+            result["zero_shot"] = report_of(t["zero_shot"], counts, self.average) | {
                 half: t[f"zero_shot.{half}"].within() if t[f"zero_shot.{half}"].total.sum() else None
                 for half in ("id", "ood")}
         return result
@@ -956,7 +976,7 @@ def read_metrics(path):
 
 
 CLASSIFICATION_LOSS = ("loss_cls", "loss_ce")  # train.py's name, and the one older runs logged
-OTHER_LOSSES = ("loss_kd", "loss_imitate", "loss_align")
+OTHER_LOSSES = ("loss_kd", "loss_imitate", "loss_imitate_cst", "loss_align")
 
 
 def plot_curves(runs):
@@ -1036,6 +1056,44 @@ COLUMNS = [("classifier", "top1", "top-1"), ("classifier", "many", "many"), ("cl
            ("few_shot", "mean_class", "k-shot OOD/class")]
 
 
+LOGGED = [("val_top1", "val top-1"), ("val_mean_class", "val mean/class"), ("val_few", "val few"),
+          ("val_ood_top1", "val OOD top-1"), ("val_ood_mean_class", "val OOD mean/class")]
+
+
+def training_log(run, last):
+    """From the metrics.jsonl beside the checkpoint: each logged validation metric at the last evaluated epoch and
+    its mean over the last `last` evaluated epochs (Li et al. report that mean); None without the file."""
+    path = Path(run["checkpoint"]).parent / "metrics.jsonl"
+    rows = [r for r in read_metrics(path) if "val_top1" in r] if path.is_file() else []
+    if not rows:
+        return None
+    found = {}
+    for key, _ in LOGGED:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if values:
+            found[key] = {"last": values[-1], "mean_last": float(np.mean(values[-last:])),
+                          "epochs": min(last, len(values))}
+    return {"file": str(path), "last_epoch": rows[-1].get("epoch"), "evaluated_epochs": len(rows), "metrics": found}
+
+
+def training_table(runs, last):
+    """Markdown: per run, each logged metric's last value and mean of the last `last` epochs (in %)."""
+    keys = [(k, name) for k, name in LOGGED if any(k in (r.get("training_log") or {}).get("metrics", {}) for r in runs)]
+    if not keys:
+        return ""
+    lines = ["| run | last epoch | " + " | ".join(f"{name} (last / mean of last {last})" for _, name in keys) + " |",
+             "|---" * (len(keys) + 2) + "|"]
+    for run in runs:
+        log = run.get("training_log") or {"metrics": {}}
+        cells = [f"{100 * m['last']:.1f} / {100 * m['mean_last']:.1f}" + (f" ({m['epochs']})" if m["epochs"] < last
+                                                                          else "")
+                 if (m := log["metrics"].get(k)) else "—" for k, _ in keys]
+        lines.append(f"| {run['name']} | {log.get('last_epoch', '—')} | " + " | ".join(cells) + " |")
+    return (f"\n\nValidation during training (each run's metrics.jsonl, --val-split / --ood-split of train.py): the "
+            f"last evaluated epoch and the mean of the last {last} (fewer where fewer were logged: in brackets).\n\n"
+            + "\n".join(lines))
+
+
 def column_value(run, section, key):
     value = (run.get(section) or {}).get(key)
     return value.get("mean_class") if isinstance(value, dict) else value
@@ -1068,21 +1126,24 @@ def run_names(paths):
 
 def write_report(runs, plots, inputs, cfg, out):
     table = comparison_table(runs)
+    averaged = "the mean of its classes' accuracies" if cfg.group_average == "classes" else "over its images"
     header = (f"# Evaluation on {cfg.data} / {cfg.split} ({len(inputs.items)} images{', flip TTA' if cfg.tta else ''})"
-              f"\n\nAccuracies and ECE in %; many > 100, medium 20-100, few < 20 training images; ID/class and "
+              f"\n\nAccuracies and ECE in %; many > 100, medium 20-100, few < 20 training images, a group's accuracy "
+              f"{averaged} (--group-average {cfg.group_average}); ID/class and "
               f"OOD/class: the classifier within the ID classes ({cfg.id_classes}) and within the classes after them, "
               f"mean per class (Li et al.'s 5-shot number for a student finetuned on li_train.txt); zs: zero-shot "
               f"through class texts, ID/OOD within the classes the checkpoint trained on / never saw; k-shot: a linear "
               f"probe on frozen features; deltas in points against {runs[0]['name']}.\n\n")
     tmp = out / f".report.md.{os.getpid()}.tmp"
-    tmp.write_text(header + table + "\n\n" + "".join(f"![{k}]({v.name})\n" for k, v in plots.items()), encoding="utf-8")
+    tmp.write_text(header + table + training_table(runs, cfg.last_epochs) + "\n\n"
+                   + "".join(f"![{k}]({v.name})\n" for k, v in plots.items()), encoding="utf-8")
     os.replace(tmp, out / "report.md")
     write_json(out / "results.json", {
         "made_by": "eval.py", "config": asdict(cfg), "versions": versions("torch", "torchvision", "numpy"),
         "classes": inputs.classes, "id_classes": inputs.id_count or None, "num_images": len(inputs.items),
         "splits": {p.name: sha256_file(p) for p in inputs.split_paths}, "plots": {k: str(v) for k, v in plots.items()},
         "runs": [{k: v for k, v in r.items() if k != "tsne"} for r in runs]})
-    print(table)
+    print(table + training_table(runs, cfg.last_epochs))
     for name, path in plots.items():
         print(f"{name}: {path}")
     print(f"results: {out / 'results.json'}, table: {out / 'report.md'}")
@@ -1100,6 +1161,8 @@ def main(argv=None):
     checkpoints = [load_checkpoint(p, inputs) for p in paths]  # every checkpoint is checked before any image is read
     runs = [evaluate(path, name, ckpt, student, cfg, inputs, device)
             for path, name, (ckpt, student) in zip(paths, run_names(paths), checkpoints)]
+    for run in runs:
+        run["training_log"] = training_log(run, cfg.last_epochs)
     plots = draw_plots(runs, inputs, cfg, out)
     write_report(runs, plots, inputs, cfg, out)
 

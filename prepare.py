@@ -12,8 +12,9 @@
 
 Long-tail sets keep n_i = floor(n_max * IF^(-i/(C-1))) training images of class i (Cao et al. 2019) as PNGs, val
 from training images the long tail left unused, test = the whole official test set. Published lists link
-`--out/images` to --root and name classes from torchvision's ImageNet categories, `categories_places365.txt`,
-iNat's `categories.json`; iNat 2018 has no public test labels, so no test.txt. OOD sets put the ID classes first
+`--out/images` to --root and name classes from torchvision's ImageNet categories (labels checked against the sorted
+wnid folders), Places-LT's training-image folders (`categories_places365.txt` for labels without one), iNat's
+`categories.json` by id; iNat 2018 has no public test labels, so no test.txt. OOD sets put the ID classes first
 (`id_classes.txt`, `ood_classes.txt`); `--protocol ours` writes id_train/id_val/ood_train/ood_val.txt from the
 official split; `--protocol li` (Li et al., ICCV 2023) id_train/id_test.txt (ID pooled, 70/30), ood_test.txt (all
 OOD images), li_train.txt (ID train + the first 5 sorted images of each OOD class), li_ood_test.txt (the rest).
@@ -46,10 +47,12 @@ def opt(default, help, heading=""):
     return field(default=default, metadata={"help": help, "heading": heading})
 
 
-def parse_config(config_cls, argv=None, positional=()):
+def parse_config(config_cls, argv=None, positional=(), defaults=None):
     """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
-    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
+    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
+    flags given on the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -71,6 +74,9 @@ def parse_config(config_cls, argv=None, positional=()):
     for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
         if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
+    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+        parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
+        parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_args(argv)))
 
 
@@ -212,8 +218,9 @@ class Config:
                       heading="Sources")
     lists: str = opt("", "folder with the published split lists (imagenet-lt, places-lt, inat2018)")
     root: str = opt("", "image root the published lists are relative to; folder: one subfolder of images per class")
-    categories: str = opt("", "class names: places-lt categories_places365.txt, inat2018 categories.json "
-                              "(default: that file inside --lists)")
+    categories: str = opt("", "class names: places-lt categories_places365.txt (for labels without a training "
+                              "image: the others are named by its folder), inat2018 categories.json (default: that "
+                              "file inside --lists)")
     class_names: str = opt("", "optional file, one class name a line, replacing the names found")
     protocol: Literal["ours", "li"] = opt("ours", "OOD sets: ours = official train/test split of each class half; "
                                                   "li = Li et al. 2023 (ID pooled 70/30, all OOD images, 5-shot files)",
@@ -410,14 +417,17 @@ LIST_FILES = {  # train, val, test list inside --lists (Liu et al. 2019, OLTR; K
 CATEGORY_FILES = {"places-lt": "categories_places365.txt", "inat2018": "categories.json"}
 
 
-def list_class_names(cfg):
+def list_class_names(cfg, required=True):
     """Human names, index = label: torchvision's ImageNet categories (the standard label order the ImageNet-LT
-    lists use), Places365's `/a/apartment_building/outdoor 8` lines, iNat's categories.json `{"id", "name"}`."""
+    lists use), Places365's `/a/apartment_building/outdoor 8` lines, iNat's categories.json `{"id", "name"}`.
+    Not `required` and no file: []."""
     if cfg.dataset == "imagenet-lt":
         from torchvision.models import ResNet50_Weights
         return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
     default = CATEGORY_FILES[cfg.dataset]
     path = Path(cfg.categories or Path(cfg.lists) / default)
+    if not path.is_file() and not required:
+        return []
     if not path.is_file():
         die(f"{path} not found: {cfg.dataset} takes its class names from the published {default} "
             f"(put it in --lists or pass --categories FILE)")
@@ -451,13 +461,75 @@ def link_images(out, root):
     return root
 
 
+def folders_of(path, items, skip_index_dir=False):
+    """{label: the folder of its images} from `split/folder.../file` lines (Places365's one-letter index level
+    `a/` ... `z/` dropped when asked); a label whose images sit in two folders is refused."""
+    found = {}
+    for n, (rel, label) in enumerate(items, 1):
+        parts = rel.replace("\\", "/").split("/")[1:-1]
+        if skip_index_dir and len(parts) > 1 and len(parts[0]) == 1:
+            parts = parts[1:]
+        if not parts:
+            continue
+        folder = "/".join(parts)
+        if found.setdefault(label, folder) != folder:
+            die(f"{path}:{n}: label {label} is in {folder!r} here and in {found[label]!r} on an earlier line")
+    return found
+
+
+def places_names(cfg, path, items, by_file):
+    """Places-LT: a label's name is the folder of its training images (the LT lists number five classes in another
+    order than categories_places365.txt), the file's name (`by_file`) only for labels without a training path. Also
+    the notes listing where the two disagree."""
+    by_path = folders_of(path, items, skip_index_dir=True)
+    used = 1 + max(y for _, y in items)
+    unnamed = [c for c in range(max(used, len(by_file))) if c not in by_path and c >= len(by_file)]
+    if unnamed:
+        die(f"label {unnamed[0]} has no training image in {path} and no line in "
+            f"{Path(cfg.categories or Path(cfg.lists) / CATEGORY_FILES['places-lt'])}: it cannot be named")
+    names = [by_path.get(c, by_file[c] if c < len(by_file) else None) for c in range(max(used, len(by_file)))]
+    differ = [f"{c} {by_path[c]} (file: {by_file[c]})" for c in sorted(by_path) if c < len(by_file)
+              and by_path[c] != by_file[c]]
+    notes = [f"{len(differ)} labels named by their training images' folder, where {CATEGORY_FILES['places-lt']} "
+             f"has another name: {', '.join(differ)}"] if differ else []
+    return names, notes
+
+
+def check_wnid_order(path, items):
+    """ImageNet-LT's names are torchvision's, in the sorted WordNet-id order: the labels' folders must follow it."""
+    by_label = sorted(folders_of(path, items).items())
+    for (a, wnid_a), (b, wnid_b) in zip(by_label, by_label[1:]):
+        if wnid_a.rsplit("/", 1)[-1] >= wnid_b.rsplit("/", 1)[-1]:
+            die(f"{path}: label {a} is {wnid_a} but label {b} is {wnid_b}: the labels do not follow the sorted "
+                f"WordNet-id order of torchvision's ImageNet names")
+
+
+def check_inat_folders(path, items):
+    """iNat 2018's images sit in a folder named by their category id: it must be the line's label."""
+    for n, (rel, label) in enumerate(items, 1):
+        folder = rel.replace("\\", "/").split("/")[-2] if "/" in rel else ""
+        if folder.isdigit() and int(folder) != label:
+            die(f"{path}:{n}: the image is in category folder {folder} but labelled {label}")
+
+
 def prepare_lists(cfg, out):
-    names = list_class_names(cfg)
+    names = list_class_names(cfg, required=cfg.dataset != "places-lt")
     files = {s: Path(cfg.lists) / f for s, f in zip(("train", "val", "test"), LIST_FILES[cfg.dataset]) if f}
     for path in files.values():
         if not path.is_file():
             die(f"{path} not found: --lists must hold {', '.join(f for f in LIST_FILES[cfg.dataset] if f)}")
-    items = {split: read_split(path, len(names)) for split, path in files.items()}  # every line checked first
+    items = {split: read_split(path, len(names) or None) for split, path in files.items()}  # every line checked
+    notes = []
+    if cfg.dataset == "places-lt":
+        names, notes = places_names(cfg, files["train"], items["train"], names)
+    elif cfg.dataset == "imagenet-lt":
+        check_wnid_order(files["train"], items["train"])
+    else:
+        for split, path in files.items():
+            check_inat_folders(path, items[split])
+    used = 1 + max(y for split_items in items.values() for _, y in split_items)  # a subset of the first classes
+    if used > len(names):
+        die(f"label {used - 1} in the lists of {cfg.lists}, but only {len(names)} classes are named")
     root = link_images(out, cfg.root)
     lines, missing = {}, {}
     for split, split_items in items.items():
@@ -468,8 +540,7 @@ def prepare_lists(cfg, out):
                  f"e.g. {sorted(gone)[:3]}")
         lines[split] = [f"images/{p} {y}" for p, y in split_items if p not in gone]
         missing[split] = len(gone)
-    used = 1 + max(y for split_items in items.values() for _, y in split_items)  # a subset of the first classes
-    return names[:used], lines, {"missing": missing}
+    return names[:used], lines, {"missing": missing, "notes": notes}
 
 
 # --- folder
@@ -514,9 +585,16 @@ def load_cub(src):
     paths = dict(read_table(base / "images.txt"))
     labels = {i: int(y) - 1 for i, y in read_table(base / "image_class_labels.txt")}
     is_train = {i: t.strip() == "1" for i, t in read_table(base / "train_test_split.txt")}
-    names = [n.split(".", 1)[-1].replace("_", " ") for _, n in read_table(base / "classes.txt")]  # 001.Black_footed_..
+    by_id = {int(k) - 1: n for k, n in read_table(base / "classes.txt")}  # `1 001.Black_footed_Albatross`, by id
+    if sorted(by_id) != list(range(len(by_id))):
+        die(f"{base / 'classes.txt'}: class ids must run 1..{len(by_id)}")
+    names = [by_id[c].split(".", 1)[-1].replace("_", " ") for c in range(len(by_id))]
     split = {True: [], False: []}
     for i, p in paths.items():
+        folder = p.split("/")[0]
+        if "/" in p and class_key(folder) != class_key(by_id.get(labels[i], "")):  # a label is its folder
+            die(f"{base / 'image_class_labels.txt'}: image {i} ({p}) is labelled {labels[i] + 1} "
+                f"({by_id.get(labels[i])}), not the class of its folder")
         split[is_train[i]].append((str(base / "images" / p), labels[i]))
     return names, split[True], split[False]
 

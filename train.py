@@ -10,7 +10,10 @@ optionally with the CLIP-teacher losses of Li et al. (imitation, class-text clas
     python train.py ... --teacher runs/fmnist/ce/final.pt --kd-weight 1.0    # + vision-teacher logit KD
     python train.py ... --class-text runs/x/clip/classes.npy --head cosine \
         --teacher-images runs/x/clip/images.npy                             # Li et al. CLIP-teacher losses
-    python train.py ... --init runs/x/li/final.pt                            # finetune (e.g. Li et al.'s 5-shot)
+    python train.py ... --init runs/x/li/final.pt                            # finetune from every fitting weight
+    accelerate launch train.py --recipe li-main --data data/food-li --class-text runs/food-li/clip/classes.npy \
+        --teacher-images runs/food-li/clip/id_train.npy --out runs/food-li/student   # a published protocol
+    python train.py --recipe li-5shot --help                                 # its settings, shown as the defaults
     python train.py ... --resume                                             # continue a killed run in --out
     torchrun --nproc_per_node 2 train.py ...                                 # several CPU processes (gloo)
 
@@ -55,10 +58,12 @@ def opt(default, help, heading=""):
     return field(default=default, metadata={"help": help, "heading": heading})
 
 
-def parse_config(config_cls, argv=None, positional=()):
+def parse_config(config_cls, argv=None, positional=(), defaults=None):
     """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
-    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
+    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
+    flags given on the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -80,6 +85,9 @@ def parse_config(config_cls, argv=None, positional=()):
     for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
         if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
+    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+        parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
+        parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_args(argv)))
 
 
@@ -311,14 +319,21 @@ def load_artifact(path, kind):
 # ----------------------------------------------------------------------------- config
 
 REPORT_TO = Literal["none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
+RECIPE_NAMES = Literal["none", "li-main", "li-main-x5", "li-5shot", "li-5shot-x5", "vlmkd-imagenet-lt"]
 
 
 @dataclass
 class Config:
+    recipe: RECIPE_NAMES = opt("none", "a published protocol's settings as the defaults of every flag below (README "
+                                       "'Recipes'); flags given still win, config.json lists them", heading="recipe")
     data: str = opt("data/fmnist-lt", "folder from prepare.py", heading="data")
     train_split: str = opt("train.txt", "split file inside --data (id_train.txt for OOD sets)")
-    val_split: str = opt("val.txt", "split used for model selection; never the test split")
+    val_split: str = opt("val.txt", "split scored every --eval-every epochs (nothing is selected on it: final.pt is "
+                                    "the last epoch)")
     classes: str = opt("classes.txt", "class names inside --data (id_classes.txt for OOD sets)")
+    ood_split: str = opt("", "split inside --data of images of the classes after id_classes.txt, scored every eval "
+                             "epoch within those classes through clip_proj and --class-text (Li et al.'s OOD number: "
+                             "val_ood_top1, val_ood_mean_class); '' = off")
     out: str = opt("runs/train", "run directory")
     res: int = opt(32, "training / eval resolution")
     max_res: int = opt(256, "longest side stored in the .beton cache")
@@ -331,12 +346,24 @@ class Config:
     init: str = opt("", "final.pt whose backbone starts this run (the classes may differ: the head is new)")
     ema: float = opt(0.0, "EMA decay per step (e.g. 0.999); 0 = off. Eval and final.pt use the EMA")
 
-    epochs: int = opt(100, "passes over the training split", heading="optimisation")
+    epochs: int = opt(100, "epochs (the lr schedule counts these)", heading="optimisation")
+    repeat_epochs: int = opt(1, "passes over the training split per epoch (Li et al.'s --repeat-epochs; "
+                                "rows_max_repeat then counts the passes)")
     batch_size: int = opt(128, "per process")
-    optimizer: Literal["sgd", "adamw"] = opt("sgd", "sgd (nesterov, momentum 0.9) or adamw")
+    ood_half_batch: bool = opt(False, "half of every batch from the images of the classes after --data/id_classes.txt "
+                                      "(drawn afresh each batch), half from the others (one pass an epoch): Li et "
+                                      "al.'s 5-shot finetune")
+    optimizer: Literal["sgd", "adamw"] = opt("sgd", "sgd (momentum 0.9) or adamw")
+    nesterov: bool = opt(True, "nesterov momentum for sgd")
     lr: float = opt(0.1, "peak lr at a global batch of 128; scaled linearly with the global batch")
-    weight_decay: float = opt(5e-4, "not applied to biases, norms and the temperature")
-    warmup_epochs: float = opt(5.0, "linear warmup, then cosine decay to 0, per step")
+    weight_decay: float = opt(5e-4, "not applied to biases, norms and the temperature unless --decay-all")
+    decay_all: bool = opt(False, "weight decay on biases and norms too (Li et al.'s and Kang et al.'s code)")
+    schedule: Literal["cosine", "step", "onecycle"] = opt(
+        "cosine", "cosine: decay to 0 per step; step: x --gamma at each of --milestones (epochs); onecycle: torch's "
+                  "OneCycleLR stepped once an epoch, peak --lr (Li et al.'s finetune)")
+    milestones: str = opt("30,60", "--schedule step: comma-separated epochs (from 0) where the lr drops")
+    gamma: float = opt(0.1, "--schedule step: lr factor at each milestone")
+    warmup_epochs: float = opt(5.0, "linear warmup before the cosine or step schedule, per step")
     grad_clip: float = opt(0.0, "max grad norm; 0 = off")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
         "auto", "autocast dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, CPUs with avx512_bf16 "
@@ -376,7 +403,8 @@ class Config:
                               "classes are used, checked by name", heading="CLIP teacher (Li et al.)")
     teacher_images: str = opt("", "images.npy from encode.py --images (CLIP image embeddings)")
     imitate_weight: float = opt(1.0, "weight of the image-embedding imitation; 0 = off")
-    imitate_loss: Literal["mse", "contrastive"] = opt("mse", "mse (of unit vectors) | contrastive (InfoNCE)")
+    imitate_loss: str = opt("mse", "mse (of unit vectors), contrastive (InfoNCE at --tau), or both: mse,contrastive "
+                                   "(Li et al.'s L-mse + L-cst, each at --imitate-weight)")
     align_weight: float = opt(1.0, "weight of the VL alignment (needs --class-text and --teacher-images); 0 = off")
     align_topk: int = opt(0, "align over the teacher's top-k class texts (k > classes: all); 0 = all")
     align_correct_only: bool = opt(False, "align only where the teacher is right")
@@ -391,9 +419,97 @@ class Config:
 
 # Flags that change only speed or logging: a resume may change them. Input paths are compared by content.
 RESUMABLE_CHANGES = {"workers", "log_every", "resume", "report_to", "export", "out"}
-INPUT_FIELDS = {"data", "train_split", "val_split", "classes", "text", "class_text", "teacher", "teacher_images",
-                "init"}
+INPUT_FIELDS = {"data", "train_split", "val_split", "classes", "ood_split", "text", "class_text", "teacher",
+                "teacher_images", "init"}
 EXPORTS = ("safetensors", "pt2", "onnx")
+
+
+# ----------------------------------------------------------------------------- recipes
+# Each published protocol as the defaults it sets (README "Recipes" has the commands and a table of sources). Li et
+# al.'s values are read from their code, github.com/xuanlinli17/large_vlm_distillation_ood at commit 4c04530:
+# "main:N" is main_experiments.py line N, "ex:N" example_scripts.sh line N, "their README" its "Running main
+# experiments" section. Where a value has no line, the comment names the function that fixes it.
+LI_COMMON = {
+    "arch": "resnet18",             # ex:1 `-a resnet18` (their README: ResNet students)
+    "res": 224,                     # main, train transform: RandomResizedCrop(224); test: CenterCrop(224)
+    "max_res": 256,                 # main: every image is first resized to 256 x 256
+    "min_scale": 0.08,              # main: RandomResizedCrop's default scale (0.08, 1)
+    "crop_ratio": 0.875,            # main: CenterCrop(224) of the 256-px image
+    "batch_size": 128,              # ex:3 `--train-batch 128`
+    "optimizer": "sgd",             # main: optim.SGD unless --use-adam (ViT students only)
+    "nesterov": False,              # main: optim.SGD(momentum=args.momentum), no nesterov; momentum 0.9 main:71
+    "decay_all": True,              # main: optim.SGD(model.parameters(), ...) decays every parameter
+    "weight_decay": 1e-4,           # main:73 `--weight-decay` default 1e-4 (the examples keep it)
+    "warmup_epochs": 0.0,           # main: adjust_learning_rate has no warmup
+    "repeat_epochs": 1,             # main:54 `--repeat-epochs` default 1; their README: 1 for Food, SUN (ResNet)
+    "head": "cosine",               # main, train(): logits = normalize(student) . normalize(class text) / T
+    "tau": 0.07,                    # main:102 `--temperature` 0.07 (L-cls, L-vlalign and L-cst)
+    "loss": "ce",                   # main: criterion = nn.CrossEntropyLoss() (L-cls)
+    "label_smoothing": 0.0,         # main: nn.CrossEntropyLoss() without smoothing
+    "imitate_loss": "mse,contrastive",  # ex:4 `--clip-align-image-mse --clip-align-image-contrastive`
+    "imitate_weight": 1.0,          # main, train(): L-mse and L-cst are added with weight 1
+    "align_weight": 1.0,            # main, train(): L-vlalign is added with weight 1.0
+    "align_topk": 256,              # ex:5 `--clip-align-proximal-text-num 256` (min(k, classes) in train())
+    "align_correct_only": True,     # ex:5 `--clip-filter-out-wrong-alignment` (L-vlalign only, not L-mse/L-cst)
+    "ema": 0.0, "grad_clip": 0.0,   # main: neither exists there
+    "eval_every": 1,                # main: tests every epoch; the mean of the last 5 is reported (log_avg.txt)
+}
+RECIPES = {
+    "none": {},
+    # Their main run: ID classes, teacher CLIP ViT-L/14 (main:89 `--clip-model` default ViT-L/14).
+    "li-main": LI_COMMON | {
+        "train_split": "id_train.txt", "val_split": "id_test.txt", "classes": "id_classes.txt",  # prepare.py
+        "ood_split": "ood_test.txt",  # --protocol li: their train / val_on_train / val folders
+        "epochs": 90,               # ex:1 `--epochs 90`
+        "lr": 0.05,                 # ex:2 `--lr 0.05` at batch 128
+        "schedule": "step", "milestones": "30,60", "gamma": 0.1,  # ex:2 `--schedule 30 60 --gamma 0.1`
+    },
+    # Their 5-shot finetune of a li-main student (ex:8-14): ID + OOD class texts, the shots in half of every batch
+    # (custom_data_loader.py FewShotSampler), the same losses.
+    "li-5shot": LI_COMMON | {
+        "train_split": "li_train.txt", "val_split": "id_test.txt", "classes": "classes.txt",
+        "ood_split": "li_ood_test.txt", "ood_half_batch": True,
+        "epochs": 20,               # ex:8 `--epochs 20`
+        "lr": 1e-3,                 # ex:9 `--lr 0.001`
+        "schedule": "onecycle",     # ex:9 `--onecyclelr`: OneCycleLR(max_lr=lr, steps_per_epoch=1, epochs=20)
+    },
+    # VLM-KD on ImageNet-LT (Zhang et al. 2024) publishes few settings: these are the ResNet-50 ImageNet-LT settings
+    # of Kang et al. 2020 (github.com/facebookresearch/classifier-balancing, config/ImageNet_LT/feat_uniform.yaml),
+    # the text term at this project's defaults.
+    "vlmkd-imagenet-lt": {
+        "train_split": "train.txt", "val_split": "val.txt", "classes": "classes.txt",  # prepare.py imagenet-lt
+        "arch": "resnet50",         # VLM-KD's ImageNet-LT student
+        "res": 224, "max_res": 256, "min_scale": 0.08, "crop_ratio": 0.875,  # the standard ImageNet 224-px crops
+        "batch_size": 128,          # x 4 processes = feat_uniform.yaml batch_size 512
+        "optimizer": "sgd", "nesterov": False,  # feat_uniform.yaml optim_params: momentum 0.9, plain SGD
+        "lr": 0.05,                 # feat_uniform.yaml lr 0.2 at batch 512 = 0.05 at 128 (scaled linearly)
+        "weight_decay": 5e-4,       # feat_uniform.yaml weight_decay 0.0005
+        "decay_all": True,          # feat_uniform.yaml: optim_params cover every parameter
+        "schedule": "cosine", "warmup_epochs": 0.0,  # feat_uniform.yaml coslr true, endlr 0.0, no warmup
+        "epochs": 90,               # feat_uniform.yaml num_epochs 90
+        "repeat_epochs": 1, "ema": 0.0, "grad_clip": 0.0, "label_smoothing": 0.0, "head": "linear",
+        "loss": "la", "tau_la": 1.0,  # logit adjustment (Menon et al. 2021): our choice of long-tail loss
+        "text_weight": 1.0, "text_temp": 0.07, "learn_temp": False, "mask_same_class": False,  # our defaults
+        "embed_dim": 256, "adaptor_hidden": 512,  # our defaults (VLM-KD does not publish its adaptor)
+        "eval_every": 1,
+    },
+}
+RECIPES["li-main-x5"] = RECIPES["li-main"] | {"repeat_epochs": 5}    # their README: 5 for Flowers, Cars, Birds
+RECIPES["li-5shot-x5"] = RECIPES["li-5shot"] | {"repeat_epochs": 5}
+# What a recipe cannot run without (checked before any work), and the teacher it was published with.
+RECIPE_NEEDS = {"li-main": ("class_text", "teacher_images"), "li-5shot": ("class_text", "teacher_images", "init"),
+                "vlmkd-imagenet-lt": ("text",)}
+LI_TEACHER = "clip-vit-large-patch14"  # main:89 ViT-L/14, at 224 px (main: clip_preprocess Resize / CenterCrop 224)
+LI_TEMPLATE = "a photo of {name} . {description}"  # main: "a photo of " + name + " . " + chatgpt description
+
+
+def recipe_defaults(namespace):
+    return RECIPES[namespace.recipe]
+
+
+def recipe_record(cfg):
+    """The recipe's values that a flag overrode: {field: {"recipe": value, "used": value}}."""
+    return {k: {"recipe": v, "used": getattr(cfg, k)} for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) != v}
 
 
 # ----------------------------------------------------------------------------- models
@@ -616,6 +732,7 @@ class LossTerm:
     weight: str                    # the Config field holding its weight ("" = always 1)
     needs: tuple                   # supervision it needs (attributes of load_supervision's result)
     fn: Callable                   # (batch dict, cfg) -> scalar tensor
+    asked: Callable = None         # cfg -> whether the flags ask for it besides its weight (None: always)
 
 
 # The one list of losses: the forward, the logging and final.pt all read it. A new loss is one line here.
@@ -626,8 +743,12 @@ LOSSES = (
     LossTerm("loss_kd", "kd_weight", ("teacher",),
              lambda b, cfg: logit_kd(b["logits"], b["teacher_logits"], cfg.kd_temp)),
     LossTerm("loss_imitate", "imitate_weight", ("teacher_images",),
-             lambda b, cfg: imitation_loss(b["clip_emb"], b["teacher_emb"], cfg.imitate_loss, 1 / cfg.tau,
-                                           b["teacher_valid"])),
+             lambda b, cfg: imitation_loss(b["clip_emb"], b["teacher_emb"], "mse", 1 / cfg.tau, b["teacher_valid"]),
+             lambda cfg: "mse" in imitate_kinds(cfg)),
+    LossTerm("loss_imitate_cst", "imitate_weight", ("teacher_images",),
+             lambda b, cfg: imitation_loss(b["clip_emb"], b["teacher_emb"], "contrastive", 1 / cfg.tau,
+                                           b["teacher_valid"]),
+             lambda cfg: "contrastive" in imitate_kinds(cfg)),
     LossTerm("loss_align", "align_weight", ("teacher_images", "class_text"),
              lambda b, cfg: alignment_loss(b["clip_emb"], b["teacher_emb"], b["class_text"], cfg.tau, b["labels"],
                                            cfg.align_topk, cfg.align_correct_only, b["teacher_valid"])),
@@ -638,9 +759,14 @@ def weight_of(term, cfg):
     return getattr(cfg, term.weight) if term.weight else 1.0
 
 
+def imitate_kinds(cfg):
+    return [k.strip() for k in cfg.imitate_loss.split(",") if k.strip()]
+
+
 def active_losses(cfg, sup):
-    """The terms whose supervision is given and whose weight is not 0."""
-    return [t for t in LOSSES if weight_of(t, cfg) > 0 and all(getattr(sup, n) is not None for n in t.needs)]
+    """The terms whose supervision is given, that the flags ask for and whose weight is not 0."""
+    return [t for t in LOSSES if weight_of(t, cfg) > 0 and all(getattr(sup, n) is not None for n in t.needs)
+            and (t.asked is None or t.asked(cfg))]
 
 
 # ----------------------------------------------------------------------------- data
@@ -814,6 +940,41 @@ def crop_ratio(cfg):
     return cfg.crop_ratio if cfg.crop_ratio > 0 else (1.0 if cfg.res <= 64 else 0.875)
 
 
+def ood_half_order(cfg, accelerator):
+    """An ffcv traversal order for Li et al.'s few-shot finetune: each batch of B is B // 2 images of the OOD classes
+    (labels from the first after id_classes.txt), drawn afresh each batch (without repeats while there are enough),
+    and B - B // 2 of the others, each of those once an epoch (this process's share of a seeded permutation)."""
+    from ffcv.traversal_order.base import TraversalOrder
+    first_ood = len(read_classes(Path(cfg.data) / "id_classes.txt"))
+    rank, world, half = accelerator.process_index, accelerator.num_processes, cfg.batch_size // 2
+
+    class HalfOOD(TraversalOrder):
+        def __init__(self):  # bound to its loader by __call__: ffcv calls the order it is given with the loader
+            pass
+
+        def __call__(self, loader):
+            super().__init__(loader)
+            labels = loader.reader.metadata[f"f{loader.reader.field_names.index('label')}"][self.indices]
+            self.ood, self.others = self.indices[labels >= first_ood], self.indices[labels < first_ood]
+            if not len(self.ood) or len(self.others) < world * (cfg.batch_size - half):
+                die(f"--ood-half-batch: {cfg.train_split} has {len(self.ood)} images of the classes after "
+                    f"id_classes.txt and {len(self.others)} others; it needs some of each (a batch's worth of others)")
+            return self
+
+        def sample_order(self, epoch):
+            shared = np.random.default_rng([cfg.seed, epoch])  # one permutation, split between the processes
+            own = np.random.default_rng([cfg.seed, epoch, rank])
+            others = shared.permutation(self.others)[rank::world]
+            order = []
+            for b in range(len(others) // (cfg.batch_size - half)):
+                shots = own.choice(self.ood, half, replace=len(self.ood) < half)
+                order.append(own.permutation(np.concatenate(
+                    [shots, others[b * (cfg.batch_size - half):(b + 1) * (cfg.batch_size - half)]])))
+            return np.concatenate(order) if order else np.zeros(0, self.indices.dtype)
+
+    return HalfOOD()
+
+
 def make_loader(cfg, beton, train, accelerator):
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
@@ -827,12 +988,14 @@ def make_loader(cfg, beton, train, accelerator):
         decoder = CenterCropRGBImageDecoder((cfg.res, cfg.res), ratio=crop_ratio(cfg))
     # Flip and normalisation happen on the device (seeded there), so the loader only decodes and copies.
     image_pipe = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    int_pipes = [[IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)] for _ in range(2)]
+    int_pipes = [[IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)] for _ in range(2)]
     # ffcv also sets torch's CPU thread count to its worker count: on a CPU-only run, leave half the cores to compute.
     cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
     workers = cfg.workers if cfg.workers > 0 else (cores if device.type == "cuda" else max(1, cores // 2))
-    return Loader(str(beton), batch_size=cfg.batch_size, num_workers=workers,
-                  order=OrderOption.RANDOM if train else OrderOption.SEQUENTIAL, drop_last=train,
+    order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
+    if train and cfg.ood_half_batch:
+        order = ood_half_order(cfg, accelerator)
+    return Loader(str(beton), batch_size=cfg.batch_size, num_workers=workers, order=order, drop_last=train,
                   seed=cfg.seed, distributed=accelerator.num_processes > 1,
                   pipelines={"image": image_pipe, "label": int_pipes[0], "index": int_pipes[1]})
 
@@ -947,7 +1110,7 @@ def load_supervision(cfg, data, device):
     """Every optional input, verified against this split and its classes before any work is spent.
     `identity` holds a sha256 per input: a resume must see the same ones."""
     sup = SimpleNamespace(text_feats=None, text_valid=None, text_meta={}, prompts=[], class_text=None, teacher=None,
-                          teacher_images=None, teacher_valid=None)
+                          teacher_images=None, teacher_valid=None, ood=None, made_with={})
     sup.identity = {"train_split": data.train_sha256,
                     "val_split": sha256_file(Path(cfg.data) / cfg.val_split),
                     "classes": sha256_file(data.classes_path)}
@@ -957,6 +1120,7 @@ def load_supervision(cfg, data, device):
     if cfg.class_text:
         sup.class_text, meta = load_class_text(cfg, data)
         sup.identity["class_text"] = meta["sha256"]
+        sup.made_with["template"] = meta.get("template")
     if cfg.head == "cosine" and sup.class_text is None:
         die("--head cosine needs --class-text classes.npy (encode.py --classes)")
     if cfg.teacher_images:
@@ -967,6 +1131,7 @@ def load_supervision(cfg, data, device):
         sup.teacher_images = rows_to_device(array, None, device)
         sup.teacher_valid = valid_rows(len(array), missing, device)
         sup.identity["teacher_images"] = meta["sha256"]
+        sup.made_with["teacher"] = f"{meta.get('encoder')} {meta.get('encoder_path')}"
     if cfg.teacher and cfg.kd_weight > 0:
         sup.teacher = load_teacher(cfg, data, device)
         sup.identity["teacher"] = sha256_file(cfg.teacher)
@@ -974,7 +1139,49 @@ def load_supervision(cfg, data, device):
         if not Path(cfg.init).is_file():
             die(f"--init {cfg.init} not found")
         sup.identity["init"] = sha256_file(cfg.init)
+    if cfg.ood_split:
+        sup.ood = load_ood(cfg, data)
+        sup.identity["ood_split"] = sup.ood.sha256
+    check_recipe_inputs(cfg, sup)
     return sup
+
+
+def load_ood(cfg, data):
+    """--ood-split and the class texts of its classes: the rows of --class-text after id_classes.txt (after the
+    training classes without that file)."""
+    if not cfg.class_text or (cfg.head != "cosine" and not cfg.teacher_images):
+        die("--ood-split scores through clip_proj and the class texts: it needs --class-text and --head cosine or "
+            "--teacher-images")
+    array, sidecar = load_artifact(cfg.class_text, "classes")
+    names, id_path = sidecar.get("names") or [], Path(cfg.data) / "id_classes.txt"
+    first = data.num_classes
+    if id_path.is_file():
+        id_names = read_classes(id_path)
+        if names[:len(id_names)] != id_names:
+            die(f"{cfg.class_text}: its classes do not start with the {len(id_names)} classes of {id_path}")
+        first = len(id_names)
+    if len(names) <= first:
+        die(f"{cfg.class_text} has no class after the {first} ID classes: --ood-split has nothing to be scored on")
+    path = Path(cfg.data) / cfg.ood_split
+    items = read_split(path, len(names))
+    n, label = next(((n, y) for n, (_, y) in enumerate(items, 1) if y < first), (0, 0))
+    if n:
+        die(f"{path}:{n}: label {label} is an ID class: --ood-split holds images of the {len(names) - first} classes "
+            f"after the first {first}")
+    return SimpleNamespace(text=torch.from_numpy(np.asarray(array[first:], dtype=np.float32)), first=first,
+                           sha256=sha256_file(path))
+
+
+def check_recipe_inputs(cfg, sup):
+    """Warnings (rank 0) where a Li et al. recipe's inputs differ from the published ones."""
+    if cfg.recipe.startswith("li-") and os.environ.get("RANK", "0") == "0":
+        teacher, template = sup.made_with.get("teacher", ""), sup.made_with.get("template")
+        if LI_TEACHER not in teacher.lower():
+            warn(f"--recipe {cfg.recipe}: Li et al.'s teacher is CLIP ViT-L/14 at 224 px (openai/{LI_TEACHER}); "
+                 f"--teacher-images was made with {teacher.split()[0]}")
+        if template is not None and template != LI_TEMPLATE:
+            warn(f"--recipe {cfg.recipe}: Li et al.'s class text is {LI_TEMPLATE!r}; --class-text was made with "
+                 f"{template!r} (encode.py --template)")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -1003,50 +1210,110 @@ def normalize(images, mean, std):
     return (images.float() - mean) / std
 
 
+def mean_class_accuracy(preds, labels):
+    """Mean over the classes with images of each class's top-1 (Li et al.'s metric)."""
+    right = (preds == labels).float()
+    return float(np.mean([right[labels == c].mean().item() for c in torch.unique(labels)]))
+
+
 @torch.no_grad()
-def evaluate(model, loader, accelerator, class_counts):
+def predictions(model, loader, accelerator, score):
+    """(predictions, labels) of every row of the loader once; `score` maps the student's outputs to class scores."""
     model.eval()
     mean, std = pixel_mean_std(accelerator.device)
     preds, labels, indices = [], [], []
     for images, y, idx in loader:
         with accelerator.autocast():
-            logits = model.student(normalize(images, mean, std))[1]
-        preds.append(logits.argmax(-1))
+            preds.append(score(model.student(normalize(images, mean, std))).argmax(-1))
         labels.append(y.clone())  # ffcv reuses its buffers: keep copies
         indices.append(idx.clone())
     preds, labels, indices = (accelerator.gather(torch.cat(t)).cpu() for t in (preds, labels, indices))
     # ffcv's distributed sampler pads with repeats: count each row once.
     indices, first = np.unique(indices.numpy(), return_index=True)
     model.train()
-    return group_accuracy(preds[first], labels[first], class_counts)
+    return preds[first], labels[first]
+
+
+def evaluate(model, loader, accelerator, class_counts):
+    preds, labels = predictions(model, loader, accelerator, lambda out: out[1])
+    return group_accuracy(preds, labels, class_counts) | {"mean_class": mean_class_accuracy(preds, labels)}
+
+
+def evaluate_ood(model, loader, accelerator, ood):
+    """--ood-split scored within the OOD classes: clip_proj against their class texts (Li et al.'s OOD number)."""
+    text = ood.text.to(accelerator.device)
+    preds, labels = predictions(model, loader, accelerator,
+                                lambda out: F.normalize(out[2].float(), dim=-1) @ text.T)
+    preds = preds + ood.first
+    return {"top1": (preds == labels).float().mean().item(), "mean_class": mean_class_accuracy(preds, labels)}
 
 
 # ----------------------------------------------------------------------------- training
 
-def init_backbone(student, cfg):
-    """--init: the backbone of an earlier final.pt (same --arch); the head starts fresh for these classes."""
+def load_fitting(module, weights):
+    """Load `weights` into `module` when every tensor is there with its shape; True if it did."""
+    own = module.state_dict()
+    if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
+        return False
+    module.load_state_dict(weights)
+    return True
+
+
+def init_from(model, cfg, sup):
+    """--init: the whole model of an earlier final.pt (same --arch) where shapes fit: backbone (it must), clip_proj,
+    the linear head and the text head; the rest starts fresh. A cosine head keeps its class texts: the final.pt's
+    classes must come first in this run's. Returns the one line that says what was loaded and what started fresh."""
     ckpt = read_final(cfg.init, "--init")
     if ckpt["arch"] != cfg.arch:
         die(f"--init {cfg.init} is a {ckpt['arch']}, not --arch {cfg.arch}")
-    weights = {k.removeprefix("backbone."): v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
+    student, source = model.student, ckpt["model"]
+    weights = {k.removeprefix("backbone."): v for k, v in source.items() if k.startswith("backbone.")}
     try:
         student.backbone.load_state_dict(weights)
     except RuntimeError as e:
         die(f"--init {cfg.init}: its backbone does not fit --arch {cfg.arch} ({str(e).splitlines()[0][:200]})")
+    loaded, fresh = ["backbone"], []
+    for name in ("clip_proj", "head"):
+        part = getattr(student, name)
+        if part is None:
+            continue
+        given = {k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")}
+        (loaded if given and load_fitting(part, given) else fresh).append(name)
+    head = ckpt.get("text_head")
+    if model.text_head is not None:
+        fits = head is not None and load_fitting(model.text_head.proj, head["proj"]) and \
+            load_fitting(model.text_head.adaptor, head["adaptor"])
+        if fits:
+            model.text_head.log_scale.data.fill_(math.log(head["logit_scale"]))
+        (loaded if fits else fresh).append("text head")
+    here = len(sup.class_text) if cfg.head == "cosine" else student.head.out_features
+    line = (f"--init {cfg.init}: loaded {', '.join(loaded)}; started fresh: {', '.join(fresh) or 'nothing'}; "
+            f"{ckpt['num_classes']} classes there, {here} here")
+    old = ckpt.get("class_text")
+    if cfg.head == "cosine" and old is not None:
+        new = sup.class_text
+        if old.shape[1] != new.shape[1] or len(old) > len(new) or not torch.allclose(
+                old.float(), new[:len(old)].float(), atol=1e-2):
+            die(f"--init {cfg.init} classified over other class texts than the first rows of --class-text "
+                f"{cfg.class_text}: use the classes.npy it was trained with (its classes first)")
+        line += f" (text classifier: its {len(old)} class texts kept" + (
+            f", {here - len(old)} added)" if here > len(old) else ")")
+    return line
 
 
 def build_model(cfg, data, sup, device):
+    """(the Model on the device, the --init line or '')."""
     torch.manual_seed(cfg.seed)
     clip_dim = sup.class_text.shape[1] if cfg.head == "cosine" else 0
     clip_dim = sup.teacher_images.shape[1] if sup.teacher_images is not None else clip_dim
     student = Student(cfg.arch, data.num_classes, cfg.res, cfg.head, clip_dim, sup.class_text, cfg.tau)
-    if cfg.init:
-        init_backbone(student, cfg)
     text_head = None
     if sup.text_feats is not None:
         text_head = TextHead(student.feat_dim, sup.text_feats.shape[-1], cfg.embed_dim, cfg.adaptor_hidden,
                              cfg.text_temp, cfg.learn_temp)
-    return Model(student, text_head).to(device, memory_format=torch.channels_last)
+    model = Model(student, text_head)
+    note = init_from(model, cfg, sup) if cfg.init else ""
+    return model.to(device, memory_format=torch.channels_last), note
 
 
 def warmup_cosine(warmup, total):
@@ -1057,21 +1324,67 @@ def warmup_cosine(warmup, total):
     return factor
 
 
+def warmup_step(warmup, steps_per_epoch, milestones, gamma):
+    """x gamma from the first step of each milestone epoch on (Li et al. lower it as an epoch starts)."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return gamma ** sum(step // steps_per_epoch >= m for m in milestones)
+    return factor
+
+
+class EveryEpoch:
+    """Steps a scheduler as each epoch but the last ends: Li et al. step OneCycleLR once an epoch, so epoch e trains
+    at its step e."""
+
+    def __init__(self, scheduler, steps_per_epoch, epochs):
+        self.scheduler, self.steps_per_epoch, self.epochs, self.steps = scheduler, steps_per_epoch, epochs, 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps % self.steps_per_epoch == 0 and self.steps < self.epochs * self.steps_per_epoch:
+            self.scheduler.step()
+
+    def get_last_lr(self):
+        return self.scheduler.get_last_lr()
+
+    def state_dict(self):
+        return {"steps": self.steps, "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def milestones_of(cfg):
+    return [int(m) for m in cfg.milestones.split(",") if m.strip()]
+
+
 def make_optimizer(cfg, model, num_processes, steps_per_epoch):
-    """SGD (nesterov) or AdamW, no decay on biases, norms and the temperature; linear warmup then cosine, per step."""
+    """SGD or AdamW, no decay on biases, norms (unless --decay-all) and the temperature; --schedule per step (cosine,
+    step, after a linear warmup) or per epoch (onecycle)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     temp = [p for n, p in named if n.endswith("log_scale")]
-    groups = [{"params": [p for n, p in named if p.ndim > 1], "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if p.ndim <= 1 and not n.endswith("log_scale")], "weight_decay": 0.0}]
+    decayed = [p for n, p in named if (p.ndim > 1 or cfg.decay_all) and not n.endswith("log_scale")]
+    groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if not (p.ndim > 1 or cfg.decay_all) and not n.endswith("log_scale")],
+               "weight_decay": 0.0}]
     if temp:  # its own lr: at the backbone's SGD lr the temperature collapses
         groups.append({"params": temp, "weight_decay": 0.0, "lr": cfg.temp_lr})
+    groups = [g for g in groups if g["params"]]
     lr = cfg.lr * cfg.batch_size * num_processes / 128
     for g in groups:
         g.setdefault("lr", lr)
-    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True) if cfg.optimizer == "sgd"
+    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=cfg.nesterov) if cfg.optimizer == "sgd"
                  else torch.optim.AdamW(groups, lr=lr))
+    if cfg.schedule == "onecycle":
+        one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
+                                                        total_steps=max(2, cfg.epochs))
+        return optimizer, EveryEpoch(one_cycle, steps_per_epoch, cfg.epochs)
     total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
+    factor = warmup_cosine(warmup, total) if cfg.schedule == "cosine" else \
+        warmup_step(warmup, steps_per_epoch, milestones_of(cfg), cfg.gamma)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def unwrap(accelerator, model):
@@ -1218,7 +1531,7 @@ def start_run_folder(cfg, out, accelerator, state):
     if not accelerator.is_main_process:
         return
     shutil.copy(__file__, out / "train.py")
-    write_json(out / "config.json", asdict(cfg))
+    write_json(out / "config.json", run_config(cfg))
     write_json(out / "versions.json", versions("torch", "torchvision", "accelerate", "timm", "ffcv", "numpy"))
     kept = []
     if state is not None and (out / "metrics.jsonl").exists():
@@ -1233,6 +1546,11 @@ def start_run_folder(cfg, out, accelerator, state):
     os.replace(tmp, out / "metrics.jsonl")
     if cfg.report_to != "none":
         accelerator.init_trackers(Path(out).name, config=asdict(cfg))
+
+
+def run_config(cfg):
+    """Every setting, and the recipe's values that a flag overrode (`recipe_overridden`)."""
+    return asdict(cfg) | {"recipe_overridden": recipe_record(cfg)}
 
 
 def make_logger(out, accelerator):
@@ -1254,21 +1572,27 @@ def save_checkpoint(run, epoch, step, running, last_log):
         save_atomic(state, run.out / "ckpt.pt", run.out)  # a kill mid-save leaves the last good one
 
 
+def passes(loader, repeat):
+    """The loader's batches, `repeat` times over (one epoch of --repeat-epochs)."""
+    for _ in range(repeat):
+        yield from loader
+
+
 def train(run, progress):
     """The epochs: steps (metrics every --log-every), then coverage, validation and ckpt.pt per epoch."""
     cfg, accelerator, core, losses = run.cfg, run.accelerator, run.core, run.losses
     device, log, step = accelerator.device, make_logger(run.out, accelerator), progress.step
-    total_steps = cfg.epochs * len(run.train_loader)
+    total_steps = cfg.epochs * cfg.repeat_epochs * len(run.train_loader)
     running = torch.zeros(len(losses) + 1, device=device) if progress.running is None else progress.running.to(device)
     bad_step = torch.full((), -1, device=device, dtype=torch.long)
     last_log, last_time, images_seen = progress.last_log, time.perf_counter(), 0
-    run.train_loader.next_epoch = progress.epoch  # ffcv's order for epoch e is seeded by seed + e
+    run.train_loader.next_epoch = progress.epoch * cfg.repeat_epochs  # ffcv seeds pass p's order with seed + p
     bar = progress_bar(total_steps, "step", initial=step, disable=not accelerator.is_main_process)
     try:  # the bar is closed before an error line, which stays the last line
         for epoch in range(progress.epoch, cfg.epochs):
             gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
             row_seen = torch.zeros(len(run.data.train_items), device=device, dtype=torch.int32)
-            for images, labels, indices in run.train_loader:
+            for images, labels, indices in passes(run.train_loader, cfg.repeat_epochs):
                 row_seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
                 values = run.train_step(images, labels, indices, gen)
                 with torch.no_grad():  # no host sync here: accumulate on the device, read when logging
@@ -1297,10 +1621,13 @@ def train(run, progress):
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 trained = swap_in_ema(core, run.ema)
                 acc = evaluate(core, run.val_loader, accelerator, run.data.class_counts)
+                ood = evaluate_ood(core, run.ood_loader, accelerator, run.sup.ood) if run.ood_loader else {}
                 swap_in_ema(core, trained)
-                log({"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()})
+                log({"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()}
+                    | {f"val_ood_{k}": v for k, v in ood.items()})
                 accelerator.print(f"epoch {epoch}: val top-1 {acc['top1']:.4f} (" + " ".join(
-                    f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None) + ")")
+                    f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None) + ")"
+                    + (f", OOD mean per class {ood['mean_class']:.4f}" if ood else ""))
             save_checkpoint(run, epoch, step, running, last_log)  # after the epoch's rows: a resume re-logs none
             accelerator.wait_for_everyone()
             if step == cfg.max_steps:
@@ -1321,7 +1648,7 @@ def final_record(run, step):
              "feat_dim": core.student.feat_dim, "model": {k: v.cpu() for k, v in core.student.state_dict().items()},
              "head": cfg.head, "tau": cfg.tau, "classes": data.class_names, "class_counts": data.class_counts.tolist(),
              "preprocess": {"res": cfg.res, "mean": MEAN, "std": STD, "crop_ratio": crop_ratio(cfg)},
-             "train_split_sha256": sup.identity["train_split"], "inputs": sup.identity, "config": asdict(cfg),
+             "train_split_sha256": sup.identity["train_split"], "inputs": sup.identity, "config": run_config(cfg),
              "losses": {t.name: weight_of(t, cfg) for t in run.losses}}
     if sup.class_text is not None and cfg.head == "cosine":
         final["class_text"] = sup.class_text
@@ -1402,6 +1729,24 @@ def write_final(run, step):
 
 # ----------------------------------------------------------------------------- main
 
+def check_flags(cfg):
+    """One line for a bad flag or a recipe's missing input, before anything is read."""
+    missing = [f"--{k.replace('_', '-')}" for k in RECIPE_NEEDS.get(cfg.recipe.removesuffix("-x5"), ())
+               if not getattr(cfg, k)]
+    if missing:
+        die(f"--recipe {cfg.recipe} needs {', '.join(missing)} (README 'Recipes')")
+    kinds = imitate_kinds(cfg)
+    if not kinds or set(kinds) - {"mse", "contrastive"}:
+        die(f"--imitate-loss {cfg.imitate_loss}: expected mse, contrastive or mse,contrastive")
+    if not all(m.strip().isdigit() for m in cfg.milestones.split(",") if m.strip()):
+        die(f"--milestones {cfg.milestones}: expected comma-separated epochs, e.g. 30,60")
+    if cfg.repeat_epochs < 1:
+        die(f"--repeat-epochs {cfg.repeat_epochs}: at least 1")
+    if cfg.ood_half_batch and not (Path(cfg.data) / "id_classes.txt").is_file():
+        die(f"--ood-half-batch: {Path(cfg.data) / 'id_classes.txt'} not found (it tells the OOD classes: those after "
+            f"its lines; prepare.py writes it for the OOD sets)")
+
+
 def start(cfg):
     """The accelerator (tracker included) and a writable --out, checked before anything is read."""
     for kind in (k.strip() for k in cfg.export.split(",") if k.strip()):
@@ -1435,29 +1780,38 @@ def prepare_model(cfg, accelerator, model, optimizer):
 
 
 def main():
-    cfg = parse_config(Config)
+    cfg = parse_config(Config, defaults=recipe_defaults)
+    check_flags(cfg)
     accelerator, out = start(cfg)
     device = accelerator.device
     data = load_data(cfg)
     sup = load_supervision(cfg, data, device)
     losses = active_losses(cfg, sup)
     state = read_checkpoint(cfg, out, sup.identity)
-    model = build_model(cfg, data, sup, device)
+    model, init_note = build_model(cfg, data, sup, device)
     train_loader = make_loader(cfg, beton_for(cfg, cfg.train_split, accelerator), True, accelerator)
     val_loader = make_loader(cfg, beton_for(cfg, cfg.val_split, accelerator), False, accelerator)
+    ood_loader = make_loader(cfg, beton_for(cfg, cfg.ood_split, accelerator), False, accelerator) if sup.ood else None
     if len(train_loader) == 0:
         die(f"{data.train_path}: fewer readable images than --batch-size {cfg.batch_size} per process")
-    optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes, len(train_loader))
+    optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes,
+                                          cfg.repeat_epochs * len(train_loader))
     ema, progress = restore(state, model, optimizer, scheduler, cfg, device)
     model, optimizer, core = prepare_model(cfg, accelerator, model, optimizer)
     start_run_folder(cfg, out, accelerator, state)
     accelerator.print(f"train.py: {len(data.train_items)} train images, {data.num_classes} classes, world size "
                       f"{accelerator.num_processes}, {device.type}, precision {accelerator.mixed_precision}, losses "
                       f"{', '.join(t.name for t in losses)}" + (f"; resuming at epoch {progress.epoch}" * bool(state)))
+    if cfg.recipe != "none":
+        changed = ", ".join(f"--{k.replace('_', '-')} {v['recipe']} -> {v['used']}"
+                            for k, v in recipe_record(cfg).items())
+        accelerator.print(f"train.py: --recipe {cfg.recipe}" + (f"; overridden: {changed}" if changed else ""))
+    if init_note:
+        accelerator.print(f"train.py: {init_note}")
     train_step = make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, sup, data.log_prior, losses)
     run = SimpleNamespace(cfg=cfg, accelerator=accelerator, out=out, data=data, sup=sup, losses=losses, core=core,
                           optimizer=optimizer, scheduler=scheduler, ema=ema, train_step=train_step,
-                          train_loader=train_loader, val_loader=val_loader)
+                          train_loader=train_loader, val_loader=val_loader, ood_loader=ood_loader)
     step = train(run, progress)
     write_final(run, step)
     accelerator.end_training()

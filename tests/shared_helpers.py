@@ -31,10 +31,12 @@ def opt(default, help, heading=""):
     return field(default=default, metadata={"help": help, "heading": heading})
 
 
-def parse_config(config_cls, argv=None, positional=()):
+def parse_config(config_cls, argv=None, positional=(), defaults=None):
     """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
-    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
+    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
+    flags given on the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -56,6 +58,9 @@ def parse_config(config_cls, argv=None, positional=()):
     for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
         if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
+    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+        parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
+        parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_args(argv)))
 
 

@@ -220,6 +220,48 @@ def test_minilm_class_texts_with_descriptions(lm):
     assert "bad_descriptions.jsonl:1" in line and "kitten" in line
 
 
+def write_li_files(folder, rows):
+    """Li et al.'s data/<Dataset>/ pair: label2text.txt (`folder id name`) and chatgpt.txt, one description a line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "label2text.txt").write_text("".join(f"{f} {k + 1} {n}\n" for k, (f, n, _) in enumerate(rows)))
+    (folder / "chatgpt.txt").write_text("".join(f"{d}\n\n" for _, _, d in rows))  # blank lines are skipped
+    return folder / "chatgpt.txt"
+
+
+def test_li_chatgpt_descriptions_and_their_template(tmp_path):
+    """Issue 20: Li et al.'s chatgpt.txt is read by the order of its label2text.txt (matched to classes.txt by name,
+    not by order) and, by default, makes their class text "a photo of " + name + " . " + description: the same
+    vectors as the same texts given as class_descriptions.jsonl with their template."""
+    classes = tmp_path / "classes.txt"
+    classes.write_text("baklava\napple pie\nchurros\n")  # our order: ID classes first
+    rows = [("apple_pie", "apple_pie", "A round golden pie."), ("baklava", "baklava", "Layered nut pastry."),
+            ("churros", "churros", "Long fried dough sticks.")]
+    chatgpt = write_li_files(tmp_path / "Food101", rows)
+    run("--classes", classes, "--descriptions", chatgpt, "--model", "minilm", "--out", tmp_path / "li")
+    side = json.loads((tmp_path / "li" / "classes.json").read_text())
+    assert side["template"] == "a photo of {name} . {description}" and side["descriptions_format"] == "li-chatgpt"
+    assert side["names"] == ["baklava", "apple pie", "churros"] and side["without_description"] == []
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({"class": c, "text": t}) + "\n" for c, t in
+                            [(0, "Layered nut pastry."), (1, "A round golden pie."), (2, "Long fried dough sticks.")]))
+    run("--classes", classes, "--descriptions", same, "--template", "a photo of {name} . {description}",
+        "--model", "minilm", "--out", tmp_path / "ours")
+    assert np.array_equal(np.load(tmp_path / "li" / "classes.npy"), np.load(tmp_path / "ours" / "classes.npy"))
+    encode = load_module()
+    texts = encode.class_texts(["apple pie"], {0: ["A round golden pie."]}, encode.LI_TEMPLATE)
+    assert texts == [["a photo of apple pie . A round golden pie."]]  # their exact string
+
+    (tmp_path / "Food101" / "chatgpt.txt").write_text("only one\n")
+    assert "1 descriptions" in refused("--classes", classes, "--descriptions", chatgpt, "--model", "minilm",
+                                       "--out", tmp_path / "bad")
+    write_li_files(tmp_path / "Food101", rows[:2] + [("tiramisu", "tiramisu", "Layered cake.")])
+    line = refused("--classes", classes, "--descriptions", chatgpt, "--model", "minilm", "--out", tmp_path / "bad")
+    assert "label2text.txt:3: class 'tiramisu'" in line
+    (tmp_path / "Food101" / "label2text.txt").unlink()
+    assert "label2text.txt not found" in refused("--classes", classes, "--descriptions", chatgpt, "--model", "minilm",
+                                                 "--out", tmp_path / "bad")
+
+
 def test_probe_high_for_class_texts_near_chance_for_noise(lm):
     text = lm["out"] / "text.npy"
     proc = run("--probe", "--text", text, "--split", lm["split"], "--no-pixel-baseline")  # no images here

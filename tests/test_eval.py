@@ -82,6 +82,42 @@ def test_group_and_per_class_accuracy_by_hand():
     assert tally_of(torch.eye(5)[[1, 1, 1, 0, 0]], [1, 1, 1, 2, 2]).groups(counts)["medium"] == pytest.approx(3 / 5)
 
 
+def test_group_average_over_classes_by_hand():
+    """--group-average classes (OLTR's shot_acc): a group's accuracy is the mean of its classes' accuracies; over
+    images a class with more test images weighs more. Medium here: class 1 has 2 of 2 right, class 2 1 of 4."""
+    counts = [101, 100, 20, 19]
+    labels = [0, 1, 1, 2, 2, 2, 2, 3]
+    preds = [0, 1, 1, 2, 0, 0, 0, 0]
+    tally = tally_of(torch.eye(4)[preds], labels)
+    assert tally.groups(counts)["medium"] == pytest.approx(3 / 6)
+    assert tally.groups(counts, "classes") == {"top1": 4 / 8, "many": 1.0, "medium": pytest.approx(0.625), "few": 0.0}
+    assert ev.report_of(tally, counts, "classes")["medium"] == pytest.approx(0.625)
+
+
+def test_training_log_reports_the_last_epoch_and_the_mean_of_the_last_five(tmp_path):
+    """Li et al. report the mean of the last 5 epochs' test accuracy: the report shows it beside the last epoch, from
+    the run's metrics.jsonl, and says how many epochs a short run had."""
+    long, short = tmp_path / "long", tmp_path / "short"
+    for run_dir, epochs in ((long, 7), (short, 3)):
+        run_dir.mkdir()
+        rows = []
+        for e in range(epochs):
+            rows += [{"step": e, "epoch": e, "loss": 1.0}, {"epoch": e, "step": e, "rows_seen": 9},
+                     {"epoch": e, "step": e, "val_top1": e / 10, "val_ood_mean_class": 1 - e / 10}]
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    runs = [{"name": d.name, "checkpoint": str(d / "final.pt")} for d in (long, short)]
+    for run in runs:
+        run["training_log"] = ev.training_log(run, 5)
+    log = runs[0]["training_log"]
+    assert log["last_epoch"] == 6 and log["evaluated_epochs"] == 7
+    assert log["metrics"]["val_top1"] == {"last": 0.6, "mean_last": pytest.approx(0.4), "epochs": 5}
+    assert log["metrics"]["val_ood_mean_class"]["mean_last"] == pytest.approx(0.6)
+    table = ev.training_table(runs, 5)
+    assert "| long | 6 | 60.0 / 40.0 | 40.0 / 60.0 |" in table
+    assert "| short | 2 | 20.0 / 10.0 (3) | 80.0 / 90.0 (3) |" in table
+    assert ev.training_log({"name": "none", "checkpoint": str(tmp_path / "none" / "final.pt")}, 5) is None
+
+
 def test_topk_and_calibration_by_hand():
     scores = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.6, 0.3, 0.1]])
     tally = tally_of(scores.log(), [1, 2, 2], ece_bins=10)
@@ -319,6 +355,24 @@ def test_streamed_metrics_equal_a_direct_computation(tiny, report):
     counts = np.array(report.runs["aligned"]["class_counts"])
     few = np.isin(labels, np.flatnonzero(counts < 20))
     assert clf["few"] == pytest.approx(right[few].mean()) and clf["many"] is None
+
+
+def test_report_says_which_group_average_and_shows_the_training_log(tiny):
+    """--group-average classes: groups are class means of results.json's per-class accuracies, the header says so;
+    the training-time table holds the mean of the last 5 val_top1 of the run's metrics.jsonl."""
+    out = tiny.root / "classes-report"
+    run(REPO / "eval.py", tiny.aligned, "--data", tiny.data, "--split", "test", "--group-average", "classes",
+        "--tsne-samples", 0, "--out", out)
+    result = json.loads((out / "results.json").read_text())
+    clf, counts = result["runs"][0]["classifier"], result["runs"][0]["class_counts"]
+    for group in ("many", "medium", "few"):
+        accs = [a for a, c in zip(clf["per_class"], counts) if ev.class_group(c) == group]
+        assert clf[group] == (pytest.approx(np.mean(accs)) if accs else None)
+    text = (out / "report.md").read_text()
+    assert "the mean of its classes' accuracies (--group-average classes)" in text
+    val = [r["val_top1"] for r in map(json.loads, (tiny.aligned.parent / "metrics.jsonl").read_text().splitlines())
+           if "val_top1" in r]
+    assert f"| aligned | 11 | {100 * val[-1]:.1f} / {100 * np.mean(val[-5:]):.1f} |" in text
 
 
 def test_long_tail_metrics_of_a_one_epoch_run(report):

@@ -160,6 +160,75 @@ def test_places_lt_names_keep_their_second_level(tmp_path):
     assert len(set(names)) == 10  # the old last-folder rule named 8 `outdoor` and fell back to class_N
 
 
+def test_places_lt_names_come_from_the_list_paths(tmp_path):
+    """Issue 20: the Places-LT lists number labels 116 desert_road, 117 desert/sand, 118 desert/vegetation,
+    141 field_road, 142 field/wild, while categories_places365.txt (sorted by its full path) orders those five
+    otherwise. A label is named by the folder of its training images; a label with no training image by the file."""
+    file_names = {k: f"class_{k:03d}" for k in range(150)}
+    file_names |= {116: "desert/sand", 117: "desert/vegetation", 118: "desert_road", 140: "field/cultivated",
+                   141: "field/wild", 142: "field_road"}
+    list_names = dict(file_names) | {116: "desert_road", 117: "desert/sand", 118: "desert/vegetation",
+                                     141: "field_road", 142: "field/wild"}
+    lists, root = tmp_path / "Places_LT", tmp_path / "places365"
+    trained = [c for c in range(150) if c % 7]  # labels 0, 7, 14, ... have no training image: named by the file
+    train = [f"train/{list_names[c]}/{i:08d}.jpg {c}" for c in trained for i in range(1 + (c == 116))]
+    held = {s: [f"{s}_256/Places365_{s}_{c:08d}.jpg {c}" for c in range(150)] for s in ("val", "test")}
+    write_lists(lists, root, {"Places_LT_train.txt": train, "Places_LT_val.txt": held["val"],
+                              "Places_LT_test.txt": held["test"]})
+    (lists / "categories_places365.txt").write_text(
+        "".join(f"/{n[0]}/{n} {k}\n" for k, n in sorted(file_names.items(), key=lambda kv: kv[1])))
+    out = tmp_path / "plt"
+    proc = prepare("places-lt", "--lists", lists, "--root", root, "--out", out)
+    names = lines(out / "classes.txt")
+    assert names == [list_names[c] for c in range(150)]  # every name right, the five quirks included
+    assert [names[c] for c in (116, 117, 118, 141, 142)] == ["desert_road", "desert/sand", "desert/vegetation",
+                                                             "field_road", "field/wild"]
+    assert "5 labels named by their training images' folder" in proc.stdout and "116 desert_road" in proc.stdout
+
+    # A label whose images sit in two folders is a broken list: refused, naming the line.
+    (lists / "Places_LT_train.txt").write_text("\n".join(train + ["train/desert/sand/x.jpg 116"]) + "\n")
+    touch_all(root, ["train/desert/sand/x.jpg"])
+    proc = prepare("places-lt", "--lists", lists, "--root", root, "--out", tmp_path / "bad", check=False)
+    assert proc.returncode != 0 and f"Places_LT_train.txt:{len(train) + 1}: label 116" in proc.stderr
+
+
+def test_imagenet_lt_labels_must_follow_the_wnid_order(tmp_path):
+    """ImageNet-LT takes torchvision's names by label, which holds only if label order is sorted-wnid order."""
+    train = ["train/n01440764/a.JPEG 0", "train/n01443537/b.JPEG 2", "train/n01484850/c.JPEG 1"]
+    write_lists(tmp_path / "lists", tmp_path / "imagenet", {f"ImageNet_LT_{s}.txt": train
+                                                            for s in ("train", "val", "test")})
+    proc = prepare("imagenet-lt", "--lists", tmp_path / "lists", "--root", tmp_path / "imagenet",
+                   "--out", tmp_path / "out", check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode != 0 and "label 1 is n01484850 but label 2 is n01443537" in last
+
+
+def test_inat_labels_are_their_folders(tmp_path):
+    """iNat 2018 keeps each image in a folder named by its category id: a line labelled otherwise is refused."""
+    lists, root = tmp_path / "iNat18", tmp_path / "inat"
+    write_lists(lists, root, {"iNaturalist18_train.txt": ["train_val2018/Plantae/0/a.jpg 0",
+                                                          "train_val2018/Plantae/2/b.jpg 1"],
+                              "iNaturalist18_val.txt": ["train_val2018/Plantae/0/v.jpg 0"]})
+    (lists / "categories.json").write_text(json.dumps([{"id": k, "name": f"n{k}"} for k in range(3)]))
+    proc = prepare("inat2018", "--lists", lists, "--root", root, "--out", tmp_path / "inat-out", check=False)
+    assert proc.returncode != 0 and "iNaturalist18_train.txt:2: the image is in category folder 2" in proc.stderr
+
+
+def test_cub_names_by_class_id(tmp_path):
+    """CUB's classes.txt is read by id, not by line order: each image's class name is its folder's."""
+    write_cub(tmp_path / "src")
+    classes = tmp_path / "src" / "CUB_200_2011" / "classes.txt"
+    rows = classes.read_text().splitlines()
+    classes.write_text("\n".join(rows[::-1]) + "\n")  # ids in another line order: names still by id
+    prepare("cub", "--source", tmp_path / "src", "--out", tmp_path / "cub")
+    out = tmp_path / "cub"
+    names = lines(out / "classes.txt")
+    for split in ("id_train", "ood_train"):
+        for line in lines(out / f"{split}.txt"):
+            path, label = line.rsplit(maxsplit=1)
+            assert names[int(label)].replace(" ", "_") in path
+
+
 def test_inat2018_names_and_no_test_split(tmp_path):
     lists, root = tmp_path / "iNat18", tmp_path / "inat"
     cats = [{"id": k, "name": n, "supercategory": "Plantae", "kingdom": "Plantae"}

@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare.py", "caption.py", "encode.py", "train.py", "eval.py", "prompts")
 
 TINY_VLM = "--vlm tiny --tiny-dir {tmp}/tiny-llava --max-new-tokens 8 --dtype fp32"
+LI_SMALL = "--arch resnet20 --res 32 --max-res 32 --batch-size 8 --epochs 2 --precision fp32"
 SUBSTITUTIONS = {
     "Quick start": [
         (r"fashion-mnist-lt --out data/fmnist-lt",
@@ -43,14 +44,14 @@ SUBSTITUTIONS = {
         (r"--root /data/imagenet", "--root {tmp}/imagenet"),
         (r"--nproc_per_node 8", "--nproc_per_node 2 --standalone"),  # torchrun picks a free port itself
         (r"--vlm llava-hf/llava-v1.6-mistral-7b-hf", TINY_VLM),
-        (r"--arch resnet50 --res 176 --max-res 256 --batch-size 128 --epochs 90",
-         "--arch resnet20 --res 32 --max-res 64 --batch-size 8 --epochs 1"),
+        (r"--recipe vlmkd-imagenet-lt --data data/inlt --batch-size 64",
+         "--recipe vlmkd-imagenet-lt --data data/inlt --arch resnet20 --res 32 --max-res 64 --batch-size 8 --epochs 1"),
         (r"--compile ", ""),  # tested on its own in test_train.py: ~1 min on this CPU
     ],
-    "Li et al.'s protocol": [
+    "Li et al.'s protocol": [  # their data/Food101 files are faked in their formats under large_vlm_distillation_ood/
         (r"--source /data/food101", "--source {tmp}/food"),
-        (r"--model openai/clip-vit-base-patch32", "--model {tmp}/tiny-clip"),
-        (r"--arch resnet18 --res 112", "--arch resnet20 --res 32 --batch-size 8 --epochs 1"),
+        (r"--model openai/clip-vit-large-patch14", "--model {tmp}/tiny-clip"),
+        (r"--recipe (li-main|li-5shot)", r"--recipe \1 " + LI_SMALL),
     ],
     "Open vocabulary": [
         (r"--source /data/food101", "--source {tmp}/food"),
@@ -167,13 +168,38 @@ def test_open_vocabulary(tmp_path):
     assert final["head"] == "cosine" and "clip_proj.weight" in final["model"] and final["num_classes"] == 2
 
 
+def fake_li_lists(work):
+    """Li et al.'s data/Food101 folder in their formats: `split/class/file` lists (ID: baklava, donuts; OOD: apple_pie,
+    churros), label2text.txt (`folder id name`, Food-101's order) and chatgpt.txt (a description a line, that order)."""
+    li = work / "large_vlm_distillation_ood" / "data" / "Food101"
+    li.mkdir(parents=True)
+    (li / "train_data.txt").write_text("".join(f"train/{n}/{i}.jpg\n" for n in ("baklava", "donuts") for i in range(6)))
+    (li / "val_on_train_data.txt").write_text("".join(f"val_on_train/{n}/{i}.jpg\n" for n in ("baklava", "donuts")
+                                                      for i in range(6, 9)))
+    (li / "val_data.txt").write_text("".join(f"val/{n}/{i}.jpg\n" for n in ("apple_pie", "churros") for i in range(9)))
+    names = ["apple_pie", "baklava", "churros", "donuts"]
+    (li / "label2text.txt").write_text("".join(f"{n} {k + 1} {n}\n" for k, n in enumerate(names)))
+    (li / "chatgpt.txt").write_text("".join(f"A {n.replace('_', ' ')} seen from above on a plate.\n" for n in names))
+
+
 def test_li_protocol(tmp_path):
+    import torch
     work = scratch(tmp_path)
     fake_food(work)
+    fake_li_lists(work)
     run_block("Li et al.'s protocol", work)
+    classes = json.loads((work / "runs/food-li/clip/classes.json").read_text())
+    assert classes["template"] == "a photo of {name} . {description}" and classes["without_description"] == []
     zero_shot = json.loads((work / "runs/food-li/zero-shot/results.json").read_text())
     five_shot = json.loads((work / "runs/food-li/five-shot-report/results.json").read_text())
     assert zero_shot["runs"][0]["name"] == "student" and five_shot["runs"][0]["name"] == "five-shot"
-    assert "OOD/class" in (work / "runs/food-li/five-shot-report/report.md").read_text()
-    final = __import__("torch").load(work / "runs/food-li/five-shot/final.pt", weights_only=True)
-    assert final["num_classes"] == 4 and final["head"] == "linear"
+    zs = zero_shot["runs"][0]["zero_shot"]
+    assert zs["id"]["classes"] == 2 and zs["ood"]["classes"] == 2  # their halves: baklava, donuts | apple pie, churros
+    report = (work / "runs/food-li/five-shot-report/report.md").read_text()
+    assert "OOD/class" in report and "val OOD mean/class (last / mean of last 5)" in report
+    main = torch.load(work / "runs/food-li/student/final.pt", weights_only=True)
+    final = torch.load(work / "runs/food-li/five-shot/final.pt", weights_only=True)
+    assert main["config"]["recipe"] == "li-main" and main["num_classes"] == 2
+    assert final["config"]["recipe"] == "li-5shot" and final["num_classes"] == 4 and final["head"] == "cosine"
+    assert set(final["config"]["recipe_overridden"]) == {"arch", "res", "max_res", "batch_size", "epochs"}
+    assert torch.equal(final["class_text"][:2], main["class_text"])  # the text classifier kept, OOD texts added

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -138,7 +139,7 @@ def test_group_accuracy_boundaries():
 def test_one_loss_table():
     """Every loss is one LossTerm: the names logged are the table's, each weight a Config flag."""
     names = [t.name for t in T.LOSSES]
-    assert names == ["loss_cls", "loss_text", "loss_kd", "loss_imitate", "loss_align"]
+    assert names == ["loss_cls", "loss_text", "loss_kd", "loss_imitate", "loss_imitate_cst", "loss_align"]
     fields = {f.name for f in T.fields(T.Config)}
     assert all(t.weight in fields for t in T.LOSSES if t.weight)
 
@@ -437,15 +438,22 @@ def test_unreadable_image_recorded_and_skipped(data, tmp_path):
 
 # ----------------------------------------------------------------------------- new features
 
-def test_init_starts_from_a_final_backbone(data, plain, tmp_path):
-    """--init (Li et al.'s 5-shot finetune): the backbone is the given final.pt's, the head is new. lr 0 keeps the
-    weights where they started, so they must equal the source's."""
+def test_init_starts_from_a_final_model(data, plain, tmp_path):
+    """--init: the given final.pt's weights wherever their shapes fit (the head too, on the same classes); a head for
+    other classes starts fresh. lr 0 keeps the weights where they started, so they must equal the source's."""
     run = tmp_path / "init"
-    run_train(data, run, "--epochs", 1, "--max-steps", 1, "--lr", 0, "--init", plain / "final.pt")
+    proc = run_train(data, run, "--epochs", 1, "--max-steps", 1, "--lr", 0, "--init", plain / "final.pt")
+    assert f"--init {plain / 'final.pt'}: loaded backbone, head; started fresh: nothing" in proc.stdout
     src = torch.load(plain / "final.pt", weights_only=True)["model"]
     got = torch.load(run / "final.pt", weights_only=True)["model"]
     assert torch.equal(got["backbone.stem.0.weight"], src["backbone.stem.0.weight"])
-    assert not torch.equal(got["head.weight"], src["head.weight"])
+    assert torch.equal(got["head.weight"], src["head.weight"])
+    fewer = copy_data(data, tmp_path / "fewer")
+    names = (fewer / "classes.txt").read_text().splitlines()
+    (fewer / "classes.txt").write_text("\n".join(names + ["extra"]) + "\n")
+    proc = run_train(fewer, tmp_path / "more", "--epochs", 1, "--max-steps", 1, "--loss", "ce",
+                     "--init", plain / "final.pt")
+    assert "loaded backbone; started fresh: head; 10 classes there, 11 here" in proc.stdout
     proc = run_train(data, tmp_path / "other", "--arch", "resnet20", "--init", plain / "final.pt", check=False)
     assert proc.returncode != 0 and "not --arch resnet20" in last_line(proc)
 
@@ -732,3 +740,196 @@ def test_attack_nan_text_row_named_at_load(data, tmp_path):
     write_sidecar(text, {k: v for k, v in json.loads(text.with_suffix(".json").read_text()).items() if k != "sha256"})
     proc = run_train(data, tmp_path / "run", "--text", text, check=False)
     assert proc.returncode != 0 and "text.npy: row 7 holds NaN or inf" in last_line(proc)
+
+
+# ----------------------------------------------------------------------------- published recipes (issue 20)
+
+LI_SMALL = ["--arch", "resnet20", "--res", 32, "--max-res", 32, "--batch-size", 16, "--precision", "fp32"]
+
+
+def li_layout(data, dest, width=8):
+    """prepare.py --protocol li's files on the fashion-mnist-lt fixture (classes 0-4 ID, 5-9 OOD; li_train = ID train
+    + the first 5 sorted images of each OOD class), with class texts and teacher image embeddings written as
+    encode.py writes them: a unit vector per class, images near their class's."""
+    copy_data(data, dest)
+    names = (dest / "classes.txt").read_text().splitlines()
+    train, val = ((dest / f"{s}.txt").read_text().splitlines() for s in ("train", "val"))
+
+    def label(line):
+        return int(line.rsplit(maxsplit=1)[1])
+    shots = [x for c in range(5, 10) for x in sorted(x for x in train if label(x) == c)[:5]]
+    splits = {"id_train": [x for x in train if label(x) < 5], "id_test": [x for x in val if label(x) < 5],
+              "ood_test": [x for x in val if label(x) >= 5], "li_ood_test": [x for x in val if label(x) >= 5]}
+    splits["li_train"] = splits["id_train"] + shots
+    for name, lines in splits.items():
+        (dest / f"{name}.txt").write_text("".join(x + "\n" for x in lines))
+    (dest / "id_classes.txt").write_text("".join(n + "\n" for n in names[:5]))
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(10, width))
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    np.save(dest / "classes.npy", vecs.astype(np.float16))
+    write_sidecar(dest / "classes.npy", {"kind": "classes", "encoder": "test-clip", "names": names,
+                                         "template": "a photo of {name} . {description}"})
+    for split in ("id_train", "li_train"):
+        feats = vecs[[label(x) for x in splits[split]]] + 0.3 * rng.normal(size=(len(splits[split]), width))
+        feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+        np.save(dest / f"{split}.images.npy", feats.astype(np.float16))
+        write_sidecar(dest / f"{split}.images.npy", {"kind": "images", "encoder": "test-clip",
+                                                     "split_sha256": T.sha256_file(dest / f"{split}.txt")})
+    return dest
+
+
+@pytest.fixture(scope="module")
+def li(data, tmp_path_factory):
+    """Li et al.'s main recipe, shrunk by flags (which the run folder must record as overrides): 3 epochs, lr steps
+    after epochs 1 and 2."""
+    root = tmp_path_factory.mktemp("li")
+    li_data = li_layout(data, root / "data")
+    main = root / "main"
+    proc = run_train(li_data, main, "--recipe", "li-main", "--class-text", li_data / "classes.npy",
+                     "--teacher-images", li_data / "id_train.images.npy", *LI_SMALL, "--epochs", 3,
+                     "--milestones", "1,2")
+    return SimpleNamespace(data=li_data, main=main, proc=proc)
+
+
+def test_li_main_recipe_sets_their_settings_and_records_overrides(li):
+    config = json.loads((li.main / "config.json").read_text())
+    assert config["recipe"] == "li-main"
+    for key in ("train_split", "classes", "ood_split", "lr", "weight_decay", "nesterov", "decay_all", "loss", "head",
+                "tau", "imitate_loss", "imitate_weight", "align_weight", "align_topk", "align_correct_only",
+                "schedule", "gamma", "warmup_epochs", "min_scale", "crop_ratio"):
+        assert config[key] == T.RECIPES["li-main"][key], key
+    assert config["lr"] == 0.05 and config["align_topk"] == 256 and config["imitate_loss"] == "mse,contrastive"
+    assert config["recipe_overridden"] == {
+        "arch": {"recipe": "resnet18", "used": "resnet20"}, "res": {"recipe": 224, "used": 32},
+        "max_res": {"recipe": 256, "used": 32}, "batch_size": {"recipe": 128, "used": 16},
+        "epochs": {"recipe": 90, "used": 3}, "milestones": {"recipe": "30,60", "used": "1,2"}}
+    final = torch.load(li.main / "final.pt", weights_only=True)
+    assert final["config"]["recipe_overridden"] == config["recipe_overridden"]
+    assert "--recipe li-main; overridden: --arch resnet18 -> resnet20" in li.proc.stdout
+    assert "Li et al.'s teacher is CLIP ViT-L/14" in li.proc.stderr  # the test's teacher is not theirs
+    assert final["losses"] == {"loss_cls": 1.0, "loss_imitate": 1.0, "loss_imitate_cst": 1.0, "loss_align": 1.0}
+    optimizer = torch.load(li.main / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], g["nesterov"]) for g in optimizer] == [(1e-4, False)]  # every parameter decayed
+
+    rows = metrics(li.main)
+    steps = [r for r in rows if "loss" in r]
+    assert all(r["loss"] == pytest.approx(r["loss_cls"] + r["loss_imitate"] + r["loss_imitate_cst"] + r["loss_align"],
+                                          rel=1e-4) for r in steps)  # L-cls + L-mse + L-cst + L-vlalign, weight 1
+    per_epoch = next(r["step"] for r in rows if "rows_seen" in r)
+    for r in steps:  # the lr logged after step s is step s+1's: x0.1 from the first step of epochs 1 and 2
+        epoch = min(r["step"] // per_epoch, 2)
+        assert r["lr"] == pytest.approx(0.05 * 16 / 128 * 0.1 ** sum(epoch >= m for m in (1, 2)), rel=1e-6)
+    evals = [r for r in rows if "val_top1" in r]
+    assert len(evals) == 3 and all(0 <= r["val_mean_class"] <= 1 and 0 <= r["val_ood_mean_class"] <= 1
+                                   for r in evals)
+
+
+def test_li_5shot_finetune_keeps_the_text_classifier_and_every_weight(li, tmp_path):
+    """Deliverable 2: --recipe li-5shot from the main run: the whole model comes from --init (lr 0 keeps it: every
+    parameter equals the source's), the cosine classifier keeps the 5 ID class texts and adds the 5 OOD ones, the same
+    four losses train, on li_train.txt."""
+    run = tmp_path / "five"
+    proc = run_train(li.data, run, "--recipe", "li-5shot", "--class-text", li.data / "classes.npy",
+                     "--teacher-images", li.data / "li_train.images.npy", "--init", li.main / "final.pt",
+                     *LI_SMALL, "--epochs", 2, "--lr", 0)
+    assert (f"--init {li.main / 'final.pt'}: loaded backbone, clip_proj; started fresh: nothing; 5 classes there, "
+            f"10 here (text classifier: its 5 class texts kept, 5 added)") in proc.stdout
+    src, final = torch.load(li.main / "final.pt", weights_only=True), torch.load(run / "final.pt", weights_only=True)
+    assert final["head"] == "cosine" and final["num_classes"] == 10 and final["classes"] == \
+        (li.data / "classes.txt").read_text().splitlines()
+    assert torch.equal(final["class_text"], torch.from_numpy(np.load(li.data / "classes.npy").astype(np.float32)))
+    assert torch.equal(final["class_text"][:5], src["class_text"])
+    params = [k for k in src["model"] if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(k.startswith("clip_proj.") for k in params) and set(final["model"]) == set(src["model"])
+    for k in params:
+        assert torch.equal(final["model"][k], src["model"][k]), k
+    assert final["losses"] == {"loss_cls": 1.0, "loss_imitate": 1.0, "loss_imitate_cst": 1.0, "loss_align": 1.0}
+    config = final["config"]
+    assert (config["train_split"], config["schedule"], config["ood_half_batch"], config["epochs"]) == \
+        ("li_train.txt", "onecycle", True, 2)
+    assert config["recipe_overridden"]["lr"] == {"recipe": 1e-3, "used": 0.0}
+    assert all("val_ood_mean_class" in r for r in metrics(run) if "val_top1" in r)
+
+
+def test_li_5shot_batches_are_half_ood_shots(li):
+    """Li et al.'s FewShotSampler as an ffcv order: every batch of 16 holds 8 images of the OOD classes (labels 5-9,
+    drawn without repeats inside a batch) and 8 ID images, each ID image once an epoch; two epochs differ."""
+    from accelerate import Accelerator
+    cfg = T.parse_config(T.Config, ["--recipe", "li-5shot", "--data", str(li.data), *map(str, LI_SMALL)],
+                         defaults=T.recipe_defaults)
+    accelerator = Accelerator(cpu=True)
+    loader = T.make_loader(cfg, T.beton_for(cfg, cfg.train_split, accelerator), True, accelerator)
+    id_rows = sum(1 for x in (li.data / "li_train.txt").read_text().splitlines() if int(x.split()[-1]) < 5)
+    orders = []
+    for _ in range(2):
+        seen_id, order = [], []
+        for images, labels, indices in loader:
+            ood = labels >= 5
+            assert len(labels) == 16 and int(ood.sum()) == 8
+            assert len(set(indices[ood].tolist())) == 8
+            seen_id += indices[~ood].tolist()
+            order += indices.tolist()
+        assert len(seen_id) == len(set(seen_id)) == id_rows // 8 * 8
+        orders.append(order)
+    assert orders[0] != orders[1]
+
+
+def test_onecycle_is_stepped_once_an_epoch_like_theirs():
+    """--schedule onecycle: epoch e trains at torch's OneCycleLR(total_steps=epochs) step e, as Li et al.'s
+    adjust_learning_rate steps it once an epoch; momentum cycles with it (SGD)."""
+    cfg = T.parse_config(T.Config, ["--recipe", "li-5shot", "--epochs", "5"], defaults=T.recipe_defaults)
+    net = torch.nn.Linear(2, 2)
+    optimizer, scheduler = T.make_optimizer(cfg, net, 1, steps_per_epoch=3)
+    ref_opt = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1e-3, momentum=0.9)
+    ref = torch.optim.lr_scheduler.OneCycleLR(ref_opt, max_lr=1e-3, total_steps=5)
+    for epoch in range(5):
+        for _ in range(3):
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(ref_opt.param_groups[0]["lr"], rel=1e-9)
+            assert optimizer.param_groups[0]["momentum"] == pytest.approx(ref_opt.param_groups[0]["momentum"])
+            optimizer.step()
+            scheduler.step()
+        if epoch < 4:
+            ref_opt.step()
+            ref.step()
+    assert optimizer.param_groups[0]["lr"] < 1e-3 / 25  # ends in the annealed tail
+
+
+def test_recipe_flags_help_and_missing_inputs(tmp_path):
+    """A flag given wins over the recipe; --help shows the recipe's defaults; a recipe's missing input is one line
+    before any work (no --out made)."""
+    cfg = T.parse_config(T.Config, ["--recipe", "vlmkd-imagenet-lt", "--epochs", "7"], defaults=T.recipe_defaults)
+    assert (cfg.epochs, cfg.arch, cfg.lr, cfg.weight_decay, cfg.loss) == (7, "resnet50", 0.05, 5e-4, "la")
+    assert T.recipe_record(cfg) == {"epochs": {"recipe": 90, "used": 7}}
+    assert T.parse_config(T.Config, [], defaults=T.recipe_defaults).epochs == 100  # no recipe: the plain defaults
+    proc = subprocess.run([sys.executable, REPO / "train.py", "--recipe", "li-5shot", "--help"], capture_output=True,
+                          text=True, env=ENV)
+    assert proc.returncode == 0 and re.search(r"--epochs INT\s+epochs \(the lr schedule counts these\) \(default: 20\)",
+                                              proc.stdout)
+    proc = run_train(tmp_path / "data", tmp_path / "out", "--recipe", "li-5shot", check=False)
+    assert proc.returncode != 0 and last_line(proc) == (
+        "train.py: error: --recipe li-5shot needs --class-text, --teacher-images, --init (README 'Recipes')")
+    assert not (tmp_path / "out").exists()
+    proc = run_train(tmp_path / "data", tmp_path / "out", "--imitate-loss", "mse,l1", check=False)
+    assert "--imitate-loss mse,l1" in last_line(proc)
+
+
+def test_a_last_batch_of_one_image_is_scored(data, tmp_path):
+    """The val split's 100 images at --batch-size 33 end in a batch of one: ffcv's Squeeze() made its labels a 0-d
+    tensor, its copy thread died, and the run waited forever (found running li-5shot on two processes)."""
+    run = tmp_path / "one"
+    run_train(data, run, "--epochs", 1, "--max-steps", 1, "--batch-size", 33, timeout=240)
+    assert [r for r in metrics(run) if "val_top1" in r]
+
+
+def test_repeat_epochs_pass_over_the_data_within_an_epoch(data, tmp_path):
+    """--repeat-epochs 2 (Li et al.'s small sets use 5): each epoch is two passes; the step schedule counts epochs, so
+    a milestone at epoch 1 never comes within one epoch of two passes."""
+    run = tmp_path / "repeat"
+    run_train(data, run, "--epochs", 1, "--repeat-epochs", 2, "--schedule", "step", "--milestones", "1",
+              "--warmup-epochs", 0, "--lr", 0.05)
+    rows = metrics(run)
+    cover = [r for r in rows if "rows_seen" in r]
+    assert len(cover) == 1 and cover[0]["rows_max_repeat"] == 2 and cover[0]["step"] == 2 * (len(labels_of(data)) // 32)
+    logged = [r for r in rows if "lr" in r]  # the lr logged after step s is step s+1's: the last row is past the end
+    assert len(logged) > 3 and all(r["lr"] == pytest.approx(0.05 * 32 / 128) for r in logged[:-1])
