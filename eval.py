@@ -932,6 +932,10 @@ def plot_tsne(runs, inputs, seed):
     lists the groups and classes drawn, nothing else."""
     from matplotlib.lines import Line2D
     from sklearn.manifold import TSNE
+    collapsed = [run["name"] for run in runs if not np.ptp(run["tsne"][1].numpy(), axis=0).any()]
+    if collapsed:  # one point for every image: t-SNE's gradient is NaN there, and there is nothing to show
+        warn(f"t-SNE left out: {', '.join(collapsed)} maps every sampled image to the same feature")
+        return None
     plt = pyplot()
     num_classes = len(inputs.classes)
     cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")

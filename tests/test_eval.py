@@ -443,6 +443,15 @@ def test_zero_shot_through_clip_proj_agrees_with_the_cosine_head(tiny):
 
 # ----------------------------------------------------------------------------- plots a reader can trust
 
+def test_tsne_of_features_that_all_coincide_is_left_out(capsys):
+    """A student that maps every sampled image to one point (a collapsed run, or identical images) made t-SNE's
+    gradient NaN and ended eval in a traceback after every image was scored; now the plot is left out, with a word."""
+    inputs = SimpleNamespace(classes=["a", "b"], labels=np.array([0, 1] * 4))
+    runs = [{"name": "collapsed", "tsne": (np.arange(8), torch.ones(8, 16)), "class_counts": [5, 5]}]
+    assert ev.plot_tsne(runs, inputs, 0) is None
+    assert "t-SNE left out: collapsed maps every sampled image to the same feature" in capsys.readouterr().err
+
+
 def test_plots_are_real_pngs(report):
     from PIL import Image
     for name in ("per_class_vs_frequency.png", "tsne.png", "curves.png"):
