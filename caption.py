@@ -17,6 +17,9 @@ vision tower runs once per distinct image. Batched greedy captions equal one-at-
 in fp32, while in bf16 a caption may part ways where two tokens tie within bf16 rounding, as on any batch-size change.
 Families tested (tiny random builds through their real processors): LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics3/SmolVLM,
 PaliGemma (no chat template: its processor places the image tokens itself).
+The language model prefills an image's shared prefix (template + image tokens) once and copies its KV cache to the
+image's prompts where that is exact (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL; not PaliGemma's prefix-LM);
+--no-prefix-cache runs the whole prompt per caption, with the same captions.
 """
 import argparse
 import copy
@@ -659,8 +662,8 @@ def image_groups(images):
 
 
 def shared_lengths(tokens, first, inverse, placeholders):
-    """Per image, the tokens all its rows start with; at least one token a row is left to run in generate (it needs
-    one uncached token). None if a row's own part holds image tokens (a template that puts text before the image)."""
+    """Per image, how many tokens all its rows start with, each row keeping one or more of its own for generate to
+    run (it needs an uncached token). None if a row's own part holds image tokens (text before the image)."""
     lengths = []
     for group in range(len(first)):
         members = [tokens[r] for r, g in enumerate(inverse) if g == group]
@@ -700,10 +703,12 @@ def prefix_plan(inputs, images, placeholders, pad_id):
               for key, rows in unpadded.items()}
     plan = {"prefix": {**prefix_images(inputs, first, skip=unpadded), **prefix},
             "image_of_row": torch.tensor(image_of_row)}
-    for key in ("input_ids", "attention_mask"):
-        plan[key] = torch.stack([torch.cat([left_pad(row[:cuts[g]], width, fill[key]),
-                                            left_pad(row[cuts[g]:], own, fill[key])])
-                                 for row, g in zip(unpadded[key], image_of_row)])
+    # A repetition penalty sees every id of a row, masked or not: a row build_inputs did not pad is filled with its
+    # own last token, not the pad id (Qwen2-VL's pad is an end-of-text token, so that would move where captions end).
+    row_fill = [pad_id if not keep.all() else int(ids[-1]) for ids, keep in zip(unpadded["input_ids"], valid)]
+    for key, fills in (("input_ids", row_fill), ("attention_mask", [0] * len(row_fill))):
+        plan[key] = torch.stack([torch.cat([left_pad(row[:cuts[g]], width, f), left_pad(row[cuts[g]:], own, f)])
+                                 for row, g, f in zip(unpadded[key], image_of_row, fills)])
     return plan
 
 

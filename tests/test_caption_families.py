@@ -283,3 +283,25 @@ def test_prefix_cache_writes_the_same_captions(family, built, data, module, tmp_
 
     captions("resume", "--limit", "2", "--batch-size", "15")  # the path is recorded, not matched: a resume may switch
     assert captions("resume", "--no-prefix-cache", "--batch-size", "15") == before
+
+
+def test_prefix_plan_keeps_each_rows_tokens_and_positions(built, data, module):
+    """The re-laid batch: each row's unmasked tokens are its tokens from build_inputs in order (so position ids, which
+    count unmasked tokens, are too), its prefix part is its image's prefix row, and a row build_inputs did not pad
+    holds no pad id (a repetition penalty sees masked ids too)."""
+    model, processor, _, _ = module.load_vlm(str(built("llava_next")), "none", "fp32", "cpu")
+    images = [Image.open(data / f"img/{n}.png").convert("RGB") for n in (1, 3)]  # two sizes: two prefix lengths
+    texts = list(PREFIX_PROMPTS.values())[:3]
+    rows = [(text, image) for image in images for text in texts]
+    inputs = module.build_inputs(processor, *map(list, zip(*rows)), {}, torch.float32)
+    pad = processor.tokenizer.pad_token_id
+    plan = module.prefix_plan(inputs, [image for _, image in rows], module.placeholder_ids(model), pad)
+    prefix, width = plan["prefix"], plan["prefix"]["input_ids"].shape[1]
+    assert prefix["input_ids"].shape[0] == 2 and len(prefix["pixel_values"]) == 2
+    for r in range(len(rows)):
+        mask, before = plan["attention_mask"][r].bool(), inputs["input_ids"][r][inputs["attention_mask"][r].bool()]
+        assert torch.equal(plan["input_ids"][r][mask], before)
+        assert torch.equal(plan["input_ids"][r][:width][mask[:width]],
+                           prefix["input_ids"][r // 3][prefix["attention_mask"][r // 3].bool()])
+        assert (pad in plan["input_ids"][r].tolist()) == (not inputs["attention_mask"][r].all())
+    assert module.prefix_plan(inputs, [object() for _ in rows], module.placeholder_ids(model), pad) is None
