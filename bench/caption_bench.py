@@ -444,13 +444,29 @@ def run_side(
     }
 
 
-def take_turns(repeats, *sides):
-    """Each side's fastest of `repeats` passes, the sides taking turns pass by pass: on a shared machine, load that
-    comes and goes then hits both alike. side(warm) runs one pass, with a warm-up batch first if warm."""
-    turns = [[side(r == 0) for side in sides] for r in range(repeats)]
-    return [
-        min(passes, key=lambda p: p["seconds"]) | {"passes_s": [p["seconds"] for p in passes]} for passes in zip(*turns)
-    ]
+def take_turns(rows, per_turn, repeats, *sides):
+    """Each side's fastest of `repeats` passes over rows, the sides taking turns every `per_turn` rows (a batch of
+    whole images): on a shared machine, load that comes and goes then hits both alike. side(rows, warm) is run_side
+    on those rows, with a warm-up batch first if warm."""
+    turns = [rows[i : i + per_turn] for i in range(0, len(rows), per_turn)]
+    passes = [[] for _ in sides]
+    for r in range(repeats):
+        parts = [[side(turn, r == 0 and t == 0) for side in sides] for t, turn in enumerate(turns)]
+        for k, results in enumerate(zip(*parts)):
+            seconds = sum(p["seconds"] for p in results)
+            prefill = sum(p["prefill_tokens_per_caption"] * len(turn) for p, turn in zip(results, turns))
+            passes[k].append(
+                results[0]
+                | {
+                    "seconds": seconds,
+                    "captions_per_s": len(rows) / seconds,
+                    "images_per_s": len(rows) / seconds,
+                    "tokens_per_s": sum(p["tokens_per_s"] * p["seconds"] for p in results) / seconds,
+                    "prefill_tokens_per_caption": prefill / len(rows),
+                    "texts": [text for p in results for text in p["texts"]],
+                }
+            )
+    return [min(mine, key=lambda p: p["seconds"]) | {"passes_s": [p["seconds"] for p in mine]} for mine in passes]
 
 
 def prompt_texts(count):
@@ -498,11 +514,14 @@ def main():
             torch.cuda.reset_peak_memory_stats()
         side = (model, processor, rows, batch_size)
         if num_prompts > 1 and cfg.compare == "prefix-cache":  # whole images a batch; before: every row its prompt
+            per_turn = max(1, batch_size // num_prompts) * num_prompts
             base, new = take_turns(
+                rows,
+                per_turn,
                 repeats,
                 *(
-                    lambda warm, prefix=prefix: run_side(
-                        *side, True, new_tokens, compute_dtype, device, 1, prefix=prefix, warm=warm
+                    lambda turn, warm, prefix=prefix: run_side(
+                        *side[:2], turn, batch_size, True, new_tokens, compute_dtype, device, 1, prefix, warm
                     )
                     for prefix in (False, True)
                 ),
