@@ -1,7 +1,7 @@
 """Throughput of caption.py's generation path, measured against a baseline in the same process.
 
-    python bench/caption_bench.py --config smolvlm-256m --dtype fp32  # 5 prompts an image: prefix cache off vs on
-    python bench/caption_bench.py --config llava-next --dtype fp32    # the same at LLaVA-NeXT's token counts, 2 layers
+    python bench/caption_bench.py --config smolvlm-256m --dtype fp32 --threads 1  # 5 prompts an image: prefix cache
+    python bench/caption_bench.py --config llava-next --dtype fp32 --threads 1    # off vs on; LLaVA-NeXT's tokens
     python bench/caption_bench.py --config smolvlm-256m --compare per-pair  # the tower per pair (older) vs per image
     python bench/caption_bench.py                                  # tiny random LLaVA, CPU: batched vs batch-1
     python bench/caption_bench.py --config llava-1.5-7b --quant 4bit none --batch-size 16 --images 64   # a GPU
@@ -13,9 +13,10 @@ preparation, generate, decode) through `caption.run_batches`. With one prompt an
 but for smolvlm-256m and llava-next) the batched side is compared with a batch-1 loop. With P prompts an image,
 `--compare prefix-cache` (the default) puts all prompts of an image in one batch with the vision tower once per image
 (caption.image_batches + caption.share_vision_work) and compares caption.py --no-prefix-cache (every row prefills
-its whole prompt) with --prefix-cache (each image's prefix prefilled once, its KV cache copied to its prompts);
-`--compare per-pair` compares batches of `--batch-size` (image, prompt) pairs in order, the tower run for every
-pair, with whole images a batch and the tower once per image. Both sides use the same processor settings
+its whole prompt) with --prefix-cache (each image's prefix prefilled once, its KV cache copied to its prompts), the
+sides taking turns batch by batch (on a CPU shared with other work, `--threads 1` keeps a side from waiting on a
+busy core); `--compare per-pair` compares batches of `--batch-size` (image, prompt) pairs in order, the tower
+run for every pair, with whole images a batch and the tower once per image. Both sides use the same processor settings
 (caption.processor_settings: for SmolVLM one 512-px tile, no splitting). Every caption is exactly --new-tokens long
 (min_new_tokens = max_new_tokens). Prefill tokens are the tokens the language model runs before each generate
 call's first new token, padding included (the first decoder forward of every generate call: the prefix prefill is
