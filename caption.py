@@ -17,6 +17,9 @@ vision tower runs once per distinct image. Batched greedy captions equal one-at-
 in fp32, while in bf16 a caption may part ways where two tokens tie within bf16 rounding, as on any batch-size change.
 Families tested (tiny random builds through their real processors): LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics3/SmolVLM,
 PaliGemma (no chat template: its processor places the image tokens itself).
+The language model prefills an image's shared prefix (template + image tokens) once and copies its KV cache to the
+image's prompts where that is exact (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL; not PaliGemma's prefix-LM);
+--no-prefix-cache runs the whole prompt per caption, with the same captions.
 """
 import argparse
 import copy
@@ -47,6 +50,10 @@ TINY_VERSION = 1  # bump when build_tiny_llava changes, so cached tiny models ar
 MATCH_KEYS = ("model", "quant", "dtype", "prompts", "generation", "processor", "split_sha256", "name_hint",
               "classes_sha256")
 VISION_TOWERS = ("model.vision_tower", "model.vision_model", "vision_tower", "vision_model")
+# Families (config.model_type) where prefilling an image's prefix once and each prompt after it gives the same logits
+# as one pass over the whole prompt: causal attention, and positions that only count the tokens before (Qwen2-VL's
+# mrope too: text after the image sits at index + a delta the prefix fixes). Tested in tests/test_caption_families.py.
+PREFIX_CACHE_FAMILIES = ("llava", "llava_next", "idefics3", "qwen2_vl")
 
 
 # --- shared helpers (byte-identical in every stage: tests/test_shared.py)
@@ -334,6 +341,9 @@ class Config:
     processor_kwargs: str = opt("", "JSON of further image-processor options, e.g. '{\"max_pixels\": 200704}'")
     batch_size: int = opt(8, "(image, prompt) pairs per generate call, whole images where they fit (a multiple of "
                           "the number of prompts fills it)", heading="generation")
+    prefix_cache: bool = opt(True, "prefill an image's shared prefix (template + image tokens) once and copy its KV "
+                             "cache to the image's prompts (same captions); --no-prefix-cache: the whole prompt per "
+                             "caption, as before")
     max_new_tokens: int = opt(128, "longest caption in tokens")
     min_new_tokens: int = opt(0, "shortest caption in tokens (benchmarks set it to max)")
     do_sample: bool = opt(False, "sample instead of greedy decoding")
@@ -656,8 +666,14 @@ def non_text_tokens(processor):
 
 @torch.inference_mode()
 def generate_texts(model, processor, inputs, gen, strip=None):
-    inputs = {k: v.to(model.device, non_blocking=True) for k, v in inputs.items()}
-    new_ids = model.generate(**inputs, generation_config=gen)[:, inputs["input_ids"].shape[1]:].cpu()
+    """Captions of a batch: `inputs` from build_inputs, or its prefix_plan (each image's prefix prefilled once)."""
+    if "prefix" in inputs:
+        ids, mask, cache = prefill_prefixes(model, inputs, gen)
+        new_ids = model.generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=gen)
+    else:
+        inputs = {k: v.to(model.device, non_blocking=True) for k, v in inputs.items()}
+        new_ids = model.generate(**inputs, generation_config=gen)
+    new_ids = new_ids[:, inputs["input_ids"].shape[1]:].cpu()
     texts = processor.batch_decode(new_ids, skip_special_tokens=True)
     return [(strip.sub("", t) if strip else t).strip() for t in texts]
 
@@ -716,13 +732,129 @@ def share_vision_work(model):
             tower.register_forward_hook(after, with_kwargs=True)]
 
 
-def preflight(model, processor, settings, compute_dtype, gen, with_image, vlm):
-    """A two-row test caption before any work: a template, dtype, device or model failure stops the run here, so a
-    failure later can be laid at one image's door."""
+# --- the image prefix prefilled once per image
+def prefix_cache_path(model, enabled):
+    """Whether this run prefills each image's prefix once (said once, with why): only where that is exact."""
+    family = model.config.model_type
+    if not enabled:
+        why = "--no-prefix-cache"
+    elif family == "paligemma":
+        why = "PaliGemma attends both ways over image + prompt (prefix-LM), so an image's KV depends on its prompt"
+    elif family not in PREFIX_CACHE_FAMILIES:
+        why = f"{family} is not among the families checked exact ({', '.join(PREFIX_CACHE_FAMILIES)})"
+    else:
+        say("LM prefill: each image's prefix (template + image tokens) once, its KV cache shared by its prompts")
+        return True
+    say(f"LM prefill: the whole prompt per caption ({why})")
+    return False
+
+
+def placeholder_ids(model):
+    """Token ids the model replaces with image (or video) features: they must all sit in the shared prefix."""
+    names = ("image_token_id", "image_token_index", "video_token_id")
+    return torch.tensor(sorted({v for n in names if isinstance(v := getattr(model.config, n, None), int)}))
+
+
+def image_groups(images):
+    """(first row of each image, image of each row): an image's rows (one per prompt) carry the same image object."""
+    first, inverse, seen = [], [], {}
+    for row, image in enumerate(images):
+        group = seen.setdefault(id(image), len(first))
+        first += [row] if group == len(first) else []
+        inverse.append(group)
+    return first, inverse
+
+
+def shared_lengths(tokens, first, inverse, placeholders):
+    """Per image, how many tokens all its rows start with, each row keeping one or more of its own for generate to
+    run (it needs an uncached token). None if a row's own part holds image tokens (text before the image)."""
+    lengths = []
+    for group in range(len(first)):
+        members = [tokens[r] for r, g in enumerate(inverse) if g == group]
+        n = min(len(t) for t in members) - 1
+        for other in members[1:]:
+            differ = (members[0][:n] != other[:n]).nonzero()
+            n = int(differ[0]) if len(differ) else n
+        if any(torch.isin(t[n:], placeholders).any() for t in members):
+            return None
+        lengths.append(n)
+    return lengths
+
+
+def left_pad(values, width, fill):
+    return torch.cat([values.new_full((width - len(values),), fill), values])
+
+
+def prefix_plan(inputs, images, placeholders, pad_id):
+    """The batch re-laid for prefill_prefixes, or None where no image has two rows (nothing to share) or the prefix
+    would not hold the image. `prefix`: one left-padded row per image with its pixel inputs. `input_ids` and
+    `attention_mask`: each row as [pads, its image's prefix | pads, its own tokens], the prefix part exactly the prefix
+    row (the cache lines up). The pads between are masked and position ids count unmasked tokens only, so every row
+    sees the same tokens at the same positions as its left-padded row in build_inputs."""
+    first, image_of_row = image_groups(images)
+    if len(first) == len(images):
+        return None
+    valid = inputs["attention_mask"].bool()
+    unpadded = {key: [v[keep] for v, keep in zip(value, valid)] for key, value in inputs.items()
+                if torch.is_tensor(value) and value.shape == valid.shape}  # ids, mask and any token types
+    cuts = shared_lengths(unpadded["input_ids"], first, image_of_row, placeholders)
+    if cuts is None:
+        return None
+    width = max(cuts)
+    own = max(len(ids) - cuts[g] for ids, g in zip(unpadded["input_ids"], image_of_row))
+    fill = {key: pad_id if key == "input_ids" else 0 for key in unpadded}
+    prefix = {key: torch.stack([left_pad(rows[r][:cuts[g]], width, fill[key]) for g, r in enumerate(first)])
+              for key, rows in unpadded.items()}
+    plan = {"prefix": {**prefix_images(inputs, first, skip=unpadded), **prefix},
+            "image_of_row": torch.tensor(image_of_row)}
+    # A repetition penalty sees every id of a row, masked or not: a row build_inputs did not pad is filled with its
+    # own last token, not the pad id (Qwen2-VL's pad is an end-of-text token, so that would move where captions end).
+    row_fill = [pad_id if not keep.all() else int(ids[-1]) for ids, keep in zip(unpadded["input_ids"], valid)]
+    for key, fills in (("input_ids", row_fill), ("attention_mask", [0] * len(row_fill))):
+        plan[key] = torch.stack([torch.cat([left_pad(row[:cuts[g]], width, f), left_pad(row[cuts[g]:], own, f)])
+                                 for row, g, f in zip(unpadded[key], image_of_row, fills)])
+    return plan
+
+
+def prefix_images(inputs, first, skip=()):
+    """The pixel inputs of rows `first`: tensors with a row per prompt are indexed; Qwen2-VL's flat patches are cut
+    per image by image_grid_thw."""
+    rows, index, picked = len(inputs["input_ids"]), torch.tensor(first), {}
+    if "image_grid_thw" in inputs:
+        patches = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
+        picked["pixel_values"] = torch.cat([patches[r] for r in first])
+    for key, value in inputs.items():
+        if key not in picked and key not in skip and torch.is_tensor(value) and value.dim() and len(value) == rows:
+            picked[key] = value.index_select(0, index)
+    return picked
+
+
+def prefill_prefixes(model, plan, gen):
+    """(input ids, attention mask, KV cache) for generate: each image's prefix is run once, by generate for one token
+    (so its position ids are the family's own, mrope included), and its cache rows are copied to the image's rows."""
+    device = model.device
+    once = copy.deepcopy(gen)
+    once.max_new_tokens, once.min_new_tokens, once.do_sample, once.return_dict_in_generate = 1, 0, False, True
+    once.temperature = once.top_p = once.top_k = None
+    prefix = {k: v.to(device, non_blocking=True) for k, v in plan["prefix"].items()}
+    cache = model.generate(**prefix, generation_config=once).cache
+    image_of_row = plan["image_of_row"].to(device)
+    cache.batch_select_indices(image_of_row)
+    inner = getattr(model, "model", None)
+    if torch.is_tensor(deltas := getattr(inner, "rope_deltas", None)):  # Qwen2-VL: each prefix's mrope offset, which
+        inner.rope_deltas = deltas.index_select(0, image_of_row)  # generate adds to a cached run's text positions
+    return plan["input_ids"].to(device), plan["attention_mask"].to(device), cache
+
+
+def preflight(model, processor, settings, compute_dtype, gen, with_image, vlm, placeholders=None):
+    """A two-row test caption before any work, through the run's own path: a template, dtype, device or model failure
+    stops the run here, so a failure later can be laid at one image's door."""
     image = Image.new("RGB", (64, 48), (120, 130, 140)) if with_image else None
     try:
         inputs = build_inputs(processor, ["Describe this.", "What is shown here, in detail?"], [image, image],
                               settings, compute_dtype)
+        if placeholders is not None:
+            inputs = prefix_plan(inputs, [image, image], placeholders, processor.tokenizer.pad_token_id) or inputs
         probe_gen = copy.deepcopy(gen)
         probe_gen.max_new_tokens, probe_gen.min_new_tokens = 1, 0
         generate_texts(model, processor, inputs, probe_gen)
@@ -803,15 +935,22 @@ def prepare_batch(processor, rows, settings, compute_dtype):
         return rows, inputs, list(bad.values())
 
 
-def run_batches(model, processor, gen, batches, settings, compute_dtype, write, bad, desc="", total=None):
+def run_batches(model, processor, gen, batches, settings, compute_dtype, write, bad, desc="", total=None,
+                placeholders=None):
     """Generate for each batch of rows, the next batch prepared on a thread while the model runs on this one.
-    write(rows, texts) per batch; bad(record) per image the processor rejects. A model failure stops the run."""
+    write(rows, texts) per batch; bad(record) per image the processor rejects. A model failure stops the run.
+    With placeholders (the image token ids), each image's prefix is prefilled once (prefix_plan)."""
     strip = non_text_tokens(processor)
     batches = iter(batches)
 
     def next_prepared():
         rows = next(batches, None)
-        return None if rows is None else prepare_batch(processor, rows, settings, compute_dtype)
+        if rows is None:
+            return None
+        rows, inputs, rejected = prepare_batch(processor, rows, settings, compute_dtype)
+        if rows and placeholders is not None:
+            inputs = prefix_plan(inputs, [r[2] for r in rows], placeholders, processor.tokenizer.pad_token_id) or inputs
+        return rows, inputs, rejected
 
     with ThreadPoolExecutor(1) as prep, progress_bar(total, "caption", desc=desc, disable=not desc) as bar:
         future = prep.submit(next_prepared)
@@ -883,7 +1022,10 @@ def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image):
     gen = generation_config(model, processor, cfg.max_new_tokens, cfg.min_new_tokens, cfg.do_sample, cfg.temperature,
                             cfg.top_p)
     compute_dtype = getattr(torch, TORCH_DTYPES[dtype])
-    preflight(model, processor, meta["processor"], compute_dtype, gen, with_image, cfg.vlm)
+    if with_image:  # recorded, not matched: both paths give the same captions, so a resume may switch
+        meta["prefix_cache"] = prefix_cache_path(model, cfg.prefix_cache)
+    preflight(model, processor, meta["processor"], compute_dtype, gen, with_image, cfg.vlm,
+              placeholder_ids(model) if meta.get("prefix_cache") else None)
     if not meta_path.exists():
         meta.update(model=cfg.vlm, tiny_random=tiny, made=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     versions=versions("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers", "pillow"))
@@ -959,6 +1101,7 @@ def caption_images(cfg):
     names = name_hints(cfg, items, prompts, meta)
     model, processor, gen, compute_dtype = start_run(cfg, meta, MATCH_KEYS, out_path, meta_path, prompts, True)
     share_vision_work(model)
+    placeholders = placeholder_ids(model) if meta["prefix_cache"] else None
     order = {p["id"]: k for k, p in enumerate(prompts)}
     done = done_bitmap(out_path, len(items) * len(prompts),
                        lambda r: r["index"] * len(prompts) + order[r["prompt"]] if r.get("prompt") in order else None)
@@ -979,7 +1122,7 @@ def caption_images(cfg):
         run_batches(model, processor, gen, image_batches(decoded, cfg.batch_size, bad), meta["processor"],
                     compute_dtype, lambda rows, out: write([{"index": k[0], "prompt": k[1], "text": t, "path": k[2]}
                                                             for (k, _, _), t in zip(rows, out)]),
-                    bad, "captioning" if VERBOSE else "", total)
+                    bad, "captioning" if VERBOSE else "", total, placeholders)
     seconds = max(time.time() - start, 1e-9)
     say(f"{counts['written']} of {total} captions written to {out_path} ({counts['written'] / seconds:.2f} captions/s,"
         f" {sum(done)} done before), {counts['bad']} bad images" + (f" (see {errors_path})" if counts["bad"] else ""))

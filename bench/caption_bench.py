@@ -1,6 +1,8 @@
 """Throughput of caption.py's generation path, measured against a baseline in the same process.
 
-    python bench/caption_bench.py --config smolvlm-256m            # 5 prompts an image: per pair (before) vs per image
+    python bench/caption_bench.py --config smolvlm-256m --dtype fp32 --threads 1  # 5 prompts an image: prefix cache
+    python bench/caption_bench.py --config llava-next --dtype fp32 --threads 1    # off vs on; LLaVA-NeXT's tokens
+    python bench/caption_bench.py --config smolvlm-256m --compare per-pair  # the tower per pair (older) vs per image
     python bench/caption_bench.py                                  # tiny random LLaVA, CPU: batched vs batch-1
     python bench/caption_bench.py --config llava-1.5-7b --quant 4bit none --batch-size 16 --images 64   # a GPU
     python bench/caption_bench.py --config qwen2-vl-2b --quant none 4bit --batch-size 32 --images 128
@@ -8,14 +10,22 @@
 
 Every side runs caption.py's own path (build_inputs on the chat template with left padding, the background batch
 preparation, generate, decode) through `caption.run_batches`. With one prompt an image (`--prompts 1`, the default
-but for smolvlm-256m) the batched side is compared with a batch-1 loop. With P prompts an image the sides are the
-path before and after the image's work was shared: "per pair" batches `--batch-size` (image, prompt) pairs in order
-and runs the vision tower for every pair, as caption.py did; "per image" puts all prompts of an image in one batch
-and runs the tower once per image (caption.image_batches + caption.share_vision_work). Both use the same processor
-settings (caption.processor_settings: for SmolVLM one 512-px tile, no splitting). Every caption is exactly
---new-tokens long (min_new_tokens = max_new_tokens). `smolvlm-256m`, `llava-1.5-7b` and `qwen2-vl-2b` build that
-architecture at its published sizes with random weights (no download; a small trained-on-the-spot tokenizer, so
-prompts are a little longer in tokens than with the real one); 4-bit quantises in memory like BitsAndBytesConfig.
+but for smolvlm-256m and llava-next) the batched side is compared with a batch-1 loop. With P prompts an image,
+`--compare prefix-cache` (the default) puts all prompts of an image in one batch with the vision tower once per image
+(caption.image_batches + caption.share_vision_work) and compares caption.py --no-prefix-cache (every row prefills
+its whole prompt) with --prefix-cache (each image's prefix prefilled once, its KV cache copied to its prompts), the
+sides taking turns batch by batch (on a CPU shared with other work, `--threads 1` keeps a side from waiting on a
+busy core); `--compare per-pair` compares batches of `--batch-size` (image, prompt) pairs in order, the tower
+run for every pair, with whole images a batch and the tower once per image. Both sides use the same processor settings
+(caption.processor_settings: for SmolVLM one 512-px tile, no splitting). Every caption is exactly --new-tokens long
+(min_new_tokens = max_new_tokens). Prefill tokens are the tokens the language model runs before each generate
+call's first new token, padding included (the first decoder forward of every generate call: the prefix prefill is
+one of its own). `smolvlm-256m`, `llava-1.5-7b` and `qwen2-vl-2b` build that architecture at its published sizes
+with random weights (no download; a small trained-on-the-spot tokenizer, so prompts are a little longer in tokens
+than with the real one); `llava-next` is llava-v1.6-mistral-7b's vocabulary (32,064), anyres grid and CLIP-L/14-336
+tower at its real width, with Mistral-7B at a quarter of its width and 2 layers each (`--num-layers` to change),
+captioning 500x375 images (ImageNet's commonest size: 2,340 image tokens). 4-bit quantises in memory like
+BitsAndBytesConfig.
 """
 
 import gc
@@ -42,18 +52,32 @@ PROMPT = (
 
 @dataclass
 class BenchConfig:
-    config: Literal["tiny", "smolvlm-256m", "llava-1.5-7b", "qwen2-vl-2b"] = opt(
+    config: Literal["tiny", "smolvlm-256m", "llava-1.5-7b", "qwen2-vl-2b", "llava-next"] = opt(
         "tiny", "tiny (caption.py --vlm tiny) or a published architecture with random weights"
     )
-    quant: str = opt("none", "comma-separated: none, 4bit, 8bit (8bit: tiny only)")
-    prompts: int = opt(0, "prompts an image (the repo's prompts/ files first); 0: 5 for smolvlm-256m, else 1")
-    batch_size: int = opt(8, "batched side's (image, prompt) pairs per generate call")
-    images: int = opt(0, "images per side (0: 8 for smolvlm-256m, else 64)")
-    image_px: int = opt(
-        0, "side of the random test images (0: 28 for smolvlm-256m, Fashion-MNIST's size; else the model's input size)"
+    compare: Literal["prefix-cache", "per-pair"] = opt(
+        "prefix-cache", "with several prompts an image: prefix cache off vs on, or the tower per pair vs per image"
     )
-    new_tokens: int = opt(0, "generated tokens per caption, forced (0: 24 for smolvlm-256m, as the demo; else 16)")
-    repeats: int = opt(0, "timed passes per side; the fastest counts (0: 1 for smolvlm-256m, else 3)")
+    quant: str = opt("none", "comma-separated: none, 4bit, 8bit (8bit: tiny only)")
+    prompts: int = opt(
+        0, "prompts an image (the repo's prompts/ files first); 0: 5 for smolvlm-256m and llava-next, else 1"
+    )
+    batch_size: int = opt(
+        0, "(image, prompt) pairs per generate call (0: 20 for llava-next, 4 images x 5 prompts; else 8)"
+    )
+    images: int = opt(0, "images per side (0: 8 for smolvlm-256m, 4 for llava-next, else 64)")
+    image_px: int = opt(
+        0,
+        "side of the random test images (0: 28 for smolvlm-256m, Fashion-MNIST's size; 500x375 for llava-next; else "
+        "the model's input size)",
+    )
+    new_tokens: int = opt(
+        0, "generated tokens per caption, forced (0: 24 for smolvlm-256m, as the demo; 32 for llava-next; else 16)"
+    )
+    repeats: int = opt(
+        0, "timed passes per side, the sides taking turns with --compare prefix-cache; the fastest counts (0: 2 for "
+        "smolvlm-256m and llava-next, else 3)"
+    )
     dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "compute dtype")
     device: str = opt("auto", "auto, cpu, cuda:0")
     threads: int = opt(
@@ -97,7 +121,7 @@ def quantize_in_memory(model, quant, compute_dtype, device):
 
 
 def build_random(name, tiny_dir, num_layers, dtype, device):
-    """(model, processor, image size) of a published architecture with random weights."""
+    """(model, processor, image size: a side or (width, height)) of a published architecture with random weights."""
     from transformers import (
         AutoProcessor,
         CLIPImageProcessor,
@@ -105,7 +129,12 @@ def build_random(name, tiny_dir, num_layers, dtype, device):
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
         LlavaProcessor,
+        MistralConfig,
         Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
         Qwen2VLImageProcessor,
@@ -268,6 +297,55 @@ def build_random(name, tiny_dir, num_layers, dtype, device):
             image_processor=image_processor, tokenizer=tokenizer, image_seq_len=64, chat_template=template
         )
         model_class, image_size = Idefics3ForConditionalGeneration, 28
+    elif name == "llava-next":  # llava-hf/llava-v1.6-mistral-7b-hf: CLIP ViT-L/14-336 + Mistral-7B, anyres tiles
+        layers = num_layers or 2  # few layers, so the 2,400-token prefills run on a CPU in minutes
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=layers,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        )
+        text = MistralConfig(  # Mistral-7B at a quarter of its width: 8 heads of 128 (2 KV heads), 3.5x MLP
+            vocab_size=32064,
+            hidden_size=1024,
+            intermediate_size=3584,
+            num_hidden_layers=layers,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            head_dim=128,
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-5,
+            rope_theta=1e6,
+            sliding_window=None,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+        config = LlavaNextConfig(
+            vision_config=vision,
+            text_config=text,
+            image_grid_pinpoints=pinpoints,
+            image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+            vision_feature_layer=-2 if layers > 1 else -1,
+            vision_feature_select_strategy="default",
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        image_processor = LlavaNextImageProcessor(
+            size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, image_grid_pinpoints=pinpoints
+        )
+        processor = LlavaNextProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            patch_size=14,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            chat_template=tiny.chat_template,
+        )
+        model_class, image_size = LlavaNextForConditionalGeneration, (500, 375)
     else:
         raise SystemExit(f"caption_bench.py: error: --config {name}: expected tiny, llava-1.5-7b or qwen2-vl-2b")
     tokenizer.padding_side = "left"
@@ -280,12 +358,44 @@ def build_random(name, tiny_dir, num_layers, dtype, device):
     return model, processor, image_size
 
 
-def run_side(model, processor, rows, batch_size, per_image, new_tokens, compute_dtype, device, repeats):
-    """Fastest of `repeats` timed passes over rows [(key, text, image)], after one warm-up batch. per_image: whole
-    images a batch and the vision tower once per image; else batch_size pairs in order, the tower per pair."""
+def count_prefill(model):
+    """A counter of the tokens the language model runs before each generate call's first new token, padding
+    included: the first decoder forward of every generate call (caption.py's prefix prefill is a generate of its
+    own). Returns (counter, undo)."""
+    counter, generate = {"tokens": 0, "first": False}, model.generate
+
+    def first_forward(module, args, kwargs):
+        if counter["first"]:
+            x = kwargs.get("inputs_embeds")
+            x = x if x is not None else kwargs.get("input_ids", args[0] if args else None)
+            counter["tokens"] += x.shape[0] * x.shape[1]
+            counter["first"] = False
+
+    def counted(*args, **kwargs):
+        counter["first"] = True
+        return generate(*args, **kwargs)
+
+    hook = model.get_decoder().register_forward_pre_hook(first_forward, with_kwargs=True)
+    model.generate = counted
+
+    def undo():
+        hook.remove()
+        del model.generate
+
+    return counter, undo
+
+
+def run_side(
+    model, processor, rows, batch_size, per_image, new_tokens, compute_dtype, device, repeats, prefix=False, warm=True
+):
+    """Fastest of `repeats` timed passes over rows [(key, text, image)], after one warm-up batch (if warm). per_image:
+    whole images a batch and the vision tower once per image; else batch_size pairs in order, the tower per pair.
+    prefix: each image's prefix prefilled once (caption.py --prefix-cache), else every row's whole prompt."""
     gen = caption.generation_config(model, processor, new_tokens, new_tokens)
     settings = caption.processor_settings(processor)
     hooks = caption.share_vision_work(model) if per_image else []
+    placeholders = caption.placeholder_ids(model) if prefix else None
+    counter, undo = count_prefill(model)
     texts = []
 
     def batches():
@@ -299,30 +409,65 @@ def run_side(model, processor, rows, batch_size, per_image, new_tokens, compute_
     def write(batch_rows, batch_texts):
         texts.extend(batch_texts)
 
-    caption.run_batches(model, processor, gen, [rows[:batch_size]], settings, compute_dtype, write, None)
+    if warm:
+        caption.run_batches(
+            model, processor, gen, [rows[:batch_size]], settings, compute_dtype, write, None, placeholders=placeholders
+        )
     passes = []
     for _ in range(repeats):
         texts.clear()
+        counter["tokens"] = 0
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        caption.run_batches(model, processor, gen, batches(), settings, compute_dtype, write, None)
+        caption.run_batches(
+            model, processor, gen, batches(), settings, compute_dtype, write, None, placeholders=placeholders
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         passes.append(time.perf_counter() - start)
         assert len(texts) == len(rows)
     for hook in hooks:
         hook.remove()
+    undo()
     seconds = min(passes)
     return {
         "batch_size": batch_size,
         "per_image": per_image,
+        "prefix_cache": prefix,
+        "prefill_tokens_per_caption": counter["tokens"] / len(rows),
         "seconds": seconds,
         "captions_per_s": len(rows) / seconds,
         "images_per_s": len(rows) / seconds,
         "tokens_per_s": len(rows) * new_tokens / seconds,
         "passes_s": passes,
+        "texts": list(texts),
     }
+
+
+def take_turns(rows, per_turn, repeats, *sides):
+    """Each side's fastest of `repeats` passes over rows, the sides taking turns every `per_turn` rows (a batch of
+    whole images): on a shared machine, load that comes and goes then hits both alike. side(rows, warm) is run_side
+    on those rows, with a warm-up batch first if warm."""
+    turns = [rows[i : i + per_turn] for i in range(0, len(rows), per_turn)]
+    passes = [[] for _ in sides]
+    for r in range(repeats):
+        parts = [[side(turn, r == 0 and t == 0) for side in sides] for t, turn in enumerate(turns)]
+        for k, results in enumerate(zip(*parts)):
+            seconds = sum(p["seconds"] for p in results)
+            prefill = sum(p["prefill_tokens_per_caption"] * len(turn) for p, turn in zip(results, turns))
+            passes[k].append(
+                results[0]
+                | {
+                    "seconds": seconds,
+                    "captions_per_s": len(rows) / seconds,
+                    "images_per_s": len(rows) / seconds,
+                    "tokens_per_s": sum(p["tokens_per_s"] * p["seconds"] for p in results) / seconds,
+                    "prefill_tokens_per_caption": prefill / len(rows),
+                    "texts": [text for p in results for text in p["texts"]],
+                }
+            )
+    return [min(mine, key=lambda p: p["seconds"]) | {"passes_s": [p["seconds"] for p in mine]} for mine in passes]
 
 
 def prompt_texts(count):
@@ -335,9 +480,12 @@ def prompt_texts(count):
 
 def main():
     cfg = caption.parse_config(BenchConfig)
-    smol = cfg.config == "smolvlm-256m"
-    num_prompts, num_images = cfg.prompts or (5 if smol else 1), cfg.images or (8 if smol else 64)
-    new_tokens, repeats = cfg.new_tokens or (24 if smol else 16), cfg.repeats or (1 if smol else 3)
+    smol, next_ = cfg.config == "smolvlm-256m", cfg.config == "llava-next"
+    num_prompts = cfg.prompts or (5 if smol or next_ else 1)
+    num_images = cfg.images or (8 if smol else 4 if next_ else 64)
+    new_tokens = cfg.new_tokens or (24 if smol else 32 if next_ else 16)
+    repeats = cfg.repeats or (2 if smol or next_ else 3)
+    batch_size = cfg.batch_size or (20 if next_ else 8)
     device = (
         torch.device(cfg.device)
         if cfg.device != "auto"
@@ -348,7 +496,8 @@ def main():
     compute_dtype = getattr(torch, caption.TORCH_DTYPES[cfg.dtype])
     rng = np.random.default_rng(0)
     size = cfg.image_px or {"llava-1.5-7b": 336, "qwen2-vl-2b": 448, "smolvlm-256m": 28}.get(cfg.config, 64)
-    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(num_images)]
+    width, height = (size, size) if cfg.image_px or not next_ else (500, 375)
+    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(num_images)]
     rows = [
         ((i, f"p{k}"), text, image)
         for i, image in enumerate(images)
@@ -364,14 +513,29 @@ def main():
                 model = quantize_in_memory(model, quant, compute_dtype, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        if num_prompts > 1:  # before: a batch of pairs, the tower per pair; after: whole images, the tower once
-            base = run_side(model, processor, rows, cfg.batch_size, False, new_tokens, compute_dtype, device, repeats)
-            new = run_side(model, processor, rows, cfg.batch_size, True, new_tokens, compute_dtype, device, repeats)
+        side = (model, processor, rows, batch_size)
+        if num_prompts > 1 and cfg.compare == "prefix-cache":  # whole images a batch; before: every row its prompt
+            per_turn = max(1, batch_size // num_prompts) * num_prompts
+            base, new = take_turns(
+                rows,
+                per_turn,
+                repeats,
+                *(
+                    lambda turn, warm, prefix=prefix: run_side(
+                        *side[:2], turn, batch_size, True, new_tokens, compute_dtype, device, 1, prefix, warm
+                    )
+                    for prefix in (False, True)
+                ),
+            )
+            names = ("prefix cache", "no prefix cache")
+        elif num_prompts > 1:  # before: a batch of pairs, the tower per pair; after: whole images, the tower once
+            base = run_side(*side, False, new_tokens, compute_dtype, device, repeats)
+            new = run_side(*side, True, new_tokens, compute_dtype, device, repeats)
             names = ("per image", "per pair")
         else:
-            new = run_side(model, processor, rows, cfg.batch_size, False, new_tokens, compute_dtype, device, repeats)
+            new = run_side(model, processor, rows, batch_size, False, new_tokens, compute_dtype, device, repeats)
             base = run_side(model, processor, rows, 1, False, new_tokens, compute_dtype, device, repeats)
-            names = (f"batched (bs {cfg.batch_size})", "batch-1")
+            names = (f"batched (bs {batch_size})", "batch-1")
         ratio = new["captions_per_s"] / base["captions_per_s"]
         where = (
             torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
@@ -380,12 +544,19 @@ def main():
         params = sum(p.numel() for p in model.parameters()) / 1e6
         print(
             f"caption_bench: {cfg.config} ({params:.1f}M params) quant={quant} {cfg.dtype} on {where}{memory}, "
-            f"{num_images} images x {num_prompts} prompts x {new_tokens} new tokens, {size}-px images, "
+            f"{num_images} images x {num_prompts} prompts x {new_tokens} new tokens, {width}x{height}-px images, "
             f"processor {caption.processor_settings(processor)}: {names[0]} {new['captions_per_s']:.2f} captions/s "
             f"{new['tokens_per_s']:.1f} tok/s | {names[1]} {base['captions_per_s']:.2f} captions/s "
             f"{base['tokens_per_s']:.1f} tok/s | ratio {ratio:.2f}x",
             flush=True,
         )
+        before, after = base["prefill_tokens_per_caption"], new["prefill_tokens_per_caption"]
+        print(f"prefill tokens per caption: {before:,.0f} -> {after:,.0f} ({before / after:.1f}x)", flush=True)
+        print(
+            f"captions/s: {base['captions_per_s']:.2f} -> {new['captions_per_s']:.2f} ({ratio:.2f}x)", flush=True
+        )
+        same = base.pop("texts") == new.pop("texts")
+        print(f"same captions both ways: {'yes' if same else 'NO'} ({cfg.dtype}, greedy)", flush=True)
         results.append(
             {
                 "config": cfg.config,
@@ -398,7 +569,9 @@ def main():
                 "num_layers": cfg.num_layers or None,
                 "batched": new,
                 "batch1": base,
+                "sides": names,
                 "ratio": ratio,
+                "prefill_ratio": before / after,
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
         )

@@ -3,7 +3,8 @@ image-processor classes, saved like hub models and loaded by caption.py's own fr
 LLaVA-NeXT (anyres), Qwen2-VL (mrope), Idefics3 / SmolVLM (the demo's family) and PaliGemma (no chat template).
 LLaVA itself is tests/test_caption.py's model. Per family: batched == one pair at a time (fp32), a bad image is
 recorded, a killed run resumes to the same captions, and 4-bit loads (every quantised Linear has in_features % 64 == 0
-and out_features % 32 == 0, as bitsandbytes needs on a CPU)."""
+and out_features % 32 == 0, as bitsandbytes needs on a CPU). Every family, LLaVA too: --prefix-cache writes the captions
+--no-prefix-cache does."""
 import importlib.util
 import json
 import sys
@@ -162,10 +163,23 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def built(module, tmp_path_factory):
+    """family -> its tiny model's folder, each built once for the module (LLaVA by caption.py's own builder)."""
+    folders = {}
+
+    def get(family):
+        if family not in folders:
+            torch.manual_seed(0)
+            folder = tmp_path_factory.mktemp(family) / "model"
+            folders[family] = module.build_tiny_llava(folder) if family == "llava" else build(family, folder)
+        return folders[family]
+    return get
+
+
 @pytest.fixture(scope="module", params=FAMILIES)
-def vlm(request, tmp_path_factory):
-    torch.manual_seed(0)
-    return request.param, build(request.param, tmp_path_factory.mktemp(request.param) / "model")
+def vlm(request, built):
+    return request.param, built(request.param)
 
 
 def run(module, data, model, out, *extra):
@@ -229,3 +243,65 @@ def test_qwen2_vl_processor_rejects_one_image_not_the_batch(module, tmp_path):
     errors = [json.loads(line) for line in (tmp_path / "out/captions.errors.jsonl").read_text().splitlines()]
     assert sorted(got) == [(0, "general"), (2, "general")] and got[(0, "general")] == got[(2, "general")]
     assert [e["index"] for e in errors] == [1] and errors[0]["error"].startswith("processor:")
+
+
+PREFIX_PROMPTS = {"general": "Describe the image.", "t1": "What colour is it?",
+                  "t2": "What shape is the object, and what is it made of, in detail?", "t3": "Striped or plain?",
+                  "t4": "Describe the texture, the colour and the outline of the object in the image, and where it is."}
+
+
+@pytest.mark.parametrize("family", ["llava", *FAMILIES])
+def test_prefix_cache_writes_the_same_captions(family, built, data, module, tmp_path, capsys):
+    """--prefix-cache (each image's template + image tokens prefilled once, its KV cache copied to its prompts) writes
+    the captions of --no-prefix-cache (fp32, greedy): 4 image sizes (LLaVA-NeXT's anyres, Qwen2-VL's and Idefics3's
+    tiling give each its own token count), 5 prompts of different lengths, an image split over two batches (batch 3),
+    one image a batch (5), three images a batch (15), a bad image, 4-bit, and a resume that switches path. PaliGemma
+    keeps the whole-prompt path (its prefix-LM attention lets image tokens see the prompt) and says so."""
+    model, prompts = built(family), tmp_path / "prompts"
+    prompts.mkdir()
+    for name, text in PREFIX_PROMPTS.items():
+        (prompts / f"{name}.txt").write_text(text + "\n")
+    flags = ["--prompts", prompts, *(["--image-splitting"] if family == "idefics3" else [])]  # tiles vary with size
+
+    def captions(name, *extra):
+        return run(module, data, model, tmp_path / name / "captions.jsonl", *flags, *extra)
+    before = captions("before", "--no-prefix-cache", "--batch-size", "15")
+    assert "LM prefill: the whole prompt per caption (--no-prefix-cache)" in capsys.readouterr().out
+    good = [n for n in range(NUM_IMAGES) if n != BAD]
+    assert sorted(before) == sorted((n, p) for n in good for p in PREFIX_PROMPTS) and len(set(before.values())) > 5
+    for batch in ("3", "5", "15"):
+        assert captions(f"b{batch}", "--batch-size", batch) == before, f"--batch-size {batch}"
+    said, shared = capsys.readouterr().out, family != "paligemma"
+    assert ("each image's prefix (template + image tokens) once" in said) == shared
+    assert ("prefix-LM" in said) != shared
+    assert json.loads((tmp_path / "b3/captions.meta.json").read_text())["prefix_cache"] is shared
+    assert [json.loads(line)["index"] for line in (tmp_path / "b3/captions.errors.jsonl").open()] == [BAD]
+
+    quantised = [captions(f"q{path}", "--quant", "4bit", "--limit", "2", "--batch-size", "15", path)
+                 for path in ("--no-prefix-cache", "--prefix-cache")]
+    assert quantised[0] == quantised[1] and len(quantised[0]) == 2 * len(PREFIX_PROMPTS)
+
+    captions("resume", "--limit", "2", "--batch-size", "15")  # the path is recorded, not matched: a resume may switch
+    assert captions("resume", "--no-prefix-cache", "--batch-size", "15") == before
+
+
+def test_prefix_plan_keeps_each_rows_tokens_and_positions(built, data, module):
+    """The re-laid batch: each row's unmasked tokens are its tokens from build_inputs in order (so position ids, which
+    count unmasked tokens, are too), its prefix part is its image's prefix row, and a row build_inputs did not pad
+    holds no pad id (a repetition penalty sees masked ids too)."""
+    model, processor, _, _ = module.load_vlm(str(built("llava_next")), "none", "fp32", "cpu")
+    images = [Image.open(data / f"img/{n}.png").convert("RGB") for n in (1, 3)]  # two sizes: two prefix lengths
+    texts = list(PREFIX_PROMPTS.values())[:3]
+    rows = [(text, image) for image in images for text in texts]
+    inputs = module.build_inputs(processor, *map(list, zip(*rows)), {}, torch.float32)
+    pad = processor.tokenizer.pad_token_id
+    plan = module.prefix_plan(inputs, [image for _, image in rows], module.placeholder_ids(model), pad)
+    prefix, width = plan["prefix"], plan["prefix"]["input_ids"].shape[1]
+    assert prefix["input_ids"].shape[0] == 2 and len(prefix["pixel_values"]) == 2
+    for r in range(len(rows)):
+        mask, before = plan["attention_mask"][r].bool(), inputs["input_ids"][r][inputs["attention_mask"][r].bool()]
+        assert torch.equal(plan["input_ids"][r][mask], before)
+        assert torch.equal(plan["input_ids"][r][:width][mask[:width]],
+                           prefix["input_ids"][r // 3][prefix["attention_mask"][r // 3].bool()])
+        assert (pad in plan["input_ids"][r].tolist()) == (not inputs["attention_mask"][r].all())
+    assert module.prefix_plan(inputs, [object() for _ in rows], module.placeholder_ids(model), pad) is None
