@@ -78,7 +78,9 @@ class BenchConfig:
         0, "timed passes per side, the sides taking turns with --compare prefix-cache; the fastest counts (0: 2 for "
         "smolvlm-256m and llava-next, else 3)"
     )
-    dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "compute dtype")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
+        "auto", "compute dtype; auto: caption.py's own choice (bf16 where the hardware computes it, else fp16 on a GPU "
+        "and fp32 on a CPU)")
     device: str = opt("auto", "auto, cpu, cuda:0")
     threads: int = opt(
         0, "torch CPU threads (0: 1 for tiny on a CPU, where more only add OpenMP waiting; else torch's default)"
@@ -486,13 +488,11 @@ def main():
     new_tokens = cfg.new_tokens or (24 if smol else 32 if next_ else 16)
     repeats = cfg.repeats or (2 if smol or next_ else 3)
     batch_size = cfg.batch_size or (20 if next_ else 8)
-    device = (
-        torch.device(cfg.device)
-        if cfg.device != "auto"
-        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    device = caption.pick_device(cfg.device)
     if cfg.threads or (cfg.config == "tiny" and device.type == "cpu"):
         torch.set_num_threads(cfg.threads or 1)
+    cfg.dtype, why = caption.resolve_dtype(cfg.dtype, device)  # the stage's own decision, printed by it
+    print(f"caption_bench: dtype {cfg.dtype} ({why})", flush=True)
     compute_dtype = getattr(torch, caption.TORCH_DTYPES[cfg.dtype])
     rng = np.random.default_rng(0)
     size = cfg.image_px or {"llava-1.5-7b": 336, "qwen2-vl-2b": 448, "smolvlm-256m": 28}.get(cfg.config, 64)
