@@ -894,7 +894,7 @@ def image_placeholders(processor):
     tokens = {getattr(processor, name, None) for name in names}
     tokenizer = getattr(processor, "tokenizer", None)
     if tokenizer is not None:
-        tokens |= {token for token in tokenizer.get_added_vocab() if "image" in token.lower()}
+        tokens |= {t for t in tokenizer.get_added_vocab() if t.startswith("<") and t.endswith(">") and "image" in t}
     return sorted(t for t in tokens if isinstance(t, str) and t.strip())
 
 

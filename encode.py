@@ -911,7 +911,7 @@ def run_merge(cfg):
         check_shard(i, world, array, sidecar, sidecar_paths[i], loaded[0][0])
     errors = [file_in_folder(out, s.get("errors"), f"--merge: {p} (`errors`)") for s, p in zip(sidecars, sidecar_paths)
               if kind == "images"]
-    key = identity_hash(merged=[s["config_hash"] for s in sidecars])
+    key = identity_hash(merged=[s.get("config_hash") for s in sidecars])
     if check_done(out, stem, key, cfg.overwrite):
         return
     writer = ResumableArray(out, stem, [num] + first["shape"][1:], key)
