@@ -371,7 +371,7 @@ def prompt_record(path):
     text = Path(path).read_text(encoding="utf-8").strip()
     if not text:
         die(f"prompt file {path} is empty")
-    return {"id": Path(path).stem, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return {"id": Path(path).stem, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest(), "file": str(path)}
 
 
 def find_prompts_dir(name):
@@ -429,7 +429,7 @@ def scan_jsonl(path, repair=False):
                 die(f"{path}:{broken}: not valid JSON; fix or delete that line, then rerun")
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError where a kill cut a character in two
                 broken = n
                 continue
             good_end += len(line)
@@ -460,11 +460,22 @@ def check_meta(meta_path, meta, keys, out):
                 f"{json.dumps(now)[:120]}): use another --out or delete {out} and {meta_path.name}")
 
 
-def done_bitmap(path, size, slot):
+def checked_record(path, n, record, key, *strings):
+    """A record as caption.py writes it: an object whose `key` is an integer >= 0 and whose `strings` are strings.
+    Anything else (`"index": "2"`, a JSON array) is refused with file:line, before it misleads a resume or a merge."""
+    if not (isinstance(record, dict) and type(record.get(key)) is int and record[key] >= 0
+            and all(isinstance(record.get(k), str) for k in strings)):
+        fields = ", ".join([f"`{key}` an integer >= 0"] + [f"`{k}` a string" for k in strings])
+        die(f"{path}:{n}: not a record of caption.py (an object with {fields}): {json.dumps(record)[:80]}; fix or "
+            "delete that line, then rerun")
+    return record
+
+
+def done_bitmap(path, size, slot, fields):
     """What is already written, as one byte per (item, prompt) slot: resume cost is the keys, never the texts."""
     done = bytearray(size)
-    for _, record in scan_jsonl(path, repair=True):
-        k = slot(record)
+    for n, record in scan_jsonl(path, repair=True):
+        k = slot(checked_record(path, n, record, *fields))
         if k is not None and 0 <= k < size:
             done[k] = 1
     return done
@@ -536,21 +547,27 @@ def build_tiny_llava(folder):
 
 
 def resolve_dtype(choice, device):
-    """(dtype, why): --dtype, or with auto the hardware's choice, said once (captions differ a little by dtype)."""
+    """(dtype, why): --dtype, or with auto the hardware's choice (captions differ a little by dtype)."""
     if choice != "auto":
         return choice, "--dtype"
     dtype, why = auto_dtype(device.type, has_native_bf16(device))
-    say(f"--dtype auto: {dtype}, since {why}; pass --dtype to choose")
     return dtype, f"auto: {why}"
 
 
 def resolve_quant(quant, device):
-    if quant == "auto":
-        quant = "4bit" if device.type == "cuda" else "none"
-        if quant == "none":
-            say("no CUDA device, so --quant none (bf16 is ~10x faster than bitsandbytes 4-bit on a CPU); "
-                "pass --quant 4bit to force it")
-    return quant
+    """(quant, why): --quant, or with auto 4bit on CUDA and none on a CPU."""
+    if quant != "auto":
+        return quant, "--quant"
+    if device.type == "cuda":
+        return "4bit", "auto: a CUDA device"
+    return "none", "auto: no CUDA device, and bitsandbytes 4-bit is ~10x slower than bf16 on a CPU"
+
+
+def launch_text(shard, by_flag):
+    """How this process came to do its share: alone, a hand-started shard, or one rank of a launcher."""
+    if shard is None:
+        return "1 process"
+    return f"shard {shard[0]}/{shard[1]} " + ("(--shard)" if by_flag else f"(rank {shard[0]} of {shard[1]} processes)")
 
 
 def offline_source(vlm, revision, why):
@@ -869,6 +886,8 @@ def load_image(path):
     try:
         with Image.open(path) as img:
             return rgb_image(img), None  # convert() decodes the whole file: truncation shows here
+    except PermissionError as err:  # the folder's or file's permissions, not the image: stop, record nothing
+        die(f"cannot read {path} ({err.strerror}): make the data readable and rerun (it resumes)")
     except Exception as err:  # any decoder failure is the image's own: recorded and skipped
         return None, f"{type(err).__name__}: {err}"
 
@@ -981,33 +1000,70 @@ def generation_meta(cfg):
     return gen
 
 
+def append_lines(file, lines):
+    """Write whole lines or none: a write the disk refuses (full, or past a file size limit) is cut back to where it
+    began, so the file still ends with a whole record and a rerun resumes from it."""
+    data, start = "".join(lines).encode("utf-8"), file.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[file.write(view):]
+    except OSError as err:
+        file.truncate(start)
+        die(f"cannot write {file.name} ({err.strerror}): the disk is full or a file size limit was reached; free "
+            "space and rerun the same command (it resumes after the last whole record)")
+
+
 def open_outputs(out_path, errors_path, bad_indices):
-    """Appenders for records and bad-image records, flushed per batch: a SIGKILL loses at most the batch in flight."""
+    """Appenders for records and bad-image records, unbuffered: a SIGKILL loses at most the batch in flight."""
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_file, err_file = open(out_path, "a", encoding="utf-8"), open(errors_path, "a", encoding="utf-8")
+    out_file, err_file = open(out_path, "ab", buffering=0), open(errors_path, "ab", buffering=0)
     counts = {"written": 0, "bad": 0, "items": set()}
 
     def write(records):
-        out_file.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        out_file.flush()
+        append_lines(out_file, [json.dumps(r, ensure_ascii=False) + "\n" for r in records])
         counts["written"] += len(records)
 
     def bad(record):
         if record["index"] not in bad_indices:  # one line an image, though each of its prompts fails
             bad_indices.add(record["index"])
-            err_file.write(json.dumps(record) + "\n")
-            err_file.flush()
+            append_lines(err_file, [json.dumps(record) + "\n"])
             counts["bad"] += 1
     return write, bad, counts, (out_file, err_file)
 
 
-def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image):
-    """Check the meta before any work, load the model, test it, write the meta: (model, processor, gen, dtype)."""
+def image_placeholders(processor):
+    """The spellings by which a processor marks where an image's tokens go (`<image>`, `<|image_pad|>`, ...)."""
+    names = ("image_token", "fake_image_token", "global_image_token", "video_token")
+    tokens = {getattr(processor, name, None) for name in names}
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokens |= {t for t in tokenizer.get_added_vocab() if t.startswith("<") and t.endswith(">") and "image" in t}
+    return sorted(t for t in tokens if isinstance(t, str) and t.strip())
+
+
+def check_prompt_placeholders(processor, prompts):
+    """A prompt holding the image placeholder gives the model one image too many: a prompt error, refused before
+    any image is blamed for it."""
+    for prompt in prompts:
+        for token in image_placeholders(processor):
+            if token in prompt["text"]:
+                die(f"prompt file {prompt['file']} holds {token!r}, this model's image placeholder: the processor "
+                    "puts the image in itself; remove it from the prompt (nothing was captioned)")
+
+
+def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image, given):
+    """Lock the output, check the meta before any work, load the model, test it, write the meta: (model, processor,
+    gen, dtype). `given` says what this process does, in the one line that also names device, dtype and quant."""
     writable_dir(out_path.parent)  # a bad --out fails now, not after the model is loaded
+    lock_or_die(out_path.with_name(f".{out_path.name}.lock"), str(out_path))  # two runs would duplicate records
     extra = parse_processor_kwargs(cfg.processor_kwargs)
     device = pick_device(cfg.device)
     dtype, meta["dtype_chosen_by"] = resolve_dtype(cfg.dtype, device)
-    meta.update(quant=resolve_quant(cfg.quant, device), dtype=dtype, prompts=prompts,
+    quant, quant_why = resolve_quant(cfg.quant, device)
+    say(f"{given}; {cfg.vlm} on {device}, dtype {dtype} ({meta['dtype_chosen_by']}), quant {quant} ({quant_why}), "
+        f"batch size {cfg.batch_size} -> {out_path}")
+    meta.update(quant=quant, dtype=dtype, prompts=[{k: v for k, v in p.items() if k != "file"} for p in prompts],
                 generation=generation_meta(cfg), batch_size=cfg.batch_size)
     meta["processor"] = None  # known once the processor is loaded; checked again then
     check_meta(meta_path, meta, [k for k in match_keys if k != "processor"], out_path)
@@ -1015,6 +1071,7 @@ def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image):
                                                         cfg.tiny_dir)
     meta["processor"] = processor_settings(processor, cfg.image_size, cfg.image_splitting, extra)
     check_meta(meta_path, meta, ("processor",), out_path)
+    check_prompt_placeholders(processor, prompts)
     if meta_path.exists() and json.loads(meta_path.read_text()).get("revision") not in (None, meta["revision"]):
         check_meta(meta_path, meta, ("revision",), out_path)
     if tiny:
@@ -1030,7 +1087,10 @@ def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image):
         meta.update(model=cfg.vlm, tiny_random=tiny, made=time.strftime("%Y-%m-%dT%H:%M:%S"),
                     versions=versions("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers", "pillow"))
         meta_path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(meta_path, meta)
+        try:
+            write_json(meta_path, meta)
+        except OSError as err:
+            die(f"cannot write {meta_path} ({err.strerror}): free space on its disk and rerun")
     torch.manual_seed(cfg.seed)
     return model, processor, gen, compute_dtype
 
@@ -1049,8 +1109,9 @@ def describe_classes(cfg):
     meta = {"model": cfg.vlm, "classes": cfg.classes, "classes_sha256": sha256_file(cfg.classes),
             "num_classes": len(names)}
     keys = ("model", "quant", "dtype", "prompts", "generation", "processor", "classes_sha256")
-    model, processor, gen, compute_dtype = start_run(cfg, meta, keys, out_path, meta_path, [prompt], False)
-    done = done_bitmap(out_path, len(names), lambda r: r.get("class"))
+    model, processor, gen, compute_dtype = start_run(cfg, meta, keys, out_path, meta_path, [prompt], False,
+                                                     f"describing the {len(names)} classes of {cfg.classes}")
+    done = done_bitmap(out_path, len(names), lambda r: r["class"], ("class", "text"))
     todo = [c for c in range(len(names)) if not done[c]]
     rows = [((c, prompt["id"]), prompt["text"].replace("{name}", names[c]), None) for c in todo]
     batches = (rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size))
@@ -1086,6 +1147,27 @@ def image_jobs(items, prompts, done, bad_indices, indices, names):
             yield i, items[i][0], todo
 
 
+def check_root(root, items, indices, split):
+    """The folder the split's paths are relative to, checked before any work: under a wrong root every image would
+    be recorded as unreadable. Some images of the split missing is theirs to record; all of a first sample is the
+    root's."""
+    how = "pass --root, the folder the split's paths are relative to (default: the split file's folder)"
+    if not root.is_dir():
+        die(f"data root {root} is {'a file, not a folder' if root.exists() else 'not found'}: {how}")
+    sample = [items[i][0] for i in indices[:64]]
+    for rel in sample:
+        try:
+            os.stat(root / rel)
+            return
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as err:  # a folder on the way cannot be searched: its permissions, not the image
+            die(f"cannot look into {root / rel} ({err.strerror}): make the data folder readable and rerun")
+    if sample:
+        die(f"none of the first {len(sample)} images of {split} is under {root} (e.g. {root / sample[0]} is not "
+            f"there): wrong data root? {how}; nothing was recorded")
+
+
 def caption_images(cfg):
     """Image mode: every (image, prompt) of this shard not yet written, whole images a batch."""
     items = read_split(cfg.split)
@@ -1099,20 +1181,27 @@ def caption_images(cfg):
     meta = {"model": cfg.vlm, "split": cfg.split, "split_sha256": sha256_file(cfg.split), "root": str(root),
             "num_images": len(items), "name_hint": cfg.name_hint, "shard": list(shard) if shard else None}
     names = name_hints(cfg, items, prompts, meta)
-    model, processor, gen, compute_dtype = start_run(cfg, meta, MATCH_KEYS, out_path, meta_path, prompts, True)
+    indices = [i for i in range(min(cfg.limit or len(items), len(items))) if shard is None or i % world == rank]
+    check_root(root, items, indices, cfg.split)
+    given = f"captioning {len(indices)} images x {len(prompts)} prompts of {cfg.split}, {launch_text(shard, cfg.shard)}"
+    model, processor, gen, compute_dtype = start_run(cfg, meta, MATCH_KEYS, out_path, meta_path, prompts, True, given)
     share_vision_work(model)
     placeholders = placeholder_ids(model) if meta["prefix_cache"] else None
     order = {p["id"]: k for k, p in enumerate(prompts)}
     done = done_bitmap(out_path, len(items) * len(prompts),
-                       lambda r: r["index"] * len(prompts) + order[r["prompt"]] if r.get("prompt") in order else None)
-    bad_indices = {r["index"] for _, r in scan_jsonl(errors_path, repair=True)}
+                       lambda r: r["index"] * len(prompts) + order[r["prompt"]] if r["prompt"] in order else None,
+                       ("index", "prompt", "text"))
+    bad_indices = {checked_record(errors_path, n, r, "index")["index"]
+                   for n, r in scan_jsonl(errors_path, repair=True)}
     if cfg.retry_bad and bad_indices:
         say(f"--retry-bad: trying the {len(bad_indices)} images of {errors_path.name} again")
         tmp = errors_path.with_name(f".{errors_path.name}.{os.getpid()}.tmp")
         tmp.write_text("")
         os.replace(tmp, errors_path)  # emptied at once; whatever fails again is written again
         bad_indices = set()
-    indices = [i for i in range(min(cfg.limit or len(items), len(items))) if shard is None or i % world == rank]
+    skipped = sum(i in bad_indices for i in indices)
+    if skipped:
+        say(f"skipping the {skipped} images recorded as unreadable in {errors_path} (--retry-bad tries them again)")
     total = sum(len(todo) for _, _, todo in image_jobs(items, prompts, done, bad_indices, indices, names))
     jobs = image_jobs(items, prompts, done, bad_indices, indices, names)
     write, bad, counts, files = open_outputs(out_path, errors_path, bad_indices)
@@ -1124,27 +1213,35 @@ def caption_images(cfg):
                                                             for (k, _, _), t in zip(rows, out)]),
                     bad, "captioning" if VERBOSE else "", total, placeholders)
     seconds = max(time.time() - start, 1e-9)
+    done_here = sum(done[i * len(prompts) + k] for i in indices for k in range(len(prompts)))
     say(f"{counts['written']} of {total} captions written to {out_path} ({counts['written'] / seconds:.2f} captions/s,"
-        f" {sum(done)} done before), {counts['bad']} bad images" + (f" (see {errors_path})" if counts["bad"] else ""))
+        f" {sum(done)} done before), {counts['bad']} bad images" + (f" (see {errors_path})" if counts["bad"] else "")
+        + (f"; {skipped} unreadable images skipped (--retry-bad tries them again)" if skipped else "")
+        + ("; nothing was left to do" if indices and not total else ""))
+    if indices and not counts["written"] and not done_here:  # an empty output is no success, however it came about
+        die(f"none of the {len(indices)} images of this run could be captioned: all are unreadable (listed in "
+            f"{errors_path}); fix them and rerun with --retry-bad")
 
 
 # --- merge
 def shard_runs(path, sort_key):
     """(first offset, first line) of each stretch of a shard file already in caption order: one for a run never
-    restarted, one more per resume that filled in earlier images."""
-    runs, previous, offset = [], None, 0
+    restarted, one more per resume that filled in earlier images; and the number of records. Every record is
+    checked here, so the merge that reads them again meets none it cannot sort."""
+    runs, previous, offset, count = [], None, 0, 0
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    key = sort_key(json.loads(line))
-                except json.JSONDecodeError:
+                    record = json.loads(line)
+                except ValueError:  # not JSON, or not UTF-8 (a kill cut a character in two)
                     die(f"{path}:{n}: not valid JSON; rerun that shard with the same command (it repairs the file)")
+                key = sort_key(checked_record(path, n, record, "index", "prompt", "text"))
                 if previous is None or key < previous:
                     runs.append((offset, n))
-                previous = key
+                previous, count = key, count + 1
             offset += len(line)
-    return [(start, n, runs[k + 1][0] if k + 1 < len(runs) else offset) for k, (start, n) in enumerate(runs)]
+    return [(start, n, runs[k + 1][0] if k + 1 < len(runs) else offset) for k, (start, n) in enumerate(runs)], count
 
 
 def read_run(path, start, first_line, end, sort_key):
@@ -1172,13 +1269,15 @@ def merge(out):
         die(f"shard files of different counts ({sorted({n for _, n, _ in shards})}) next to {out_path}: "
             "delete the stale ones")
     world, metas, bad = shards[0][1], [], {}
+    lock_or_die(out_path.with_name(f".{out_path.name}.lock"), str(out_path))  # one merge (or run) into --out at once
     for rank, _, path in shards:
+        lock_or_die(path.with_name(f".{path.name}.lock"), str(path))  # a shard still captioning is not merged
         _, shard_meta, shard_errors = artifact_paths(out_path, (rank, world))
         if not shard_meta.exists():
             die(f"{path} has no {shard_meta.name}")
         metas.append((shard_meta, json.loads(shard_meta.read_text())))
-        for _, r in scan_jsonl(shard_errors):
-            bad.setdefault(r["index"], r)  # a few bad images, never the records
+        for n, r in scan_jsonl(shard_errors):
+            bad.setdefault(checked_record(shard_errors, n, r, "index")["index"], r)  # a few bad images
     (first_path, meta), num_prompts = metas[0], len(metas[0][1]["prompts"])
     for path, other in metas[1:]:
         for key in MATCH_KEYS + ("revision", "num_images"):
@@ -1188,22 +1287,34 @@ def merge(out):
 
     def sort_key(record):
         return record["index"], order.get(record["prompt"], num_prompts)
-    streams = [read_run(path, *run, sort_key) for _, _, path in shards for run in shard_runs(path, sort_key)]
+    streams, total = [], 0
+    for _, _, path in shards:
+        runs, count = shard_runs(path, sort_key)
+        streams, total = streams + [read_run(path, *run, sort_key) for run in runs], total + count
     seen, written, clashes, previous = bytearray(meta["num_images"] * num_prompts), 0, [], None
-    with open(f"{out_path}.tmp", "wb") as f:
-        for key, path, n, line, record in heapq.merge(*streams, key=lambda item: item[0]):
-            if previous is not None and key == previous[0]:
-                if record["text"] != previous[1]:
-                    clashes.append(f"{path}:{n}")
-                continue
-            f.write(line)
-            previous, written = (key, record["text"]), written + 1
-            if key[1] < num_prompts and key[0] < meta["num_images"]:
-                seen[key[0] * num_prompts + key[1]] = 1
-    os.replace(f"{out_path}.tmp", out_path)
-    with open(f"{errors_path}.tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(bad[index]) + "\n" for index in sorted(bad))
-    os.replace(f"{errors_path}.tmp", errors_path)
+    # Temporary names of this process: two merges never share one, and a failed one leaves nothing half-written.
+    tmp, errors_tmp = (p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (out_path, errors_path))
+    try:
+        with open(tmp, "wb") as f:
+            merged = heapq.merge(*streams, key=lambda item: item[0])
+            for key, path, n, line, record in progress_bar(total, "caption", desc="merging", iterable=merged):
+                if previous is not None and key == previous[0]:
+                    if record["text"] != previous[1]:
+                        clashes.append(f"{path}:{n}")
+                    continue
+                f.write(line)
+                previous, written = (key, record["text"]), written + 1
+                if key[1] < num_prompts and key[0] < meta["num_images"]:
+                    seen[key[0] * num_prompts + key[1]] = 1
+        with open(errors_tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(bad[index]) + "\n" for index in sorted(bad))
+        os.replace(tmp, out_path)
+        os.replace(errors_tmp, errors_path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        errors_tmp.unlink(missing_ok=True)
+        die(f"merging into {out_path} failed ({err.strerror}: {err.filename}): free space on its disk and rerun the "
+            "merge")
     write_json(meta_path, {**meta, "shard": None, "merged_from": [p.name for _, _, p in shards]})
     if clashes:
         warn(f"{len(clashes)} duplicate (image, prompt) records with another text than the first, e.g. {clashes[0]}: "
@@ -1219,15 +1330,38 @@ def merge(out):
     print(f"caption.py: {summary}; no gaps", flush=True)
 
 
+def check_config(cfg):
+    """Numbers that would fail late (an IndexError after a batch), or silently do nothing, refused before the model
+    loads."""
+    checks = [(cfg.limit >= 0, "--limit", "0 (all) or a count of images"),
+              (cfg.batch_size >= 1, "--batch-size", "at least 1"),
+              (cfg.max_new_tokens >= 1, "--max-new-tokens", "at least 1"),
+              (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min-new-tokens", "0 to --max-new-tokens"),
+              (0 <= cfg.workers <= 256, "--workers", "0 to 256 threads"),
+              (cfg.temperature > 0, "--temperature", "above 0"),
+              (0 < cfg.top_p <= 1, "--top-p", "in (0, 1]"),
+              (cfg.image_size >= 0, "--image-size", "0 (the processor's own) or a size in pixels")]
+    for ok, flag, allowed in checks:
+        if not ok:
+            value = getattr(cfg, flag[2:].replace("-", "_"))
+            die(f"{flag} {value}: expected {allowed}")
+
+
 def main(argv=None):
     cfg = parse_config(Config, argv)
-    if cfg.merge:
-        return merge(cfg.out or "runs/captions.jsonl")
-    if cfg.split:
-        return caption_images(cfg)
-    if cfg.classes:
-        return describe_classes(cfg)
-    die("pass --split DATA/train.txt (images to caption) or --classes DATA/classes.txt (class descriptions)")
+    check_config(cfg)
+    held = len(LOCKS)
+    try:
+        if cfg.merge:
+            return merge(cfg.out or "runs/captions.jsonl")
+        if cfg.split:
+            return caption_images(cfg)
+        if cfg.classes:
+            return describe_classes(cfg)
+        die("pass --split DATA/train.txt (images to caption) or --classes DATA/classes.txt (class descriptions)")
+    finally:  # main() run again in one process (tests, a notebook) must not meet this run's locks
+        while len(LOCKS) > held:
+            LOCKS.pop().close()
 
 
 if __name__ == "__main__":

@@ -521,14 +521,39 @@ def resolve_model(model):
         die(f"--model {model}: cannot load it from the hub ({type(e).__name__}): {how}")
 
 
-def pick_device_dtype(cfg):
-    """(device name, dtype); --dtype auto is decided by the hardware and said once."""
+def launch_text(rank, world, by_flag):
+    """How this process came to do its share: alone, a hand-started shard, or one rank of a launcher."""
+    if world == 1:
+        return "1 process"
+    return f"shard {rank}/{world} " + ("(--shard)" if by_flag else f"(rank {rank} of {world} processes)")
+
+
+def pick_device_dtype(cfg, given=""):
+    """(device name, dtype), said once in one line with what this process was given (`given`); --dtype auto is
+    decided by the hardware."""
     device = pick_device(cfg.device)
     if cfg.dtype != "auto":
-        return str(device), cfg.dtype
-    dtype, why = auto_dtype(device.type, has_native_bf16(device))
-    say(f"--dtype auto: {dtype}, since {why}")
+        dtype, why = cfg.dtype, "--dtype"
+    else:
+        dtype, why = auto_dtype(device.type, has_native_bf16(device))
+        why = f"auto: {why}"
+    say(f"{given + '; ' if given else ''}device {device}, dtype {dtype} ({why})")
     return str(device), dtype
+
+
+def lock_stem(out, stem):
+    """One process at a time writes NAME.npy (.partial, progress, sidecar): a second would die on the first's files."""
+    lock_or_die(out / f".{stem}.lock", f"{out / stem}.npy")
+
+
+def file_in_folder(folder, name, what):
+    """A file an artifact names by a path relative to its own folder, resolved and kept inside that folder: another
+    machine's absolute path, or a file outside the folder, is refused."""
+    folder = Path(folder).resolve()
+    path = (folder / name).resolve() if isinstance(name, str) and name else None
+    if path is None or not path.is_relative_to(folder) or not path.is_file():
+        die(f"{what} names {name!r}, which is not a file inside {folder}: re-run the encode.py that wrote it")
+    return path
 
 
 class Encoder:
@@ -663,8 +688,10 @@ def run_text(cfg):
     meta, prompt_ids = load_caption_meta(cfg.captions, cfg.split, split_sha, len(items))
     rank, world = parse_shard(cfg.shard)
     rows, stem, out = np.arange(rank, len(items), world), shard_stem(cfg.name or "text", rank, world), Path(cfg.out)
+    lock_stem(out, stem)
     path, model_config = resolve_model(cfg.model)
-    device, dtype = pick_device_dtype(cfg)
+    given = f"encoding the captions of {len(rows)} images x {len(prompt_ids)} prompts with {cfg.model}"
+    device, dtype = pick_device_dtype(cfg, f"{given}, {launch_text(rank, world, cfg.shard)} -> {out / stem}.npy")
     captions_sha = sha256_file(cfg.captions)
     key = identity_hash(kind="text", encoder=path, dtype=dtype, captions_sha256=captions_sha, split_sha256=split_sha,
                         prompts=prompt_ids, allow_missing=cfg.allow_missing, shard=[rank, world])
@@ -675,8 +702,6 @@ def run_text(cfg):
     encoder = Encoder(cfg.model, path, model_config, device, dtype)
     dim = encoder.text_batch(["a"]).shape[1]
     writer = ResumableArray(out, stem, (len(rows), len(prompt_ids), dim), key)
-    say(f"encoding {len(rows)} images x {len(prompt_ids)} prompts with {cfg.model} on {device} ({dtype}) -> "
-        f"{writer.final}")
     bar = progress_bar(len(rows) * len(prompt_ids), "sent", writer.rows_done * len(prompt_ids))
     for start in range(writer.rows_done, len(rows), cfg.chunk):
         chunk_rows = rows[start:start + cfg.chunk]
@@ -791,9 +816,11 @@ def run_classes(cfg):
     label2text_sha = sha256_file(label2text) if label2text else None
     template = cfg.template if cfg.template != "auto" else LI_TEMPLATE if li_format else OUR_TEMPLATE
     texts = class_texts(text_names, descriptions, template)
-    path, model_config = resolve_model(cfg.model)
-    device, dtype = pick_device_dtype(cfg)
     classes_sha, out, stem = sha256_file(cfg.classes), Path(cfg.out), cfg.name or "classes"
+    lock_stem(out, stem)
+    path, model_config = resolve_model(cfg.model)
+    device, dtype = pick_device_dtype(cfg, f"encoding {sum(map(len, texts))} texts of {len(names)} classes with "
+                                           f"{cfg.model}, 1 process -> {out / stem}.npy")
     key = identity_hash(kind="classes", encoder=path, dtype=dtype, classes_sha256=classes_sha,
                         descriptions_sha256=desc_sha, template=template,
                         **({"label2text_sha256": label2text_sha} if label2text else {}))
@@ -850,12 +877,14 @@ def run_images(cfg):
     items, split_sha, root = read_split(cfg.split), sha256_file(cfg.split), Path(cfg.root or Path(cfg.split).parent)
     rank, world = parse_shard(cfg.shard)
     rows, stem, out = np.arange(rank, len(items), world), shard_stem(cfg.name or "images", rank, world), Path(cfg.out)
+    lock_stem(out, stem)
     path, model_config = resolve_model(cfg.model)
     if not ("text_config" in model_config and "vision_config" in model_config):
         die(f"--images needs a CLIP-family model (a config with text_config and vision_config); {cfg.model} is not")
     import torch
     from transformers import AutoImageProcessor
-    device, dtype = pick_device_dtype(cfg)
+    device, dtype = pick_device_dtype(cfg, f"encoding {len(rows)} images of {cfg.split} with {cfg.model}, "
+                                           f"{launch_text(rank, world, cfg.shard)} -> {out / stem}.npy")
     key = identity_hash(kind="images", encoder=path, dtype=dtype, split_sha256=split_sha, root=str(root.resolve()),
                         shard=[rank, world])
     if check_done(out, stem, key, cfg.overwrite):
@@ -869,7 +898,6 @@ def run_images(cfg):
     errors_path = out / f"{stem}.errors.jsonl"
     if writer.rows_done == 0:
         errors_path.write_text("")
-    say(f"encoding {len(rows)} images of {cfg.split} with {cfg.model} on {device} ({dtype}) -> {writer.final}")
     bar = progress_bar(len(rows), "img", writer.rows_done)
     with open(errors_path, "a") as errors_file:
         for start in range(writer.rows_done, len(rows), cfg.chunk):
@@ -890,7 +918,7 @@ def run_images(cfg):
     missing_rows = sorted({json.loads(line)["index"] for line in errors_path.read_text().splitlines() if line.strip()})
     sidecar = common_sidecar(cfg, "images", encoder, writer.shape, key)
     sidecar.update(split=cfg.split, split_sha256=split_sha, num_images=len(items), root=str(root),
-                   missing_rows=missing_rows, errors=str(errors_path), shard=f"{rank}/{world}" if world > 1 else None)
+                   missing_rows=missing_rows, errors=errors_path.name, shard=f"{rank}/{world}" if world > 1 else None)
     writer.finish(sidecar)
     say(f"wrote {writer.final} {writer.shape} float16; {len(missing_rows)} unreadable images (zeros, listed in "
         f"missing_rows and {errors_path.name})")
@@ -912,36 +940,62 @@ def finished_shards(out, name):
     return stem, world, [shards[i] for i in range(world)]
 
 
+def check_shard(i, world, array, sidecar, sidecar_path, first_array):
+    """A shard's sidecar states what its array holds: a sha256 proves only that nobody edited one without the
+    other, so its shape and row lists are checked against the array before they are merged."""
+    num = sidecar.get("num_images")
+    if type(num) is not int or num < 0:
+        die(f"--merge: {sidecar_path}: num_images {num!r} is not a count of images: re-run shard {i}")
+    if array.shape[0] != len(range(i, num, world)):
+        die(f"--merge: {sidecar_path.with_suffix('.npy').name} has {array.shape[0]} rows, expected "
+            f"{len(range(i, num, world))}")
+    if sidecar.get("shape") != list(array.shape) or array.shape[1:] != first_array.shape[1:]:
+        die(f"--merge: {sidecar_path}: shape {sidecar.get('shape')} does not match its array {list(array.shape)} and "
+            f"shard 0's rows {list(first_array.shape[1:])}: re-run shard {i}")
+    rows = sidecar.get("missing_rows")
+    if not isinstance(rows, list) or not all(type(r) is int and 0 <= r < num and r % world == i for r in rows):
+        die(f"--merge: {sidecar_path}: missing_rows must list rows of shard {i}: re-run it")
+    filled = sidecar.get("filled")
+    if sidecar.get("kind") == "text" and not (
+            isinstance(filled, list) and all(isinstance(f, list) and len(f) == 2 and type(f[0]) is int for f in filled)
+            and type(sidecar.get("empty_captions")) is int):
+        die(f"--merge: {sidecar_path}: `filled` or `empty_captions` is not what encode.py writes: re-run shard {i}")
+
+
 def run_merge(cfg):
     out = Path(cfg.out)
     stem, world, sidecar_paths = finished_shards(out, cfg.name)
+    lock_stem(out, stem)
     kind = read_json(sidecar_paths[0]).get("kind")
     loaded = [load_artifact(p.with_suffix(".npy"), kind) for p in sidecar_paths]  # each tied to its sidecar
     sidecars = [sidecar for _, sidecar in loaded]
-    first, num = sidecars[0], sidecars[0]["num_images"]
+    first, num = sidecars[0], sidecars[0].get("num_images")
     for i, (array, sidecar) in enumerate(loaded):
         for key in MERGE_MATCH_KEYS:
             if sidecar.get(key) != first.get(key):
                 die(f"--merge: {sidecar_paths[i].name} disagrees with {sidecar_paths[0].name} on `{key}`")
-        if array.shape[0] != len(range(i, num, world)):
-            die(f"--merge: {stem}.shard-{i}-of-{world}.npy has {array.shape[0]} rows, expected "
-                f"{len(range(i, num, world))}")
-    key = identity_hash(merged=[s["config_hash"] for s in sidecars])
+        check_shard(i, world, array, sidecar, sidecar_paths[i], loaded[0][0])
+    errors = [file_in_folder(out, s.get("errors"), f"--merge: {p} (`errors`)") for s, p in zip(sidecars, sidecar_paths)
+              if kind == "images"]
+    key = identity_hash(merged=[s.get("config_hash") for s in sidecars])
     if check_done(out, stem, key, cfg.overwrite):
         return
     writer = ResumableArray(out, stem, [num] + first["shape"][1:], key)
+    bar = progress_bar(num, "row", desc=f"merging {world} shards")
     for i, (array, _) in enumerate(loaded):
         for start in range(0, array.shape[0], cfg.chunk):
             part = array[start:start + cfg.chunk]
             writer.array[i + world * np.arange(start, start + len(part))] = part
+            bar.update(len(part))
+    bar.close()
     merged = dict(first, shape=writer.shape, shard=None, config_hash=key, merged_from=[p.name for p in sidecar_paths],
                   missing_rows=sorted(m for s in sidecars for m in s["missing_rows"]))
     if kind == "text":
         merged["filled"] = sorted((f for s in sidecars for f in s["filled"]), key=lambda f: (f[0], str(f[1])))
         merged["empty_captions"] = sum(s["empty_captions"] for s in sidecars)
     if kind == "images":
-        merged["errors"] = str(out / f"{stem}.errors.jsonl")
-        (out / f"{stem}.errors.jsonl").write_text("".join(Path(s["errors"]).read_text() for s in sidecars))
+        merged["errors"] = f"{stem}.errors.jsonl"  # relative to the sidecar: the folder may move to another machine
+        (out / merged["errors"]).write_text("".join(path.read_text() for path in errors))
     writer.finish({k: v for k, v in merged.items() if k != "sha256"})
     say(f"merged {world} shards into {writer.final} {writer.shape}")
 
@@ -951,7 +1005,8 @@ def pixel_features(items, root, rows, width, seed, workers):
     like and nothing else, the score text must beat to carry more than a restatement of the pixels."""
     load = image_loader(root, items, lambda image: np.asarray(image.resize((32, 32)), np.float32).ravel() / 255)
     pixels = np.zeros((len(rows), 32 * 32 * 3), np.float32)
-    for k, (row, values, error) in enumerate(prefetched(load, rows, workers, 64)):
+    decoded = progress_bar(len(rows), "img", desc="pixel baseline", iterable=prefetched(load, rows, workers, 64))
+    for k, (row, values, error) in enumerate(decoded):
         if error is not None:
             die(f"--probe: image {root / items[row][0]} (line {row + 1} of the split) cannot be read ({error}): pass "
                 f"--root, or --no-pixel-baseline")
@@ -1008,7 +1063,8 @@ def run_probe(cfg):
     if cfg.pixel_baseline:
         root = Path(cfg.root or Path(cfg.split).parent)
         subsets["pixels"] = pixel_features(items, root, rows, x.shape[2], cfg.seed, cfg.workers)
-    results = {name: probe_accuracy(features, y, group_of, cv, cfg) for name, features in subsets.items()}
+    results = {name: probe_accuracy(subsets[name], y, group_of, cv, cfg)
+               for name in progress_bar(len(subsets), "probe", desc=f"{folds}-fold probes", iterable=list(subsets))}
     report = {"made_by": "encode.py", "kind": "probe", "text": cfg.text, "text_sha256": sidecar["sha256"],
               "encoder": sidecar.get("encoder"), "split": cfg.split, "split_sha256": split_sha, "rows": len(rows),
               "folds": folds, "stratified": splitter is StratifiedKFold, "all": "concatenated prompt features",

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -137,16 +139,16 @@ def test_the_same_command_twice_gives_the_same_bytes(baseline, data, tiny, tmp_p
     assert out.read_bytes() == baseline[0].read_bytes()
 
 
-def test_dtype_auto_is_decided_by_the_hardware_both_ways(module, monkeypatch, capsys):
-    """--dtype auto: bf16 on a CPU that computes it natively, fp32 on one that would emulate it; said once, and an
-    explicit --dtype wins. Both answers of the hardware check are given, whatever this CPU has."""
+def test_dtype_auto_is_decided_by_the_hardware_both_ways(module, monkeypatch):
+    """--dtype auto: bf16 on a CPU that computes it natively, fp32 on one that would emulate it, and an explicit
+    --dtype wins (a run says the choice and its reason in its one launch line: test_launch_line_...). Both answers of
+    the hardware check are given, whatever this CPU has."""
     import torch
     cpu = torch.device("cpu")
     for native, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(module, "has_native_bf16", lambda device, *a: native)
         dtype, why = module.resolve_dtype("auto", cpu)
         assert dtype == expected and why.startswith("auto: this CPU")
-        assert f"--dtype auto: {expected}" in capsys.readouterr().out
         assert module.resolve_dtype("fp16", cpu) == ("fp16", "--dtype")
 
 
@@ -400,8 +402,10 @@ def test_retry_bad(data, tiny, tmp_path, module, capsys):
     errors = out.with_name("captions.errors.jsonl")
     assert [r["index"] for r in records(errors)] == [5]
     Image.new("RGB", (30, 30), (1, 2, 3)).save(root / "img/05.png")
-    module.main(args)
-    assert "0 of 0 captions" in capsys.readouterr().out
+    module.main(args)  # a finished run with a recorded bad image: nothing left to do, and it says what would help
+    rerun = capsys.readouterr().out
+    assert "0 of 0 captions" in rerun and "nothing was left to do" in rerun
+    assert "skipping the 1 images recorded as unreadable" in rerun and "--retry-bad tries them again" in rerun
     module.main(args + ["--retry-bad"])
     assert "5 of 5 captions" in capsys.readouterr().out and errors.read_text() == ""
     assert sorted({i for i, _ in texts(out)}) == list(range(7))
@@ -425,3 +429,211 @@ def test_merge_streams_unsorted_shards_and_reports_clashes(tmp_path, module, cap
     assert "no gaps" in captured.out and "8 captions" in captured.out
     clash = [line for line in captured.err.splitlines() if "duplicate" in line]
     assert len(clash) == 1 and "c.shard-1-of-2.jsonl:5" in clash[0]
+
+
+# ------------------------------------------------------------------------------------------- no silent failure
+def refused(module, *args):
+    """The one line of a run that stops: `caption.py: error: ...` and a non-zero exit."""
+    with pytest.raises(SystemExit) as exc:
+        module.main(list(map(str, args)))
+    line = str(exc.value)
+    assert exc.value.code not in (0, None) and line.startswith("caption.py: error:") and "\n" not in line, line
+    return line
+
+
+def test_wrong_root_is_refused_before_anything_is_recorded(data, tiny, tmp_path, module):
+    """A wrong --root used to record every image as bad and exit 0 (`0 of 80 captions written ... 2 bad images`
+    here); the rerun with the right root then skipped them all."""
+    out = tmp_path / "captions.jsonl"
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for root, why in ((tmp_path / "nowhere", "not found"), (tmp_path / "a-file", "a file, not a folder"),
+                      (tmp_path / "elsewhere", f"none of the first {NUM_IMAGES} images")):
+        line = refused(module, *caption_args(data, tiny, out, "--root", root))
+        assert why in line and str(root) in line and "--root" in line, line
+    assert not out.exists() and not out.with_name("captions.errors.jsonl").exists()  # nothing recorded as bad
+
+
+def test_a_run_whose_images_are_all_recorded_bad_does_not_look_like_success(data, tiny, tmp_path, module, capsys):
+    """What a wrong-root run used to leave: every image in the errors file. The rerun skipped them all and exited 0
+    with an empty captions.jsonl and no word of --retry-bad; now it says so and stops, and --retry-bad redoes them."""
+    out = tmp_path / "captions.jsonl"
+    out.write_text("")
+    out.with_name("captions.errors.jsonl").write_text("".join(
+        json.dumps({"index": i, "path": f"img/{i:02d}.png", "error": "FileNotFoundError"}) + "\n" for i in range(3)))
+    args = caption_args(data, tiny, out, "--limit", "3")
+    line = refused(module, *args)
+    assert "none of the 3 images" in line and "--retry-bad" in line
+    assert "skipping the 3 images recorded as unreadable" in capsys.readouterr().out
+    module.main(list(map(str, args + ["--retry-bad"])))
+    assert sorted(texts(out)) == sorted((i, p) for i in range(3) for p in PROMPTS)
+
+
+def test_odd_numbers_are_refused_before_the_model_loads(data, tiny, tmp_path, module, monkeypatch):
+    """--limit -1 captioned nothing and exited 0; --batch-size 0 / -1 ended in an IndexError (-1 after a batch)."""
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(module, "load_vlm", no_load)
+    out = tmp_path / "out" / "captions.jsonl"
+    for flag, value in (("--limit", "-1"), ("--batch-size", "0"), ("--batch-size", "-1"), ("--max-new-tokens", "0"),
+                        ("--min-new-tokens", "11"), ("--workers", "-1"), ("--workers", "2000"),
+                        ("--temperature", "0.0"), ("--top-p", "1.5"), ("--image-size", "-1")):
+        line = refused(module, *caption_args(data, tiny, out, flag, value))
+        assert line.startswith(f"caption.py: error: {flag} {value}: expected"), line
+    assert not out.parent.exists()
+
+
+def test_full_disk_while_captioning_is_one_line_and_resumes(baseline, data, tiny, tmp_path, module):
+    """A full disk ended in an OSError traceback. A file size limit stands in for it: a write past it fails (EFBIG)
+    as one on a full disk does (ENOSPC). The captions file keeps whole records only, and the rerun resumes."""
+    out = tmp_path / "captions.jsonl"
+    limit = 4000  # the meta (~2 KB) fits, the captions (~7 KB) do not
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    args = caption_args(data, tiny, out, "--batch-size", "4")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=ENV,
+                          cwd=REPO, timeout=300, preexec_fn=small_files)
+    line = error_line(proc)
+    assert "cannot write" in line and "captions.jsonl" in line and "rerun the same command" in line
+    written = out.read_bytes()
+    assert 0 < len(written) <= limit and written.endswith(b"\n")  # nothing torn
+    kept = records(out)
+    module.main(list(map(str, args)))
+    assert texts(out) == texts(baseline[0]) and records(out)[:len(kept)] == kept
+
+
+def test_two_runs_on_one_out_the_second_is_refused(data, tiny, tmp_path, module):
+    """Two caption.py on one --out both exited 0, captions.jsonl holding duplicates. The first is stopped (SIGSTOP)
+    once it holds the output's lock, so the test does not race it; a shard locks its own file; a killed holder
+    leaves no stale lock."""
+    out, lock = tmp_path / "captions.jsonl", tmp_path / ".captions.jsonl.lock"
+    first = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, caption_args(data, tiny, out))], env=ENV,
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and \
+                "caption.py" not in (lock.read_text() if lock.exists() else ""):
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the first run ended before the second started"
+        line = refused(module, *caption_args(data, tiny, out, "--limit", "2"))
+        assert f"{out} is in use by pid {first.pid} (caption.py)" in line and "another --out" in line
+        module.main(list(map(str, caption_args(data, tiny, out, "--shard", "1/2", "--limit", "2"))))
+    finally:
+        first.kill()
+        first.wait()
+    module.main(list(map(str, caption_args(data, tiny, out, "--limit", "2"))))
+    recs = records(out)
+    assert len(recs) == len({(r["index"], r["prompt"]) for r in recs}) and {r["index"] for r in recs} >= {0, 1}
+
+
+def write_merge_shards(folder, bad_record=None):
+    """Two caption shards in caption.py's format, made by hand (test_merge_streams_... shows they merge)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    prompts = [{"id": p, "text": p, "sha256": p} for p in ("general", "t1")]
+    for rank in range(2):
+        (folder / f"c.shard-{rank}-of-2.meta.json").write_text(json.dumps(
+            {"model": "m", "prompts": prompts, "num_images": 4, "split_sha256": "s", "shard": [rank, 2]}))
+        lines = [json.dumps({"index": i, "prompt": p, "text": f"{i}{p}"}) for i in range(rank, 4, 2)
+                 for p in ("general", "t1")]
+        if bad_record is not None and rank == 1:
+            lines[1] = bad_record
+        (folder / f"c.shard-{rank}-of-2.jsonl").write_text("\n".join(lines) + "\n")
+    return folder / "c.jsonl"
+
+
+def test_merge_is_locked_and_its_temporary_files_are_its_own(tmp_path, module, capsys):
+    """Two merges at once shared one `c.jsonl.tmp` (one died with FileNotFoundError): a merge running elsewhere
+    holds the output's lock (taken here by the test), and another's temporary files are left alone."""
+    out = write_merge_shards(tmp_path)
+    holder = module.lock_or_die(tmp_path / ".c.jsonl.lock", "c.jsonl")
+    try:
+        assert "c.jsonl is in use by pid" in refused(module, "--merge", "--out", out)
+    finally:
+        module.LOCKS.remove(holder)
+        holder.close()
+    others = [tmp_path / "c.jsonl.tmp", tmp_path / ".c.jsonl.99999999.tmp"]  # the old fixed name, another pid's
+    for other in others:
+        other.write_text("another merge, half-way\n")
+    module.main(["--merge", "--out", str(out)])
+    assert "no gaps" in capsys.readouterr().out and len(records(out)) == 8
+    assert all(other.read_text() == "another merge, half-way\n" for other in others)
+    assert sorted(p.name for p in tmp_path.glob("*tmp")) == sorted(p.name for p in others)
+
+
+def test_records_that_look_valid_but_are_not_name_their_line(baseline, data, tiny, tmp_path, module):
+    """`{"index": "2", ...}` and a JSON array ended resume and --merge in a TypeError."""
+    base = baseline[0]
+    good = base.read_text().splitlines(keepends=True)[:2]
+    for n, bad in enumerate(('{"index": "2", "prompt": "general", "text": "a", "path": "img/02.png"}',
+                             '[2, "general", "a", "img/02.png"]')):
+        out = tmp_path / f"run{n}" / "captions.jsonl"
+        out.parent.mkdir()
+        shutil.copy(base.with_name("captions.meta.json"), out.with_name("captions.meta.json"))
+        out.write_text(good[0] + bad + "\n" + good[1])
+        line = refused(module, *caption_args(data, tiny, out, "--batch-size", "4"))
+        assert f"{out}:2: not a record of caption.py" in line and "`index` an integer" in line
+        out.write_text("".join(good))
+        out.with_name("captions.errors.jsonl").write_text(bad + "\n")
+        assert "captions.errors.jsonl:1: not a record" in refused(module, *caption_args(data, tiny, out))
+        merged = write_merge_shards(tmp_path / f"merge{n}", bad)
+        assert "c.shard-1-of-2.jsonl:2: not a record" in refused(module, "--merge", "--out", merged)
+
+
+def test_a_last_line_cut_inside_a_utf8_character_is_repaired(baseline, data, tiny, tmp_path, module, capsys):
+    out = tmp_path / "captions.jsonl"
+    shutil.copy(baseline[0].with_name("captions.meta.json"), out.with_name("captions.meta.json"))
+    torn = '{"index": 13, "prompt": "t4", "text": "un café"'.encode()[:-2]  # ends with the first byte of "é"
+    out.write_bytes(b"".join(baseline[0].read_bytes().splitlines(keepends=True)[:10]) + torn)
+    module.main(list(map(str, caption_args(data, tiny, out, "--batch-size", "4"))))
+    assert "truncated last line" in capsys.readouterr().out and texts(out) == texts(baseline[0])
+
+
+def test_a_prompt_holding_the_image_placeholder_is_a_prompt_error(data, tiny, tmp_path, module):
+    """The model's `<image>` in a prompt file got the images marked bad; it is the prompt's error."""
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "general.txt").write_text("Describe this image.\n")
+    (prompts / "look.txt").write_text("<image>\nWhat is in this picture?\n")
+    out = tmp_path / "captions.jsonl"
+    line = refused(module, *caption_args(data, tiny, out, "--limit", "2"), "--prompts", prompts)
+    assert f"prompt file {prompts / 'look.txt'} holds '<image>'" in line
+    assert not out.exists() and not out.with_name("captions.errors.jsonl").exists()
+
+
+def test_16_bit_grayscale_reaches_the_vlm_unclipped(tiny, tmp_path, module):
+    """convert("RGB") clipped a 16-bit PNG to white: two mid-grey levels gave the VLM the same pixels."""
+    import numpy as np
+    import torch
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(module.build_tiny_llava(tiny))
+    images = []
+    for level in (16000, 48000, 65535):
+        path = tmp_path / f"grey-{level}.png"
+        Image.fromarray(np.full((30, 30), level, np.uint16)).save(path)
+        image, error = module.load_image(path)
+        assert error is None
+        images.append(image)
+    pixels = module.build_inputs(processor, ["Describe."] * 3, images, {}, torch.float32)["pixel_values"]
+    assert not torch.equal(pixels[0], pixels[1]) and not torch.equal(pixels[1], pixels[2])  # 2 is white
+
+
+def test_a_job_log_shows_what_a_run_was_given_its_progress_and_its_summary(baseline, data, tiny, tmp_path, module,
+                                                                            monkeypatch, capsys):
+    """Output that is not a terminal (the baseline's pipes): one line says what the run was given, the bar prints
+    lines with a rate, the summary is the last line. --dtype auto's choice is in that one line with its reason."""
+    _, proc = baseline
+    given = [line for line in proc.stdout.splitlines() if " on cpu, dtype " in line]
+    assert len(given) == 1 and given[0].startswith(f"caption.py: captioning {NUM_IMAGES} images x 5 prompts")
+    assert "1 process;" in given[0] and "dtype fp32 (--dtype), quant none (auto: no CUDA device" in given[0]
+    bars = [line for line in proc.stderr.splitlines() if line.startswith("captioning:")]
+    assert bars and bars[-1].endswith("caption/s]"), proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1].startswith(f"caption.py: {NUM_GOOD * 5} of {NUM_IMAGES * 5} captions written")
+
+    monkeypatch.setattr(module, "has_native_bf16", lambda device, *a: False)
+    module.main(list(map(str, caption_args(data, tiny, tmp_path / "c.jsonl", "--dtype", "auto", "--shard", "0/2",
+                                           "--limit", "4", "--quant", "none"))))
+    given = [line for line in capsys.readouterr().out.splitlines() if " on cpu, dtype " in line]
+    assert len(given) == 1 and "captioning 2 images x 5 prompts" in given[0] and "shard 0/2 (--shard)" in given[0]
+    assert "dtype fp32 (auto: this CPU has no native bf16" in given[0] and "quant none (--quant)" in given[0]

@@ -7,6 +7,7 @@ import os
 import pstats
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -110,7 +111,7 @@ def test_full_disk_is_one_line_before_the_memmap(tmp_path):
     assert proc.returncode == 1, (proc.returncode, proc.stderr[-2000:])
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("encode.py: error: text.npy") and "GiB is free" in last, proc.stderr[-2000:]
-    assert sorted(p.name for p in out.iterdir()) == []  # nothing half-written to resume from or trust
+    assert sorted(p.name for p in out.iterdir()) == [".text.lock"]  # only the lock: nothing to resume from or trust
 
 
 def test_out_that_is_a_file_or_unwritable_fails_before_work(tmp_path, clip):
@@ -263,3 +264,93 @@ def test_probe_reports_the_pixel_baseline_next_to_image_derived_text(tmp_path):
     table = {line.split()[0]: line for line in proc.stdout.splitlines() if line.split()}
     assert f"{100 * pixels['overall']:5.1f}" in table["pixels"] and f"{100 * text['overall']:5.1f}" in table["general"]
     assert "restate the image" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------- one writer, merged shards
+def test_two_encodes_on_one_stem_the_second_is_refused(tmp_path, clip):
+    """Two encode.py on one --out and stem: one died on the other's `.partial`. The first is stopped (SIGSTOP) once it
+    holds the stem's lock, so the test does not race it. Its own output, read as a job log (pipes, not a terminal):
+    one line of what it was given, progress lines with a rate, the summary last."""
+    split, caps = small_captions(tmp_path)
+    out = tmp_path / "out"
+    args = ["--captions", caps, "--split", split, "--model", clip, "--out", out, "--dtype", "fp32"]
+    first = subprocess.Popen([sys.executable, str(SCRIPT), *map(str, args)], env=ENV, cwd=REPO, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lock = out / ".text.lock"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and first.poll() is None and \
+                "encode.py" not in (lock.read_text() if lock.exists() else ""):
+            time.sleep(0.005)
+        first.send_signal(signal.SIGSTOP)
+        assert first.poll() is None, "the first run ended before the second started"
+        line = refused(*args)
+        assert f"{out / 'text.npy'} is in use by pid {first.pid} (encode.py)" in line, line
+    finally:
+        first.send_signal(signal.SIGCONT)
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-2000:]
+    given = [line for line in stdout.splitlines() if "device cpu, dtype " in line]
+    assert len(given) == 1 and given[0].startswith(f"encoding the captions of 6 images x 1 prompts with {clip}, "
+                                                   "1 process -> ")
+    assert given[0].endswith("dtype fp32 (--dtype)") and stdout.splitlines()[-1].startswith(f"wrote {out}")
+    assert [line for line in stderr.splitlines() if line.endswith("sent/s]")], stderr[-2000:]
+
+
+def write_shard(folder, stem, array, **fields):
+    """One finished encode shard as encode.py writes it: array, sidecar, sha256 tying the two."""
+    np.save(folder / f"{stem}.npy", array.astype(np.float16))
+    sidecar = {"encoder": "test", "prompts": ["general"], "split_sha256": "s", "captions_sha256": "c",
+               "num_images": 6, "normalized": True, "shape": list(array.shape), "config_hash": stem, **fields}
+    sidecar["sha256"] = sidecar_digest(folder / f"{stem}.npy", sidecar)
+    (folder / f"{stem}.json").write_text(json.dumps(sidecar))
+
+
+def test_merge_refuses_a_shard_sidecar_that_states_a_wrong_shape(tmp_path):
+    """A sidecar edited to another shape, its sha256 recomputed, ended --merge in a numpy traceback."""
+    rows = np.random.default_rng(0).standard_normal((6, 1, 8))
+    rows /= np.linalg.norm(rows, axis=-1, keepdims=True)
+
+    def shards(folder, shape_of=None, wrong=None):
+        folder.mkdir()
+        for i in range(2):
+            write_shard(folder, f"text.shard-{i}-of-2", rows[i::2], kind="text", missing_rows=[], filled=[],
+                        empty_captions=0, **({"shape": wrong} if i == shape_of else {}))
+        return folder
+    run("--merge", "--out", shards(tmp_path / "ok"))  # the honest shards merge, row i = line i
+    assert np.array_equal(np.load(tmp_path / "ok" / "text.npy"), rows.astype(np.float16))
+    for shard in (0, 1):
+        line = refused("--merge", "--out", shards(tmp_path / f"wrong{shard}", shard, [3, 1, 4]))
+        assert f"text.shard-{shard}-of-2.json: shape [3, 1, 4] does not match its array [3, 1, 8]" in line, line
+        assert not (tmp_path / f"wrong{shard}" / "text.npy").exists()
+
+
+def test_merge_reads_only_errors_files_inside_the_shards_folder(tmp_path):
+    """Image shards name their errors file. An absolute path from another machine ended --merge in a
+    FileNotFoundError; one naming a file outside the folder (sha256 recomputed) got its content copied into
+    images.errors.jsonl, exit 0. Paths are written relative to the artifact and must resolve inside its folder."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text('{"index": 0, "path": "not yours", "error": "x"}\n')
+    rows = np.eye(6, 8)
+
+    def shards(folder, errors_of_0=None):
+        folder.mkdir()
+        for i in range(2):
+            errors = folder / f"images.shard-{i}-of-2.errors.jsonl"
+            errors.write_text(json.dumps({"index": i + 2, "path": f"images/{i + 2:05d}.png", "error": "bad"}) + "\n")
+            write_shard(folder, f"images.shard-{i}-of-2", rows[i::2], kind="images", missing_rows=[i + 2],
+                        errors=errors_of_0 if i == 0 and errors_of_0 else errors.name)
+        return folder
+    ok = shards(tmp_path / "ok")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--merge", "--out", str(ok)], capture_output=True, text=True,
+                          env=ENV, cwd=tmp_path, timeout=300)  # names resolve against the folder, not the cwd
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    side = json.loads((ok / "images.json").read_text())
+    assert side["errors"] == "images.errors.jsonl" and side["missing_rows"] == [2, 3]
+    assert [json.loads(line)["index"] for line in (ok / "images.errors.jsonl").read_text().splitlines()] == [2, 3]
+    for k, name in enumerate(("/home/someone/runs/x/clip/images.shard-0-of-2.errors.jsonl", "../secret.txt",
+                              str(secret))):
+        folder = shards(tmp_path / f"attack{k}", name)
+        line = refused("--merge", "--out", folder)
+        assert "images.shard-0-of-2.json (`errors`)" in line and f"names {name!r}, which is not a file inside" in line
+        assert not (folder / "images.errors.jsonl").exists()
