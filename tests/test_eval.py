@@ -203,15 +203,6 @@ def test_a_pass_keeps_memory_per_class_not_per_image():
     assert per_image < 1, f"{held_small:,} B after {small:,} images, {held_large:,} B after {large:,}"
 
 
-def test_models_section_is_trains():
-    """eval.py rebuilds checkpoints with its own copy of train.py's model code: the copies must not drift."""
-    def section(path):
-        text = (REPO / path).read_text()
-        start, end = text.index("# " + "-" * 77 + " models\n"), text.index("# " + "-" * 77 + " end of models")
-        return text[start:end]
-    assert section("eval.py") == section("train.py")
-
-
 def test_help_shows_each_flag_once_with_its_help(capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["eval.py"])
     with pytest.raises(SystemExit):

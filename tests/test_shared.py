@@ -1,6 +1,8 @@
-"""Every stage's copy of a shared helper is byte-identical to tests/shared_helpers.py (stages import nothing of ours).
+"""Every stage's copy of shared code is byte-identical to its canonical copy (stages import nothing of ours): the
+helpers in tests/shared_helpers.py, and the model code train.py and eval.py both carry in tests/shared_models.py.
+One mechanism for both: each module-level function, class or constant is pinned by name, wherever it sits.
 
-    python tests/test_shared.py --sync     # paste the canonical helpers into every stage that carries them
+    python tests/test_shared.py --sync     # paste the canonical copies into every stage that carries them
 """
 import ast
 import subprocess
@@ -10,12 +12,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-STAGES = ["prepare.py", "caption.py", "encode.py", "train.py", "eval.py"]
+STAGES = ["prepare.py", "caption.py", "encode.py", "train.py", "eval.py", "probe.py"]
 EVERY_STAGE = {"opt", "parse_config", "die"}  # each stage has a typed command line and one-line errors
+MODEL_STAGES = {"train.py", "eval.py"}  # a checkpoint is rebuilt from (arch, num_classes, widths): all model code
 
 
 def top_level(path):
-    """{name: (first line, last line, source)} of the module-level functions and constants of a file."""
+    """{name: (first line, last line, source)} of the module-level functions, classes and constants of a file."""
     text = Path(path).read_text()
     found = {}
     for node in ast.parse(text).body:
@@ -26,21 +29,28 @@ def top_level(path):
     return found
 
 
-CANONICAL = top_level(Path(__file__).with_name("shared_helpers.py"))
+HELPERS = top_level(Path(__file__).with_name("shared_helpers.py"))
+MODELS = top_level(Path(__file__).with_name("shared_models.py"))
+CANONICAL = HELPERS | MODELS
+ORIGIN = {name: "tests/shared_models.py" if name in MODELS else "tests/shared_helpers.py" for name in CANONICAL}
+
+
+def stages():
+    return [stage for stage in STAGES if (REPO / stage).is_file()]
 
 
 def test_every_copy_is_the_canonical_one():
     carried = {name: [] for name in CANONICAL}
-    for stage in STAGES:
+    for stage in stages():
         mine = top_level(REPO / stage)
         for name, (_, _, source) in CANONICAL.items():
             if name in mine:
-                assert mine[name][2] == source, f"{stage}: {name} differs from tests/shared_helpers.py " \
+                assert mine[name][2] == source, f"{stage}: {name} differs from {ORIGIN[name]} " \
                                                 f"(run `python tests/test_shared.py --sync`)"
                 carried[name].append(stage)
-        missing = EVERY_STAGE - set(mine)
+        missing = EVERY_STAGE - set(mine) | (set(MODELS) - set(mine) if stage in MODEL_STAGES else set())
         assert not missing, f"{stage} lacks {sorted(missing)}"
-    assert all(carried.values()), f"helpers no stage carries: {[n for n, s in carried.items() if not s]}"
+    assert all(carried.values()), f"shared code no stage carries: {[n for n, s in carried.items() if not s]}"
 
 
 def test_auto_dtype_is_decided_both_ways(tmp_path):
@@ -128,7 +138,7 @@ def test_progress_is_lines_where_output_is_not_a_terminal():
 
 
 def sync():
-    for stage in STAGES:
+    for stage in stages():
         path = REPO / stage
         lines = path.read_text().splitlines(keepends=True)
         mine = top_level(path)
