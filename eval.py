@@ -10,9 +10,11 @@ and k-shot accuracy (ID / OOD classes), one comparison table and plots for sever
     python eval.py runs/x/final.pt --data data/x --tta --tsne-samples 2000 --out runs/x/report  # flip TTA
 
 Writes into --out: results.json (every metric, per-class accuracies, per checkpoint), report.md (one row per
-checkpoint, deltas against the first), per_class_vs_frequency.png, tsne.png and curves.png (from each run's
-metrics.jsonl beside its final.pt). Every metric is counted in one streaming pass over the images per checkpoint;
-features are kept only for the t-SNE sample and, with --few-shot, for the images of unseen classes.
+checkpoint, deltas against the first, † at or below chance), both before per_class_vs_frequency.png, tsne.png and
+curves.png (from each run's metrics.jsonl beside its final.pt). Each names the dataset, the split and where each run's
+captions came from (a tiny random stand-in VLM, loudly). A positional is one whole path, commas included.
+Every metric is counted in one streaming pass over the images per checkpoint; features are kept only for the t-SNE
+sample and, with --few-shot, for the images of unseen classes.
 Groups follow OLTR over the checkpoint's training counts: many > 100, medium 20..100, few 1..19; a class with no
 training image is unseen. With DATA/id_classes.txt (prepare.py's OOD sets) the classifier is also scored within the
 ID classes and within the OOD classes (Li et al.). Nothing is selected on the evaluated split: the k-shot probe has
