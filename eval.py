@@ -10,9 +10,11 @@ and k-shot accuracy (ID / OOD classes), one comparison table and plots for sever
     python eval.py runs/x/final.pt --data data/x --tta --tsne-samples 2000 --out runs/x/report  # flip TTA
 
 Writes into --out: results.json (every metric, per-class accuracies, per checkpoint), report.md (one row per
-checkpoint, deltas against the first), per_class_vs_frequency.png, tsne.png and curves.png (from each run's
-metrics.jsonl beside its final.pt). Every metric is counted in one streaming pass over the images per checkpoint;
-features are kept only for the t-SNE sample and, with --few-shot, for the images of unseen classes.
+checkpoint, deltas against the first, † at or below chance), both before per_class_vs_frequency.png, tsne.png and
+curves.png (from each run's metrics.jsonl beside its final.pt). Each names the dataset, the split and where each run's
+captions came from (a tiny random stand-in VLM, loudly). A positional is one whole path, commas included.
+Every metric is counted in one streaming pass over the images per checkpoint; features are kept only for the t-SNE
+sample and, with --few-shot, for the images of unseen classes.
 Groups follow OLTR over the checkpoint's training counts: many > 100, medium 20..100, few 1..19; a class with no
 training image is unseen. With DATA/id_classes.txt (prepare.py's OOD sets) the classifier is also scored within the
 ID classes and within the OOD classes (Li et al.). Nothing is selected on the evaluated split: the k-shot probe has
@@ -25,8 +27,9 @@ import json
 import math
 import os
 import sys
+import textwrap
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from importlib import metadata as pkg_metadata
 from pathlib import Path
 from typing import Literal
@@ -267,8 +270,9 @@ def load_artifact(path, kind):
 
 @dataclass
 class Config:
-    checkpoints: str = opt("", "final.pt files of train.py, comma-separated, or given as positionals (eval.py A.pt "
-                           "B.pt ...); the first is the baseline of the deltas", heading="what to evaluate")
+    checkpoints: str = opt("", "final.pt files of train.py, comma-separated (repeat the flag to add more), or given "
+                           "as positionals (eval.py A.pt B.pt ...), each a whole path: a path holding a comma is given "
+                           "as a positional; the first is the baseline of the deltas", heading="what to evaluate")
     data: str = opt("data/fmnist-lt", "folder from prepare.py")
     split: str = opt("test", "split(s) inside --data, comma-separated: test | id_val,ood_val | li_ood_test")
     classes: str = opt("classes.txt", "class names in --data; a checkpoint's classes must be these or the first ones")
@@ -300,24 +304,45 @@ class Config:
 
 
 def read_command_line(argv):
-    """The typed Config. Checkpoints given as positionals (parse_config takes one value a field) are joined into
-    --checkpoints; a flag that takes a value keeps the word after it."""
+    """(the typed Config, checkpoint paths). A positional is one whole path (`runs/lr=0.1,wd=5e-4/final.pt` too);
+    --checkpoints is split at commas and may be repeated. parse_config takes one value a field, so both are taken out
+    of argv here; a flag that takes a value keeps the word after it."""
     hints = typing.get_type_hints(Config)
     takes_value = {"--" + f.name.replace("_", "-") for f in fields(Config) if hints[f.name] is not bool}
-    words, paths, rest = iter(argv), [], []
+    words, paths, listed, rest = iter(argv), [], [], []
     for word in words:
-        if word.startswith("-") and len(word) > 1:
+        if word == "--checkpoints" or word.startswith("--checkpoints="):
+            value = word.partition("=")[2] if "=" in word else next(words, None)
+            if value is None:
+                die("--checkpoints needs a value: A.pt,B.pt")
+            if "" in value.split(","):
+                die(f"--checkpoints {value!r} names an empty path (a path holding a comma is given as a positional)")
+            listed.append(value)
+            paths += value.split(",")
+        elif word.startswith("-") and len(word) > 1:
             rest += [word, *itertools.islice(words, 1)] if word in takes_value else [word]
         else:
             paths.append(word)
-    cfg = parse_config(Config, rest + (["--checkpoints", ",".join(paths)] if paths else []))
-    if not cfg.checkpoints:
+    cfg = replace(parse_config(Config, rest), checkpoints=",".join(listed))
+    if not paths:
         die("no checkpoint given: python eval.py RUN/final.pt [RUN2/final.pt ...] --data DATA --out REPORT")
-    if min(cfg.batch_size, cfg.ece_bins, cfg.last_epochs) < 1 or min(cfg.few_shot, cfg.tsne_samples) < 0 \
-            or cfg.few_shot_c <= 0:
-        die("--batch-size, --ece-bins and --last-epochs must be >= 1, --few-shot and --tsne-samples >= 0, "
-            "--few-shot-c > 0")
-    return cfg
+    check_numbers(cfg)
+    return cfg, paths
+
+
+def check_numbers(cfg):
+    """Each numeric flag in its range, one line naming it, before any file is read."""
+    cores = os.cpu_count() or 1
+    rules = [("batch_size", cfg.batch_size >= 1, ">= 1"), ("ece_bins", 1 <= cfg.ece_bins <= 1000, "in 1..1000"),
+             ("last_epochs", cfg.last_epochs >= 1, ">= 1"), ("few_shot", cfg.few_shot >= 0, ">= 0 (0: off)"),
+             ("tsne_samples", cfg.tsne_samples >= 0, ">= 0 (0: no t-SNE)"),
+             ("few_shot_c", math.isfinite(cfg.few_shot_c) and cfg.few_shot_c > 0, "a finite number > 0"),
+             ("workers", -1 <= cfg.workers <= 4 * cores, f"-1 (min(8, cores)), 0 (none) or up to 4 x the {cores} "
+                                                         f"cores"),
+             ("seed", 0 <= cfg.seed < 2 ** 32, "in 0..2^32-1")]
+    for name, ok, wanted in rules:
+        if not ok:
+            die(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be {wanted}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -591,6 +616,16 @@ class Inputs:
     class_text: torch.Tensor = None
     text_encoder: str = None
     tsne_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    dataset: str = ""
+
+
+def dataset_name(data):
+    """The dataset prepare.py made in --data (its prepare.json), else the folder's name: plot titles name it."""
+    try:
+        name = json.loads((Path(data) / "prepare.json").read_text(encoding="utf-8"))["config"]["dataset"]
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    return name if isinstance(name, str) and name else Path(data).resolve().name
 
 
 def read_id_classes(cfg, classes):
@@ -640,12 +675,23 @@ def read_inputs(cfg):
     split_paths = [split_path(cfg.data, s.strip()) for s in cfg.split.split(",") if s.strip()]
     if not split_paths:
         die("--split names no split")
-    items = [item for p in split_paths for item in read_split(p, len(classes))]
+    resolved = [p.resolve() for p in split_paths]
+    twice = next((p for i, p in enumerate(split_paths) if resolved[i] in resolved[:i]), None)
+    if twice is not None:  # its images would be counted twice
+        die(f"--split {cfg.split} names {twice.name} twice: give each split once")
+    per_split = [read_split(p, len(classes)) for p in split_paths]
+    for i, j in itertools.combinations(range(len(per_split)), 2):
+        shared = {rel for rel, _ in per_split[i]} & {rel for rel, _ in per_split[j]}
+        if shared:
+            die(f"--split {cfg.split}: {split_paths[i].name} and {split_paths[j].name} share {len(shared)} images "
+                f"(e.g. {sorted(shared)[0]}), which would be counted twice: give splits that do not overlap")
+    items = [item for split in per_split for item in split]
     inputs = Inputs(classes, classes_path, read_id_classes(cfg, classes), split_paths, items,
                     np.array([y for _, y in items]), read_few_shot_items(cfg, split_paths, items, len(classes))
                     if cfg.few_shot > 0 else [])
     if cfg.class_text:
         inputs.class_text, inputs.text_encoder = load_class_text(cfg.class_text, classes_path, len(classes))
+    inputs.dataset = dataset_name(cfg.data)
     rng = np.random.default_rng(cfg.seed)
     inputs.tsne_rows = np.sort(rng.choice(len(items), min(cfg.tsne_samples, len(items)), replace=False))
     return inputs
@@ -780,6 +826,36 @@ def few_shot(student, ckpt, kept, cfg, inputs, device, name):
                                                                   f"L2-normalised features"}
 
 
+def caption_source(ckpt):
+    """Where a run's caption features came from, as train.py copied it from the text sidecar into the text head:
+    {vlm, tiny_random, encoder, prompts}; None for a run trained without captions."""
+    head, text = ckpt.get("text_head"), (ckpt.get("config") or {}).get("text")
+    if head is None:
+        return None if not text else {"vlm": None, "tiny_random": None, "encoder": None, "prompts": None,
+                                      "note": "trained on captions, but final.pt has no text head (--drop-text-head)"}
+    return {"vlm": head.get("vlm"), "tiny_random": bool(head.get("tiny_random")), "encoder": head.get("encoder"),
+            "prompts": head.get("prompts")}
+
+
+def describe_source(source):
+    if source is None:
+        return "no captions"
+    if source["tiny_random"]:
+        return f"{source['vlm']}: a TINY RANDOM stand-in"
+    return source["vlm"] or "captions of an unrecorded VLM"
+
+
+TINY_WARNING = ("captions from a TINY RANDOM stand-in VLM (caption.py --vlm tiny): random text that proves the "
+                "plumbing only; the text-distillation and zero-shot numbers mean nothing")
+
+
+def provenance(runs, cfg, inputs):
+    """What every output names: the dataset, the evaluated split(s) and each run's caption source."""
+    sources = "; ".join(f"{r['name']}: {describe_source(r['caption_source'])}" for r in runs)
+    return {"dataset": inputs.dataset, "split": cfg.split, "captions": sources,
+            "tiny_random": any((r["caption_source"] or {}).get("tiny_random") for r in runs)}
+
+
 # ----------------------------------------------------------------------------- one streaming pass per checkpoint
 
 class Pass:
@@ -870,7 +946,9 @@ def evaluate(path, name, ckpt, student, cfg, inputs, device):
     run = {"checkpoint": str(path), "name": name, "arch": ckpt["arch"], "head": ckpt["head"],
            "num_classes": ckpt["num_classes"], "class_counts": counts.tolist(),
            "groups": {g: sum(class_group(int(c)) == g for c in counts) for g in GROUPS},
-           "has_text_head": "text_head" in ckpt, "has_clip_proj": student.clip_proj is not None} | state.results()
+           "has_text_head": "text_head" in ckpt, "has_clip_proj": student.clip_proj is not None,
+           "caption_source": caption_source(ckpt), "val_split": ckpt.get("config", {}).get("val_split")} \
+        | state.results()
     if run["zero_shot"] is not None:
         run["zero_shot"]["via"] = route
     elif route is not None:
@@ -887,6 +965,18 @@ GROUP_COLOURS = {"few": "#f4cccc", "medium": "#fff2cc", "many": "#d9ead3"}
 RUN_MARKERS = "osD^vP*X"
 
 
+def plot_title(what, context, split=None):
+    """`what` the plot shows, then the dataset, the split and the caption source; a random stand-in's captions, loudly.
+    Returns (title, its number of lines)."""
+    lines = [what]
+    if context is not None:
+        lines += textwrap.wrap(f"{context['dataset']} / {split or context['split']}; captions: {context['captions']}",
+                               110)
+        if context["tiny_random"]:
+            lines += textwrap.wrap(f"!!! {TINY_WARNING} !!!", 110)
+    return "\n".join(lines), len(lines)  # a figure grows by 0.2 in a line of its suptitle
+
+
 def pyplot():
     import matplotlib
     matplotlib.use("Agg")
@@ -894,7 +984,7 @@ def pyplot():
     return plt
 
 
-def plot_per_class(runs, classes):
+def plot_per_class(runs, classes, context=None):
     """Per-class accuracy as points (a marker per run) over the classes, named with their training images and sorted
     from the most to the fewest, with the group bands of the run with the most classes."""
     plt = pyplot()
@@ -921,13 +1011,14 @@ def plot_per_class(runs, classes):
         ax.set_xticks([])
     ax.set(xlim=(-0.7, len(order) - 0.3), ylim=(-3, 112), ylabel="per-class top-1 (%)",
            xlabel=f"class (training images in {ref['name']}), most to fewest",
-           title="Per-class accuracy by training frequency (bands: many > 100, medium 20-100, few < 20)")
+           title=plot_title("Per-class accuracy by training frequency (bands: many > 100, medium 20-100, few < 20)",
+                            context)[0])
     ax.grid(alpha=0.3, axis="y")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     return fig
 
 
-def plot_tsne(runs, inputs, seed):
+def plot_tsne(runs, inputs, seed, context=None):
     """t-SNE of penultimate features on the same sample for every run: colour = class, marker = group. The legend
     lists the groups and classes drawn, nothing else."""
     from matplotlib.lines import Line2D
@@ -940,9 +1031,11 @@ def plot_tsne(runs, inputs, seed):
     num_classes = len(inputs.classes)
     cmap = plt.get_cmap("tab20" if num_classes > 10 else "tab10")
     markers = {"many": "o", "medium": "s", "few": "^", "unseen": "x"}
-    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 5), squeeze=False)
+    title, lines = plot_title("t-SNE of penultimate features: colour = class" + (" (legend)" if num_classes <= 20
+                              else "") + ", marker = the class's group in that run", context)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5 * len(runs), 5 + 0.2 * lines), squeeze=False)
     drawn_groups, drawn_classes = set(), set()
-    for ax, run in zip(axes[0], runs):
+    for ax, run in progress_bar(len(runs), "run", desc="t-SNE", iterable=zip(axes[0], runs)):
         rows, feats = run["tsne"]
         labels = inputs.labels[rows]
         points = TSNE(2, perplexity=max(2.0, min(30.0, (len(feats) - 1) / 3)), init="pca", random_state=seed,
@@ -963,38 +1056,68 @@ def plot_tsne(runs, inputs, seed):
         handles += [Line2D([], [], ls="", marker="o", color=cmap(c % cmap.N), label=inputs.classes[c])
                     for c in sorted(drawn_classes)]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
-    fig.suptitle("t-SNE of penultimate features: colour = class" + (" (legend)" if num_classes <= 20 else "")
-                 + ", marker = the class's group in that run")
-    fig.tight_layout(rect=(0, 0, 0.85 if num_classes <= 20 else 0.93, 0.95))
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 0.85 if num_classes <= 20 else 0.93, 1))  # room for the suptitle: tight_layout's
     return fig
 
 
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def read_metrics(path):
+    """The rows of a run's metrics.jsonl. A line that is not a JSON object whose step, epoch, loss* and val_* values
+    are finite numbers (a torn last line, a hand edit) is left out with a warning naming file:line: the curves and
+    the training table are drawn from the rest."""
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as e:
+        warn(f"{path} cannot be read ({e.strerror}): no curves or training table from it")
+        return []
     rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
-            warn(f"{path}:{n}: not JSON, skipped")
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):  # a run killed mid-write leaves a torn last line
+            warn(f"{path}:{n}: not JSON, left out")
+            continue
+        numeric = {k: v for k, v in row.items() if k in ("step", "epoch") or k.startswith(("loss", "val_"))} \
+            if isinstance(row, dict) else {}
+        bad = "not a JSON object" if not isinstance(row, dict) else next(
+            (f"{k} is {json.dumps(v)[:40]}, not a finite number" for k, v in numeric.items()
+             if v is not None and not is_number(v)), None)
+        if bad:
+            warn(f"{path}:{n}: {bad}, left out")
+            continue
+        rows.append(row)
     return rows
+
+
+def metric_rows(run):
+    """The rows of the metrics.jsonl beside a run's checkpoint, read once (its warnings shown once); None: no file."""
+    if "metric_rows" not in run:
+        path = Path(run["checkpoint"]).parent / "metrics.jsonl"
+        run["metric_rows"] = read_metrics(path) if path.is_file() else None
+    return run["metric_rows"]
 
 
 CLASSIFICATION_LOSS = ("loss_cls", "loss_ce")  # train.py's name, and the one older runs logged
 OTHER_LOSSES = ("loss_kd", "loss_imitate", "loss_imitate_cst", "loss_align")
 
 
-def plot_curves(runs):
+def plot_curves(runs, context=None):
     """Loss parts per logged step, each compared with the same part of the other runs (classification; VLM-KD's text
     term; the other distillation terms), and val top-1 / few per epoch (from 0, as train.py logs and prints it).
     The weighted total is not drawn: with the text term it is not comparable to a run without it. A series with
     few points gets markers, so a single logged point still shows. None: no run has metrics."""
     series = {}
     for run in runs:
-        metrics_path = Path(run["checkpoint"]).parent / "metrics.jsonl"
-        if not metrics_path.is_file():
-            warn(f"{metrics_path} not found: no curves for {run['name']}")
+        rows = metric_rows(run)
+        if rows is None:
+            warn(f"{Path(run['checkpoint']).parent / 'metrics.jsonl'} not found: no curves for {run['name']}")
             continue
-        rows = read_metrics(metrics_path)
         cls_key = next((k for k in CLASSIFICATION_LOSS if any(k in r for r in rows)), None)
         for panel, keys in (("classification loss", (cls_key,)), ("text loss (VLM-KD)", ("loss_text",)),
                             ("other distillation losses", OTHER_LOSSES), ("val top-1", ("val_top1",)),
@@ -1010,7 +1133,11 @@ def plot_curves(runs):
         return None
     plt = pyplot()
     from matplotlib.ticker import MaxNLocator
-    fig, axes = plt.subplots(1, len(loss_panels) + 1, figsize=(4.6 * (len(loss_panels) + 1), 4), squeeze=False)
+    val_splits = sorted({str(r.get("val_split") or "val.txt") for r in runs})
+    title, lines = plot_title("Training curves of each run (from its metrics.jsonl)", context,
+                              f"{', '.join(val_splits)} of training (validation curves)")
+    fig, axes = plt.subplots(1, len(loss_panels) + 1, figsize=(4.6 * (len(loss_panels) + 1), 4 + 0.2 * lines),
+                             squeeze=False)
     colour = {r["name"]: f"C{i}" for i, r in enumerate(runs)}
     for ax, panel in zip(axes[0], loss_panels + ["val"]):
         drawn = [(s, "-") for s in series.get(panel, [])] if panel != "val" else \
@@ -1032,15 +1159,17 @@ def plot_curves(runs):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if drawn:
             ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def draw_plots(runs, inputs, cfg, out):
+def draw_plots(runs, inputs, cfg, out, context):
     """{name: path} of the plots drawn."""
-    figures = {"per_class_vs_frequency": plot_per_class(runs, inputs.classes) if any(r["classifier"] for r in runs)
-               else None, "tsne": plot_tsne(runs, inputs, cfg.seed) if min(len(r["tsne"][0]) for r in runs) >= 5
-               else None, "curves": plot_curves(runs)}
+    figures = {"per_class_vs_frequency": plot_per_class(runs, inputs.classes, context)
+               if any(r["classifier"] for r in runs) else None,
+               "tsne": plot_tsne(runs, inputs, cfg.seed, context) if min(len(r["tsne"][0]) for r in runs) >= 5
+               else None, "curves": plot_curves(runs, context)}
     plots = {}
     for name, fig in figures.items():
         if fig is not None:
@@ -1068,7 +1197,7 @@ def training_log(run, last):
     """From the metrics.jsonl beside the checkpoint: each logged validation metric at the last evaluated epoch and
     its mean over the last `last` evaluated epochs (Li et al. report that mean); None without the file."""
     path = Path(run["checkpoint"]).parent / "metrics.jsonl"
-    rows = [r for r in read_metrics(path) if "val_top1" in r] if path.is_file() else []
+    rows = [r for r in metric_rows(run) or [] if "val_top1" in r]
     if not rows:
         return None
     found = {}
@@ -1103,20 +1232,78 @@ def column_value(run, section, key):
     return value.get("mean_class") if isinstance(value, dict) else value
 
 
+def chance_of(run, section, key):
+    """A column's chance level for one run: 1 / the classes scored (the classifier: the checkpoint's classes;
+    zero-shot: every class text; an ID or OOD column, the k-shot probe: their own classes), 5 / classes for top-5.
+    None: no chance level (ECE) or nothing scored."""
+    part = run.get(section) or {}
+    value = part.get(key)
+    if isinstance(value, dict) or section == "few_shot":
+        scored = (value if isinstance(value, dict) else part).get("classes")
+    elif key == "ece":
+        return None
+    else:
+        scored = run["num_classes"] if section == "classifier" else len(part.get("per_class") or [])
+    if not scored:
+        return None
+    return min(5, scored) / scored if key == "top5" else 1 / scored
+
+
+def at_chance(run, section, key):
+    value, chance = column_value(run, section, key), chance_of(run, section, key)
+    return value is not None and chance is not None and value <= chance + 1e-9
+
+
+def shown_columns(runs):
+    return [c for c in COLUMNS if any(column_value(r, c[0], c[1]) is not None for r in runs)]
+
+
 def comparison_table(runs):
-    """Markdown: a row per run, a column per metric (in %), deltas in points against the first run."""
-    columns = [c for c in COLUMNS if any(column_value(r, c[0], c[1]) is not None for r in runs)]
+    """Markdown: a row per run, a column per metric (in %), deltas in points against the first run; † marks a number
+    at or below its chance level."""
+    columns = shown_columns(runs)
     lines = ["| run | " + " | ".join(c[2] for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for i, run in enumerate(runs):
         cells = []
         for section, key, _ in columns:
             value, base = column_value(run, section, key), column_value(runs[0], section, key)
-            cell = "—" if value is None else f"{100 * value:.1f}"
+            cell = "—" if value is None else f"{100 * value:.1f}" + ("†" if at_chance(run, section, key) else "")
             if i and value is not None and base is not None:
                 cell += f" ({100 * (value - base):+.1f})"
             cells.append(cell)
         lines.append(f"| {run['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def column_notes(runs, cfg, inputs):
+    """What each column of the table means: the columns shown, nothing else."""
+    shown = {label for _, _, label in shown_columns(runs)}
+    averaged = "the mean of its classes' accuracies" if cfg.group_average == "classes" else "over its images"
+    notes = [  # (the columns a note explains, the note)
+        ({"top-1"}, "top-1: the classifier over the checkpoint's own classes"),
+        ({"many", "medium", "few", "zs many", "zs medium", "zs few"}, f"many / medium / few: the images of classes "
+         f"with > 100, 20-100, < 20 training images, a group's accuracy {averaged} (--group-average "
+         f"{cfg.group_average})"),
+        ({"mean/class"}, "mean/class: the mean of the per-class accuracies"),
+        ({"top-5"}, "top-5: the label among the 5 highest scores"),
+        ({"ECE"}, f"ECE: expected calibration error over {cfg.ece_bins} equal-width confidence bins"),
+        ({"ID/class"}, f"ID/class: the classifier within the ID classes ({cfg.id_classes}), mean per class"),
+        ({"OOD/class"}, "OOD/class: the classifier within the classes after the ID ones, mean per class (Li et al.'s "
+         "5-shot number for a student finetuned on li_train.txt)"),
+        ({"zero-shot"}, f"zero-shot: top-1 through the class texts of --class-text, over all {len(inputs.classes)} "
+         f"classes"),
+        ({"zs many", "zs medium", "zs few"}, "zs many / medium / few: zero-shot on each group's images"),
+        ({"zs ID/class"}, "zs ID/class: zero-shot within the classes the checkpoint trained on, mean per class"),
+        ({"zs OOD/class"}, "zs OOD/class: zero-shot within the classes the checkpoint never saw, mean per class"),
+        ({"k-shot OOD/class"}, f"k-shot OOD/class: a logistic-regression probe on frozen features of the first "
+         f"{cfg.few_shot} images of each unseen class of {cfg.few_shot_split}, mean per class")]
+    text = [note for labels, note in notes if labels & shown]
+    if len(runs) > 1:
+        text.append(f"deltas in points against {runs[0]['name']}")
+    if any(at_chance(r, c[0], c[1]) for r in runs for c in shown_columns(runs)):
+        text.append("† at or below chance: 1 / the classes scored (5 / classes for top-5; an ID or OOD column and the "
+                    "k-shot probe within their own classes)")
+    return "Accuracies and ECE in %:\n\n" + "".join(f"* {note}\n" for note in text)
 
 
 def run_names(paths):
@@ -1128,47 +1315,61 @@ def run_names(paths):
     return [f"{Path(p).resolve().parent.name}#{i + 1}" for i, p in enumerate(paths)]  # one file given twice
 
 
-def write_report(runs, plots, inputs, cfg, out):
-    table = comparison_table(runs)
-    averaged = "the mean of its classes' accuracies" if cfg.group_average == "classes" else "over its images"
-    header = (f"# Evaluation on {cfg.data} / {cfg.split} ({len(inputs.items)} images{', flip TTA' if cfg.tta else ''})"
-              f"\n\nAccuracies and ECE in %; many > 100, medium 20-100, few < 20 training images, a group's accuracy "
-              f"{averaged} (--group-average {cfg.group_average}); ID/class and "
-              f"OOD/class: the classifier within the ID classes ({cfg.id_classes}) and within the classes after them, "
-              f"mean per class (Li et al.'s 5-shot number for a student finetuned on li_train.txt); zs: zero-shot "
-              f"through class texts, ID/OOD within the classes the checkpoint trained on / never saw; k-shot: a linear "
-              f"probe on frozen features; deltas in points against {runs[0]['name']}.\n\n")
+def report_top(runs, inputs, cfg, context):
+    """The report's first lines: what was evaluated, where the captions came from (a random stand-in, loudly)."""
+    top = (f"# Evaluation on {context['dataset']}: {cfg.data} / {cfg.split} ({len(inputs.items)} images"
+           f"{', flip TTA' if cfg.tta else ''})\n\n")
+    if context["tiny_random"]:
+        top += f"> **WARNING: {TINY_WARNING}.**\n\n"
+    return top + f"Caption source: {context['captions']}.\n\n"
+
+
+def write_results(runs, plots, inputs, cfg, out, context):
+    """results.json and report.md, each written whole through a rename."""
     tmp = out / f".report.md.{os.getpid()}.tmp"
-    tmp.write_text(header + table + training_table(runs, cfg.last_epochs) + "\n\n"
+    tmp.write_text(report_top(runs, inputs, cfg, context) + column_notes(runs, cfg, inputs) + "\n"
+                   + comparison_table(runs) + training_table(runs, cfg.last_epochs) + "\n\n"
                    + "".join(f"![{k}]({v.name})\n" for k, v in plots.items()), encoding="utf-8")
     os.replace(tmp, out / "report.md")
+    chance = {r["name"]: {label: chance_of(r, section, key) for section, key, label in shown_columns(runs)}
+              for r in runs}
     write_json(out / "results.json", {
-        "made_by": "eval.py", "config": asdict(cfg), "versions": versions("torch", "torchvision", "numpy"),
-        "classes": inputs.classes, "id_classes": inputs.id_count or None, "num_images": len(inputs.items),
+        "made_by": "eval.py", "dataset": context["dataset"], "tiny_random": context["tiny_random"],
+        "caption_source": context["captions"], "checkpoints": [r["checkpoint"] for r in runs], "config": asdict(cfg),
+        "versions": versions("torch", "torchvision", "numpy"), "classes": inputs.classes,
+        "id_classes": inputs.id_count or None, "num_images": len(inputs.items),
         "splits": {p.name: sha256_file(p) for p in inputs.split_paths}, "plots": {k: str(v) for k, v in plots.items()},
-        "runs": [{k: v for k, v in r.items() if k != "tsne"} for r in runs]})
-    print(table + training_table(runs, cfg.last_epochs))
-    for name, path in plots.items():
-        print(f"{name}: {path}")
-    print(f"results: {out / 'results.json'}, table: {out / 'report.md'}")
+        "runs": [{k: v for k, v in r.items() if k not in ("tsne", "metric_rows")} | {"chance": chance[r["name"]]}
+                 for r in runs]})
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv=None):
-    cfg = read_command_line(sys.argv[1:] if argv is None else argv)
+    cfg, paths = read_command_line(sys.argv[1:] if argv is None else argv)
     device = pick_device(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # eval needs no fp32 matmuls
     inputs = read_inputs(cfg)                         # classes, splits, labels, k-shot split, class text
     out = writable_dir(cfg.out)                       # a bad --out fails now, not after the work
-    paths = cfg.checkpoints.split(",")
     checkpoints = [load_checkpoint(p, inputs) for p in paths]  # every checkpoint is checked before any image is read
+    print(f"eval.py: {len(paths)} checkpoint(s) on {len(inputs.items)} images of {inputs.dataset} / {cfg.split}, "
+          f"device {device}, fp32", flush=True)
     runs = [evaluate(path, name, ckpt, student, cfg, inputs, device)
             for path, name, (ckpt, student) in zip(paths, run_names(paths), checkpoints)]
     for run in runs:
         run["training_log"] = training_log(run, cfg.last_epochs)
-    plots = draw_plots(runs, inputs, cfg, out)
-    write_report(runs, plots, inputs, cfg, out)
+    context = provenance(runs, cfg, inputs)
+    write_results(runs, {}, inputs, cfg, out, context)  # before any plot: a plot that fails loses no number
+    print(f"Caption source: {context['captions']}\n\n" + comparison_table(runs) + training_table(runs, cfg.last_epochs),
+          flush=True)
+    plots = draw_plots(runs, inputs, cfg, out, context)
+    write_results(runs, plots, inputs, cfg, out, context)
+    for name, path in plots.items():
+        print(f"{name}: {path}")
+    print(f"results: {out / 'results.json'}, table: {out / 'report.md'}", flush=True)
+    if context["tiny_random"]:
+        print(f"!!! {TINY_WARNING}.\n!!! Caption with a real VLM (caption.py --vlm <hub id or folder>) for numbers "
+              f"that mean something.", flush=True)
 
 
 if __name__ == "__main__":

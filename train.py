@@ -1658,7 +1658,8 @@ def final_record(run, step):
                               "logit_scale": core.text_head.log_scale.exp().item(), "feat_dim": core.student.feat_dim,
                               "text_dim": sup.text_feats.shape[-1], "embed_dim": cfg.embed_dim,
                               "hidden": cfg.adaptor_hidden, "encoder": str(sup.text_meta.get("encoder", "")),
-                              "prompts": sup.prompts}
+                              "prompts": sup.prompts, "vlm": sup.text_meta.get("vlm"),
+                              "tiny_random": bool(sup.text_meta.get("tiny_random"))}
     return final
 
 

@@ -5,7 +5,8 @@
 The module fixture prepares tiny fashion-mnist-lt data, makes class-derived caption features with numpy (the
 format encode.py writes, sidecar digest included), and trains three real students with train.py: a 1-epoch ID-only
 run (classes 0-5, text head + Li et al.'s cosine head over a 24-d "CLIP" class text), and two short runs on all
-classes, one on class-derived captions and one on the same captions shuffled across images. Attacks on eval.py's
+classes, one on class-derived captions and one on the same captions shuffled across images (their sidecar says a tiny
+random stand-in made them, as encode.py copies it from captions.meta.json). Attacks on eval.py's
 inputs (issue 15) run main() in this process: the import alone is most of a subprocess's time here.
 """
 import importlib.util
@@ -180,7 +181,7 @@ def pass_state_bytes(n, classes=1000, dim=512, batch=500):
     inputs = SimpleNamespace(classes=[str(c) for c in range(classes)], id_count=0)
     keep = np.zeros(n, bool)
     keep[::n // 100] = True  # a t-SNE sample of 100 rows, whatever n
-    state = ev.Pass(ckpt, inputs, SimpleNamespace(ece_bins=15), None, keep)
+    state = ev.Pass(ckpt, inputs, SimpleNamespace(ece_bins=15, group_average="images"), None, keep)
     gen = torch.Generator().manual_seed(0)
     for start in range(0, n, batch):
         rows = torch.arange(start, min(n, start + batch))
@@ -220,9 +221,22 @@ def test_help_shows_each_flag_once_with_its_help(capsys, monkeypatch):
 
 
 def test_several_checkpoints_are_positionals_anywhere():
-    cfg = ev.read_command_line(["a/final.pt", "--workers", "-1", "b/final.pt", "--tta", "--data", "d"])
-    assert cfg.checkpoints == "a/final.pt,b/final.pt" and cfg.workers == -1 and cfg.tta and cfg.data == "d"
-    assert ev.read_command_line(["--checkpoints", "a.pt,b.pt"]).checkpoints == "a.pt,b.pt"
+    cfg, paths = ev.read_command_line(["a/final.pt", "--workers", "-1", "b/final.pt", "--tta", "--data", "d"])
+    assert paths == ["a/final.pt", "b/final.pt"] and cfg.workers == -1 and cfg.tta and cfg.data == "d"
+    assert ev.read_command_line(["--checkpoints", "a.pt,b.pt"])[1] == ["a.pt", "b.pt"]
+
+
+def test_a_positional_is_a_whole_path_and_checkpoints_may_be_repeated(monkeypatch):
+    """Issue 21: `runs/lr=0.1,wd=5e-4/final.pt` given as a positional was split at its comma and refused. A positional
+    is one path; --checkpoints is comma-separated and may be repeated (a path with a comma goes as a positional)."""
+    monkeypatch.setattr(sys, "argv", ["eval.py"])
+    comma = "runs/lr=0.1,wd=5e-4/final.pt"
+    assert ev.read_command_line([comma, "--data", "d"])[1] == [comma]
+    cfg, paths = ev.read_command_line(["--checkpoints", "a.pt,b.pt", comma, "--checkpoints=c.pt", "--tta"])
+    assert paths == ["a.pt", "b.pt", comma, "c.pt"] and cfg.tta
+    for argv in (["--checkpoints", "a.pt,,b.pt"], ["--checkpoints", "a.pt,"]):
+        with pytest.raises(SystemExit, match="names an empty path"):
+            ev.read_command_line(argv)
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -238,8 +252,9 @@ def save_artifact(path, array, sidecar):
     Path(path).with_suffix(".json").write_text(json.dumps(sidecar | {"sha256": sidecar_digest(path, sidecar)}))
 
 
-def write_text(path, split_file, class_vecs, rng, shuffle=False):
-    """text.npy + text.json: 2 'captions' per image = its class vector + noise."""
+def write_text(path, split_file, class_vecs, rng, shuffle=False, vlm="test-vlm", tiny_random=False):
+    """text.npy + text.json: 2 'captions' per image = its class vector + noise; `vlm` and `tiny_random` are the
+    caption source encode.py copies from captions.meta.json."""
     labels = np.array([int(line.rsplit(maxsplit=1)[1]) for line in split_file.read_text().splitlines()])
     text = class_vecs[labels][:, None, :] + 0.1 * rng.standard_normal((len(labels), 2, class_vecs.shape[1]))
     if shuffle:  # the same captions given to other images: no class information left
@@ -247,7 +262,7 @@ def write_text(path, split_file, class_vecs, rng, shuffle=False):
     text /= np.linalg.norm(text, axis=-1, keepdims=True)
     save_artifact(path, text, {"kind": "text", "encoder": "test-encoder", "prompts": ["general", "t1"],
                                "shape": list(text.shape), "split_sha256": ev.sha256_file(split_file),
-                               "captions_sha256": "test", "missing_rows": []})
+                               "captions_sha256": "test", "missing_rows": [], "vlm": vlm, "tiny_random": tiny_random})
 
 
 def write_classes(path, class_vecs, classes_file, encoder):
@@ -282,7 +297,8 @@ def tiny(tmp_path_factory):
     feats = root / "feats"
     feats.mkdir()
     write_text(feats / "text.npy", data / "train.txt", text_vecs, rng)
-    write_text(feats / "shuffled.npy", data / "train.txt", text_vecs, rng, shuffle=True)
+    # Captions that carry no class, as a tiny random stand-in's would: marked as such in their sidecar.
+    write_text(feats / "shuffled.npy", data / "train.txt", text_vecs, rng, shuffle=True, vlm="tiny", tiny_random=True)
     write_text(feats / "text_id.npy", data / "id_train.txt", text_vecs, rng)
     write_classes(feats / "classes.npy", text_vecs, data / "classes.txt", "test-encoder")
     write_classes(feats / "clip_classes.npy", clip_vecs, data / "classes.txt", "test-clip")
@@ -320,10 +336,11 @@ def reference_outputs(tiny, checkpoint, split="test.txt"):
 
 
 def test_table_has_a_row_per_checkpoint(report):
-    table = [line for line in (report.out / "report.md").read_text().splitlines() if line.startswith("| ")]
+    text = (report.out / "report.md").read_text()
+    table = text[text.index("| run | top-1 | "):].split("\n\n")[0].splitlines()  # the training table follows
     assert table[0].startswith("| run | top-1 | ") and "zero-shot" in table[0] and "k-shot OOD/class" in table[0]
-    assert [row.split("|")[1].strip() for row in table[1:]] == ["id_only", "aligned", "shuffled"]
-    assert "(+" in table[2] or "(-" in table[2]  # deltas against the first run
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["id_only", "aligned", "shuffled"]
+    assert "(+" in table[3] or "(-" in table[3]  # deltas against the first run
     assert all(row in report.stdout for row in table)  # printed too
     assert list(report.runs) == ["id_only", "aligned", "shuffled"]
 
@@ -657,3 +674,225 @@ def test_checkpoint_of_other_classes_is_refused(tiny):
 def test_bad_splits_are_named(tiny, monkeypatch, args, message):
     assert message in main_fails(monkeypatch, tiny.aligned, "--data", tiny.data, *args, "--out", tiny.root / "bad")
     assert not (tiny.root / "bad").exists()
+
+
+# ----------------------------------------------------------------------------- issue 21: what the user sees
+
+@pytest.fixture(scope="module")
+def spied(tiny):
+    """eval.py's main in this process on `aligned` (captions of "test-vlm") and `shuffled` (their sidecar: a tiny
+    random stand-in's), output captured as a job log sees it (not a terminal), each saved plot's titles recorded."""
+    import contextlib
+    import io
+
+    from matplotlib.figure import Figure
+    titles, save = {}, Figure.savefig
+
+    def recording_savefig(fig, path, *args, **kwargs):
+        titles[Path(path).name] = [fig.get_suptitle()] + [ax.get_title() for ax in fig.axes]
+        return save(fig, path, *args, **kwargs)
+
+    out, stdout, stderr = tiny.root / "spied", io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        patch.setattr(sys, "argv", ["eval.py"])
+        patch.setattr(Figure, "savefig", recording_savefig)
+        ev.main([str(a) for a in (tiny.aligned, tiny.shuffled, "--data", tiny.data, "--split", "test", "--class-text",
+                                  tiny.feats / "classes.npy", "--tsne-samples", 30, "--workers", 0, "--out", out)])
+    return SimpleNamespace(out=out, stdout=stdout.getvalue(), stderr=stderr.getvalue(), titles=titles,
+                           results=json.loads((out / "results.json").read_text()),
+                           report=(out / "report.md").read_text())
+
+
+def test_train_copies_the_caption_source_into_final_pt(tiny):
+    """train.py copies `vlm` and `tiny_random` of the text sidecar (encode.py's copy of captions.meta.json) into
+    final.pt's text head, so eval.py can say where a run's captions came from."""
+    head = torch.load(tiny.shuffled, weights_only=True)["text_head"]
+    assert head["vlm"] == "tiny" and head["tiny_random"] is True
+    head = torch.load(tiny.aligned, weights_only=True)["text_head"]
+    assert head["vlm"] == "test-vlm" and head["tiny_random"] is False
+
+
+def test_a_tiny_random_caption_source_is_marked_everywhere(spied):
+    """Issue 21: the tiny-VLM warning was appended to report.md by the Makefile alone; results.json and the plots did
+    not carry it. Now results.json (a field, and each run's source), the report's top, every plot title and the last
+    lines printed say so, and name the dataset and the split."""
+    results = spied.results
+    assert results["tiny_random"] is True and results["dataset"] == "fashion-mnist-lt"
+    sources = {r["name"]: r["caption_source"] for r in results["runs"]}
+    assert sources["shuffled"]["vlm"] == "tiny" and sources["shuffled"]["tiny_random"] is True
+    assert sources["aligned"] == {"vlm": "test-vlm", "tiny_random": False, "encoder": "test-encoder",
+                                  "prompts": ["general", "t1"]}
+    assert results["caption_source"] == "aligned: test-vlm; shuffled: tiny: a TINY RANDOM stand-in"
+    top = spied.report.splitlines()[:5]
+    assert top[0].startswith("# Evaluation on fashion-mnist-lt: ") and top[0].endswith("/ test (300 images)")
+    assert top[2].startswith("> **WARNING: captions from a TINY RANDOM stand-in VLM")
+    assert top[4] == "Caption source: aligned: test-vlm; shuffled: tiny: a TINY RANDOM stand-in."
+    assert set(spied.titles) == {"per_class_vs_frequency.png", "tsne.png", "curves.png"}
+    for name, titles in spied.titles.items():
+        text = " ".join(titles).replace("\n", " ")
+        split = "val.txt of training" if name == "curves.png" else "/ test;"
+        assert "fashion-mnist-lt" in text and split in text and "TINY RANDOM" in text, (name, text)
+        assert "test-vlm" in text, (name, text)
+    assert "!!! captions from a TINY RANDOM stand-in VLM" in spied.stdout.strip().splitlines()[-2]
+
+
+def test_a_run_without_captions_says_so_and_is_not_marked(tiny):
+    out = tiny.root / "no-captions"
+    ckpt = torch.load(tiny.aligned, weights_only=True)
+    ckpt.pop("text_head")
+    ckpt["config"]["text"] = ""  # as a run trained without --text
+    path = tiny.root / "no_text" / "final.pt"
+    path.parent.mkdir(exist_ok=True)
+    torch.save(ckpt, path)
+    result = run(REPO / "eval.py", path, "--data", tiny.data, "--tsne-samples", 0, "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["tiny_random"] is False and results["runs"][0]["caption_source"] is None
+    report = (out / "report.md").read_text()
+    assert "Caption source: no_text: no captions." in report and "WARNING" not in report
+    assert "TINY" not in result.stdout
+
+
+def test_progress_and_results_reach_a_job_log(spied, report):
+    """Issue 21: eval.py printed nothing for minutes where its output is not a terminal. Each long step (each
+    checkpoint's pass, the t-SNE) shows a progress line with its rate; what was given is printed first and the table
+    and the paths reach stdout."""
+    for out in (spied, report):
+        assert "aligned test: 100%" in out.stderr and "img/s]" in out.stderr
+        assert "t-SNE: 100%" in out.stderr and ("run/s]" in out.stderr or "s/run]" in out.stderr)
+    assert "eval.py: 2 checkpoint(s) on 300 images of fashion-mnist-lt / test, device cpu" in spied.stdout
+    assert "| aligned |" in spied.stdout and f"results: {spied.out / 'results.json'}" in spied.stdout
+
+
+def test_report_explains_only_the_columns_it_shows(tiny, spied, report):
+    """Issue 21: the report explained ID/OOD, zero-shot and k-shot columns that were not in its table."""
+    out = tiny.root / "plain-report"
+    run(REPO / "eval.py", tiny.aligned, "--data", tiny.data, "--id-classes", "none.txt", "--tsne-samples", 0,
+        "--out", out)  # no ID / OOD halves: without id_classes.txt the classifier is scored over all classes only
+    text = (out / "report.md").read_text()
+    header = [line for line in text.splitlines() if line.startswith("| run |")][0]
+    assert "zero-shot" not in header and "ID/class" not in header
+    notes = text.split("| run |")[0]
+    for absent in ("zero-shot", "zs ", "k-shot", "ID/class", "OOD/class", "deltas"):
+        assert absent not in notes, absent
+    for present in ("top-1:", "many / medium / few:", "ECE: expected calibration error over 15"):
+        assert present in notes, present
+    full = (report.out / "report.md").read_text().split("| run |")[0]
+    for present in ("zero-shot:", "zs many / medium / few", "zs ID/class:", "zs OOD/class:", "k-shot OOD/class:",
+                    "ID/class: the classifier", "OOD/class: the classifier", "deltas in points against id_only"):
+        assert present in full, present
+
+
+def test_numbers_at_or_below_chance_are_marked_per_column():
+    """Chance is 1 / the classes scored, per column: the classifier over its classes, zero-shot over every class text,
+    an ID-only or OOD-only column within its own classes, top-5 5 / classes. ECE has none."""
+    clf = {"top1": 0.1, "many": 0.11, "medium": None, "few": 0.05, "mean_class": 0.1, "top5": 0.5, "ece": 0.01}
+    zs = {"top1": 0.09, "many": None, "medium": None, "few": None, "per_class": [0.0] * 10,
+          "id": {"mean_class": 0.17, "classes": 6}, "ood": {"mean_class": 0.26, "classes": 4}}
+    runs = [{"name": "a", "num_classes": 10, "classifier": clf, "zero_shot": zs,
+             "few_shot": {"mean_class": 0.5, "classes": 2}},
+            {"name": "b", "num_classes": 6, "classifier": clf | {"top1": 0.17, "top5": 0.84, "ece": 0.0},
+             "zero_shot": None, "few_shot": None}]
+    rows = [[cell.strip() for cell in line.split("|")[2:-1]] for line in ev.comparison_table(runs).splitlines()]
+    second = dict(zip(rows[0], rows[3]))
+    assert rows[0] == ["top-1", "many", "few", "mean/class", "top-5", "ECE", "zero-shot", "zs ID/class", "zs OOD/class",
+                       "k-shot OOD/class"]
+    assert dict(zip(rows[0], rows[2])) == {"top-1": "10.0†", "many": "11.0", "few": "5.0†", "mean/class": "10.0†",
+                                           "top-5": "50.0†", "ECE": "1.0", "zero-shot": "9.0†", "zs ID/class": "17.0",
+                                           "zs OOD/class": "26.0", "k-shot OOD/class": "50.0†"}
+    assert second["top-1"] == "17.0 (+7.0)" and second["top-5"] == "84.0 (+34.0)" and second["ECE"] == "0.0 (-1.0)"
+    assert second["many"] == "11.0† (+0.0)"  # at or below 1/6: b scores 6 classes
+    assert ev.chance_of(runs[0], "zero_shot", "id") == pytest.approx(1 / 6)
+    assert ev.chance_of(runs[1], "classifier", "top5") == 5 / 6 and ev.chance_of(runs[0], "classifier", "ece") is None
+
+
+def test_results_json_lists_the_chance_of_each_column(spied):
+    runs = {r["name"]: r for r in spied.results["runs"]}
+    assert runs["aligned"]["chance"]["top-1"] == pytest.approx(0.1) and runs["aligned"]["chance"]["ECE"] is None
+    assert runs["aligned"]["chance"]["top-5"] == pytest.approx(0.5)
+
+
+# ----------------------------------------------------------------------------- issue 21: attacks
+
+@pytest.mark.parametrize("split, message", [
+    ("test,test", "names test.txt twice"),
+    ("test,test.txt", "names test.txt twice"),
+    ("test,li_ood_test", "test.txt and li_ood_test.txt share 120 images"),
+])
+def test_a_split_given_twice_is_refused(tiny, monkeypatch, split, message):
+    """Issue 21: `--split test,test` counted every image twice and exited 0."""
+    out = tiny.root / "twice"
+    assert message in main_fails(monkeypatch, tiny.aligned, "--data", tiny.data, "--split", split, "--out", out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", 0, "--batch-size 0: must be >= 1"),
+    ("--workers", -2, "--workers -2: must be -1"),
+    ("--workers", 100000, "--workers 100000: must be -1"),
+    ("--few-shot", -1, "--few-shot -1: must be >= 0"),
+    ("--ece-bins", 0, "--ece-bins 0: must be in 1..1000"),
+    ("--ece-bins", 10 ** 9, "--ece-bins 1000000000: must be in 1..1000"),
+    ("--few-shot-c", "nan", "--few-shot-c nan: must be a finite number > 0"),
+    ("--few-shot-c", 0, "--few-shot-c 0.0: must be a finite number > 0"),
+    ("--seed", -1, "--seed -1: must be in 0..2^32-1"),
+    ("--tsne-samples", -5, "--tsne-samples -5: must be >= 0"),
+    ("--last-epochs", 0, "--last-epochs 0: must be >= 1"),
+])
+def test_odd_numbers_are_one_line_before_any_work(tiny, monkeypatch, flag, value, message):
+    """Issue 21: odd values of eval.py's numeric flags were a traceback (--seed -1), ran silently (--workers -2,
+    --few-shot-c nan until the probe) or tried to allocate 8 GB (--ece-bins 10^9)."""
+    out = tiny.root / "odd"
+    assert message in main_fails(monkeypatch, tiny.aligned, "--data", tiny.data, flag, value, "--out", out)
+    assert not out.exists()
+
+
+def copy_run(tiny, source, folder):
+    """A copy of a run folder (final.pt, metrics.jsonl) under another name."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("final.pt", "metrics.jsonl"):
+        (folder / name).write_bytes((source.parent / name).read_bytes())
+    return folder / "final.pt"
+
+
+def test_a_checkpoint_path_with_a_comma_is_evaluated(tiny, monkeypatch):
+    path = copy_run(tiny, tiny.aligned, tiny.root / "lr=0.1,wd=5e-4")
+    out = tiny.root / "comma-report"
+    monkeypatch.setattr(sys, "argv", ["eval.py"])
+    ev.main([str(path), "--data", str(tiny.data), "--tsne-samples", "0", "--workers", "0", "--out", str(out)])
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoints"] == [str(path)] and results["runs"][0]["name"] == "lr=0.1,wd=5e-4"
+
+
+def test_garbage_in_metrics_jsonl_is_a_warning_naming_file_and_line(tiny, monkeypatch, capsys):
+    """Issue 21: a garbage line in a run's metrics.jsonl ended eval in a traceback at plotting time, after every image
+    was evaluated, with no results written. Each bad line is now a warning naming file:line, left out of the curves."""
+    path = copy_run(tiny, tiny.aligned, tiny.root / "garbage")
+    metrics = path.parent / "metrics.jsonl"
+    good = metrics.read_bytes().splitlines()
+    garbage = [b"[1, 2]", b'{"step": "ten", "epoch": 0, "loss_cls": 1.0}', b"\xff\xfe not text",
+               b'{"epoch": 3, "step": 30, "val_top1": "high"}', b'{"step": 40, "loss_cls": true}', b'{"step": 5, "lo']
+    metrics.write_bytes(b"\n".join(good[:3] + garbage[:-1] + good[3:] + garbage[-1:]) + b"\n")
+    out = tiny.root / "garbage-report"
+    monkeypatch.setattr(sys, "argv", ["eval.py"])
+    ev.main([str(path), "--data", str(tiny.data), "--tsne-samples", "0", "--workers", "0", "--out", str(out)])
+    err = capsys.readouterr().err
+    for n, why in ((4, "not a JSON object"), (5, "step is \"ten\""), (6, "not JSON"), (7, "val_top1 is \"high\""),
+                   (8, "loss_cls is true"), (len(good) + 6, "not JSON")):
+        assert f"eval.py: warning: {metrics}:{n}: {why}" in err, (n, why, err)
+    assert err.count(f"{metrics}:") == 6  # each once, though the curves and the training table both read the file
+    assert (out / "curves.png").stat().st_size > 10_000 and "| garbage |" in (out / "report.md").read_text()
+
+
+def test_results_are_written_before_any_plot(tiny, monkeypatch):
+    """A plot that fails must not lose the numbers: results.json and report.md are written before any plot."""
+    out = tiny.root / "plot-fails"
+
+    def broken_plot(*args, **kwargs):
+        raise RuntimeError("a plot failed")
+    monkeypatch.setattr(sys, "argv", ["eval.py"])
+    monkeypatch.setattr(ev, "plot_per_class", broken_plot)
+    with pytest.raises(RuntimeError, match="a plot failed"):
+        ev.main([str(tiny.aligned), "--data", str(tiny.data), "--tsne-samples", "0", "--workers", "0",
+                 "--out", str(out)])
+    assert json.loads((out / "results.json").read_text())["runs"][0]["classifier"]["samples"] == 300
+    assert "| aligned |" in (out / "report.md").read_text()
