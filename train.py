@@ -429,6 +429,8 @@ class Config:
     align_correct_only: bool = opt(False, "align only where the teacher is right")
 
     resume: bool = opt(False, "continue from --out/ckpt.pt (refused if an input or a setting changed)", heading="run")
+    overwrite: bool = opt(False, "start a new run in an --out that holds another run: its files (those train.py "
+                                 "writes, nothing else) are removed first")
     eval_every: int = opt(1, "evaluate on --val-split every this many epochs (and after the last)")
     log_every: int = opt(20, "steps between metrics.jsonl rows")
     report_to: REPORT_TO = opt("none", "also log metrics.jsonl's rows to this accelerate tracker")
@@ -437,10 +439,92 @@ class Config:
 
 
 # Flags that change only speed or logging: a resume may change them. Input paths are compared by content.
-RESUMABLE_CHANGES = {"workers", "log_every", "resume", "report_to", "export", "out"}
+RESUMABLE_CHANGES = {"workers", "log_every", "resume", "overwrite", "report_to", "export", "out"}
 INPUT_FIELDS = {"data", "train_split", "val_split", "classes", "text", "class_text", "teacher", "teacher_images",
                 "init"}
 EXPORTS = ("safetensors", "pt2", "onnx")
+# Every file a run writes in --out: another run's are refused, --overwrite removes these and nothing else.
+RUN_FILES = ("train.py", "config.json", "versions.json", "metrics.jsonl", "ckpt.pt", "final.pt",
+             *(f"student.{ext}" for ext in ("json", "safetensors", "pt2", "onnx")))
+WORKERS_PER_CORE = 4  # ffcv decoding threads beyond a few per core only compete for it (and set torch's threads)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric flag takes: [low, high], an end left out with `open_low` / `open_high`; `auto` is a
+    value outside the range that means "choose for me" (-1)."""
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    auto: float | None = None
+    why: str = ""
+
+    def allows(self, value):
+        if value == self.auto:
+            return True
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def describe(self):
+        low, high = f"{self.low:g}", f"{self.high:g}"
+        if self.high == math.inf:
+            text = f"{'>' if self.open_low else '>='} {low}"
+        else:
+            text = f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        return (f"{self.auto:g} or " if self.auto is not None else "") + text
+
+
+# One limit per numeric Config field (tests/test_train.py checks that none is left out).
+LIMITS = {
+    "res": Limit(8, why="below 8 px the ResNets' downsampling leaves nothing to learn from"),
+    "max_res": Limit(8),
+    "min_scale": Limit(0, 1, open_low=True, auto=-1),
+    "crop_ratio": Limit(0, 1, open_low=True, auto=-1),
+    "workers": Limit(1, WORKERS_PER_CORE * (os.cpu_count() or 1), auto=-1,
+                     why=f"{WORKERS_PER_CORE} per core: more decoding threads only compete for the cores"),
+    "ema": Limit(0, 1, open_high=True, why="a decay of 1 keeps the average at the random init"),
+    "epochs": Limit(1),
+    "batch_size": Limit(1),
+    "lr": Limit(0, why="0 keeps the weights fixed"),
+    "weight_decay": Limit(0),
+    "warmup_epochs": Limit(0),
+    "grad_clip": Limit(0, why="0 = off"),
+    "seed": Limit(0, 2 ** 31 - 1),
+    "max_steps": Limit(0, why="0 = off"),
+    "tau_la": Limit(0),
+    "label_smoothing": Limit(0, 1, open_high=True),
+    "tau": Limit(0, open_low=True),
+    "text_weight": Limit(0),
+    "text_temp": Limit(0, open_low=True),
+    "temp_lr": Limit(0),
+    "embed_dim": Limit(1),
+    "adaptor_hidden": Limit(1),
+    "kd_weight": Limit(0),
+    "kd_temp": Limit(0, open_low=True),
+    "imitate_weight": Limit(0),
+    "align_weight": Limit(0),
+    "align_topk": Limit(0, why="0 = all classes"),
+    "eval_every": Limit(1),
+    "log_every": Limit(1),
+}
+
+
+def check_config(cfg):
+    """Every numeric flag in its range and the flags that go together, before any work: an odd value is one line
+    naming the flag, not a traceback (or a silent no-op run) later."""
+    hints = typing.get_type_hints(Config)
+    for f in fields(cfg):
+        if hints[f.name] in (int, float):
+            value, limit = getattr(cfg, f.name), LIMITS[f.name]
+            if not limit.allows(value):
+                die(f"--{f.name.replace('_', '-')} {value}: must be {limit.describe()}"
+                    + (f" ({limit.why})" if limit.why else ""))
+    if cfg.max_res < cfg.res:
+        die(f"--max-res {cfg.max_res} < --res {cfg.res}: the cache would store every image smaller than it trains")
+    if cfg.resume and cfg.overwrite:
+        die("--resume continues the run in --out, --overwrite replaces it: pass one of them")
 
 
 # ----------------------------------------------------------------------------- models
@@ -1264,6 +1348,8 @@ def start_run_folder(cfg, out, accelerator, state):
     exactly the rows of an uninterrupted one), or emptied for a fresh run."""
     if not accelerator.is_main_process:
         return
+    if cfg.overwrite:
+        clear_run_folder(out)
     shutil.copy(__file__, out / "train.py")
     write_json(out / "config.json", asdict(cfg))
     write_json(out / "versions.json", versions("torch", "torchvision", "accelerate", "timm", "ffcv", "numpy"))
@@ -1410,6 +1496,9 @@ def export_student(run, final):
     """student.safetensors + student.json, student.pt2 (torch.export) and student.onnx, as --export asks."""
     cfg, out = run.cfg, run.out
     kinds = [k.strip() for k in cfg.export.split(",") if k.strip()]
+    for name in RUN_FILES:  # an earlier export of this run (resumed with another --export) must not outlive it
+        if name.startswith("student."):
+            (out / name).unlink(missing_ok=True)
     if not kinds:
         return
     student = Student(cfg.arch, final["num_classes"], cfg.res, cfg.head, final["model"].get(
@@ -1464,7 +1553,12 @@ def start(cfg):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, not stops
         torch.backends.cudnn.benchmark = False
+    if is_main_process():  # the other processes of this run write nothing here
+        check_run_folder(cfg, Path(cfg.out))  # before --out is made: a refused run leaves no folder behind
     out = writable_dir(cfg.out)
+    if is_main_process():
+        lock_or_die(out / ".lock", f"run folder {out}")
+        check_run_folder(cfg, out)  # again under the lock: a run that ended meanwhile is seen
     remove_stale_tmp(out)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not on_gpu,
                               project_dir=out,
@@ -1473,6 +1567,36 @@ def start(cfg):
     if cfg.precision == "auto":
         accelerator.print(f"train.py: --precision auto: {precision}, since {why}", flush=True)
     return accelerator, out
+
+
+def check_run_folder(cfg, out):
+    """--out holds one run: --resume needs its ckpt.pt, a new run needs a folder without another run's files (or
+    --overwrite, which removes them later, once the inputs are checked)."""
+    if (out / "train.py").exists() and (out / "train.py").samefile(__file__):
+        die(f"--out {out} is the folder of train.py itself: give the run a folder of its own")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume and not (out / "ckpt.pt").exists():
+        die(f"--resume: {out} holds no ckpt.pt, so there is nothing to continue"
+            + (f" (it holds {', '.join(found)})" if found else "") + "; start a new run without --resume")
+    if found and not cfg.resume and not cfg.overwrite:
+        die(f"{out} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): pass "
+            f"--resume to continue it, --overwrite to replace it, or use another --out")
+
+
+def tracker_folders(out):
+    """Folders accelerate's trackers made in --out: tensorboard's (named after the run, event files only), aim's."""
+    board = out / out.name
+    events = [p for p in board.rglob("*") if p.is_file()] if board.is_dir() else []
+    ours = [board] if events and all(p.name.startswith("events.out.tfevents.") for p in events) else []
+    return ours + [out / ".aim"] * (out / ".aim").is_dir()
+
+
+def clear_run_folder(out):
+    """--overwrite: remove the earlier run's files, those train.py writes and nothing else."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for folder in tracker_folders(out):
+        shutil.rmtree(folder)
 
 
 def prepare_model(cfg, accelerator, model, optimizer):
@@ -1484,6 +1608,7 @@ def prepare_model(cfg, accelerator, model, optimizer):
 
 def main():
     cfg = parse_config(Config)
+    check_config(cfg)
     accelerator, out = start(cfg)
     device = accelerator.device
     data = load_data(cfg)
