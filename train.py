@@ -869,10 +869,26 @@ def remove_stale_tmp(folder):
             tmp.unlink(missing_ok=True)
 
 
+def image_stats(root, items):
+    """sha256 of every image's (size, mtime, ctime, inode): one stat per file and no pixel read, yet a repaired,
+    replaced or renamed-over image changes it (a replacement through a rename is a new inode, even within one mtime
+    tick)."""
+    digest = hashlib.sha256()
+    for rel, _ in items:
+        try:
+            st = os.stat(root / rel)
+            digest.update(f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns},{st.st_ino}\n".encode())
+        except OSError:
+            digest.update(b"missing\n")
+    return digest.hexdigest()
+
+
 def beton_for(cfg, split, accelerator):
-    """Write the split's .beton once, cached under a key of split contents + settings; reuse it after."""
+    """Write the split's .beton once, cached under a key of split contents, its images' stats and settings; reuse
+    it after."""
     split_path = Path(cfg.data) / split
-    key = hashlib.sha256(split_path.read_bytes() + f"|{cfg.max_res}|smart64".encode()).hexdigest()[:16]
+    images = image_stats(Path(cfg.data), read_split(split_path))
+    key = hashlib.sha256(split_path.read_bytes() + f"|{images}|{cfg.max_res}|smart64".encode()).hexdigest()[:16]
     path = Path(cfg.data) / ".ffcv" / f"{split_path.stem}-{key}.beton"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not path.exists():
@@ -881,8 +897,12 @@ def beton_for(cfg, split, accelerator):
             items = read_split(split_path)
             # Threads: at ImageNet scale a serial pass over every file is minutes of start-up.
             with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-                errors = list(pool.map(decode_error, [Path(cfg.data) / rel for rel, _ in items], chunksize=256))
+                errors = list(progress_bar(len(items), "img", desc=f"checking {split_path.name}", iterable=pool.map(
+                    decode_error, [Path(cfg.data) / rel for rel, _ in items], chunksize=256)))
             good = [i for i, e in enumerate(errors) if e is None]
+            if not good:  # a wrong or emptied --data, not N bad images: nothing is recorded or cached
+                die(f"none of the {len(items)} images of {split_path} can be read (first: {items[0][0]}: "
+                    f"{errors[0]}); is --data {cfg.data} the folder prepare.py wrote?")
             # Recorded and skipped; the row index keeps text rows aligned.
             bad = [{"index": i, "path": items[i][0], "error": e} for i, e in enumerate(errors) if e is not None]
             if bad:
