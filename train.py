@@ -844,11 +844,15 @@ def write_beton(tmp, dataset, indices, max_res):
         fail_if_a_worker_died()
         time.sleep(seconds)
 
+    def bar(total):  # ffcv's own tqdm redraws with '\r': a job log would get one endless line
+        return progress_bar(total, "img", desc=f"caching {tmp.name.split('.')[0]}.beton")
+
     fields = {"image": RGBImageField(write_mode="smart", max_resolution=max_res, smart_threshold=64 * 64 * 3),
               "label": IntField(), "index": IntField()}
     writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, os.cpu_count() or 1))
-    saved = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
-    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = WatchedProcess, sleep_or_fail, WatchedQueue
+    saved = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm
+    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm = (WatchedProcess, sleep_or_fail,
+                                                                                   WatchedQueue, bar)
     try:
         writer.from_indexed_dataset(dataset, indices=indices, chunksize=64)
     except BaseException:
@@ -857,7 +861,7 @@ def write_beton(tmp, dataset, indices, max_res):
             writer.metadata_sm.unlink()
         raise
     finally:
-        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = saved
+        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm = saved
 
 
 def remove_stale_tmp(folder):
@@ -1352,14 +1356,14 @@ def read_checkpoint(cfg, out, identity):
 def restore(state, model, optimizer, scheduler, cfg, device):
     """(ema, progress) from the checkpoint, or fresh ones."""
     ema = [p.detach().clone() for p in model.student.state_dict().values()] if cfg.ema > 0 else None
-    progress = SimpleNamespace(epoch=0, step=0, running=None, last_log=0)
+    progress = SimpleNamespace(epoch=0, step=0, running=None, last_log=0, val=None)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ema = [t.to(device) for t in state["ema"]] if state["ema"] is not None else None
         progress = SimpleNamespace(epoch=state["epoch"] + 1, step=state["step"], running=state["running"],
-                                   last_log=state["last_log"])
+                                   last_log=state["last_log"], val=None)
     return ema, progress
 
 
@@ -1419,6 +1423,8 @@ def train(run, progress):
     bar = progress_bar(total_steps, "step", initial=step, disable=not accelerator.is_main_process)
     try:  # the bar is closed before an error line, which stays the last line
         for epoch in range(progress.epoch, cfg.epochs):
+            if cfg.max_steps and step >= cfg.max_steps:  # resumed after --max-steps stopped it: nothing left to do
+                break
             gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
             row_seen = torch.zeros(len(run.data.train_items), device=device, dtype=torch.int32)
             for images, labels, indices in run.train_loader:
@@ -1438,7 +1444,9 @@ def train(run, progress):
                     if core.text_head is not None:
                         row["text_logit_scale"] = core.text_head.log_scale.exp().item()
                     log(row)
-                    bar.set_postfix(loss=f"{avg[0]:.3f}", img_s=f"{row['img_per_s']:.0f}")
+                    # No refresh: off a terminal the bar's lines stay one per 30 s, not one per log row.
+                    bar.set_postfix_str(f"{loss_summary(avg, losses, cfg)}, {row['img_per_s']:.0f} img/s",
+                                        refresh=False)
                     running.zero_()
                     last_log, last_time, images_seen = step, now, 0
                 if step == cfg.max_steps:
@@ -1452,8 +1460,9 @@ def train(run, progress):
                 acc = evaluate(core, run.val_loader, accelerator, run.data.class_counts)
                 swap_in_ema(core, trained)
                 log({"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()})
+                progress.val = (epoch, acc["top1"])
                 accelerator.print(f"epoch {epoch}: val top-1 {acc['top1']:.4f} (" + " ".join(
-                    f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None) + ")")
+                    f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None) + ")", flush=True)
             save_checkpoint(run, epoch, step, running, last_log)  # after the epoch's rows: a resume re-logs none
             accelerator.wait_for_everyone()
             if step == cfg.max_steps:
@@ -1461,6 +1470,16 @@ def train(run, progress):
     finally:
         bar.close()
     return step
+
+
+def loss_summary(avg, losses, cfg):
+    """The bar's loss: the weighted total and its parts, named as in metrics.jsonl (`total 4.81 = cls 0.36 +
+    text 4.45`): a bare total of several terms would read like a classification loss."""
+    parts = [f"{'' if weight_of(t, cfg) == 1 else f'{weight_of(t, cfg):g} x '}{t.name.removeprefix('loss_')} {v:.3f}"
+             for t, v in zip(losses, avg[1:])]
+    if len(parts) == 1 and weight_of(losses[0], cfg) == 1:
+        return parts[0]
+    return f"total {avg[0]:.3f} = " + " + ".join(parts)
 
 
 # ----------------------------------------------------------------------------- final.pt and the exported student
@@ -1553,7 +1572,6 @@ def write_final(run, step):
         final = final_record(run, step)
         save_atomic(final, run.out / "final.pt", run.out)
         export_student(run, final)
-        run.accelerator.print(f"wrote {run.out / 'final.pt'}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -1654,9 +1672,15 @@ def main():
     run = SimpleNamespace(cfg=cfg, accelerator=accelerator, out=out, data=data, sup=sup, losses=losses, core=core,
                           optimizer=optimizer, scheduler=scheduler, ema=ema, train_step=train_step,
                           train_loader=train_loader, val_loader=val_loader)
+    started = time.perf_counter()
     step = train(run, progress)
+    if step == 0:  # nothing trained: final.pt would be the random init
+        die(f"no training step was taken ({len(train_loader)} batches per epoch, --epochs {cfg.epochs}); no final.pt")
     write_final(run, step)
     accelerator.end_training()
+    val = f"; val top-1 {progress.val[1]:.4f} after epoch {progress.val[0]}" if progress.val else ""
+    accelerator.print(f"train.py: done: {step} steps in {(time.perf_counter() - started) / 60:.1f} min{val}; wrote "
+                      f"{out / 'final.pt'}", flush=True)
 
 
 if __name__ == "__main__":
