@@ -1679,8 +1679,9 @@ def main():
     write_final(run, step)
     accelerator.end_training()
     val = f"; val top-1 {progress.val[1]:.4f} after epoch {progress.val[0]}" if progress.val else ""
-    accelerator.print(f"train.py: done: {step} steps in {(time.perf_counter() - started) / 60:.1f} min{val}; wrote "
-                      f"{out / 'final.pt'}", flush=True)
+    resumed = f" ({step} in all, resumed at epoch {progress.epoch})" if state else ""
+    accelerator.print(f"train.py: done: {step - progress.step} steps in {(time.perf_counter() - started) / 60:.1f} min"
+                      f"{resumed}{val}; wrote {out / 'final.pt'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -909,6 +909,7 @@ def test_attack_resume_after_max_steps_trains_no_more(data, tmp_path):
     run_train(data, run, *args)
     first = torch.load(run / "final.pt", weights_only=True)["model"]
     proc = run_train(data, run, *args, "--resume")
-    assert "done: 2 steps" in proc.stdout and max(r["step"] for r in metrics(run)) == 2
+    assert "done: 0 steps" in proc.stdout and "(2 in all, resumed at epoch 1)" in proc.stdout
+    assert max(r["step"] for r in metrics(run)) == 2
     again = torch.load(run / "final.pt", weights_only=True)["model"]
     assert all(torch.equal(first[k], again[k]) for k in first)
