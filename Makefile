@@ -49,9 +49,9 @@ demo: setup
 	$(call stage,demo,4,7,embed the class names)
 	$(PY) encode.py --classes $(DATA)/classes.txt --model minilm --out $(DEMO)/text
 	$(call stage,demo,5,7,train the baseline)
-	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --seed $(SEED) --out $(DEMO)/baseline
+	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --seed $(SEED) --overwrite --out $(DEMO)/baseline
 	$(call stage,demo,6,7,train with VLM-KD text distillation)
-	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --seed $(SEED) --text $(DEMO)/text/text.npy --out $(DEMO)/vlmkd
+	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --seed $(SEED) --overwrite --text $(DEMO)/text/text.npy --out $(DEMO)/vlmkd
 	$(call stage,demo,7,7,evaluate and plot)
 	$(PY) eval.py $(DEMO)/baseline/final.pt $(DEMO)/vlmkd/final.pt --data $(DATA) --split test \
 	    --class-text $(DEMO)/text/classes.npy --out $(DEMO)/report
@@ -65,9 +65,9 @@ ablate: setup
 	$(call stage,ablate,3,6,embed the captions)
 	$(PY) encode.py --captions $(DEMO)/captions.jsonl --split $(DATA)/train.txt --model minilm --out $(DEMO)/text
 	$(call stage,ablate,4,6,train on the general prompt only)
-	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --prompts general --out $(DEMO)/ablate-general
+	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --overwrite --text $(DEMO)/text/text.npy --prompts general --out $(DEMO)/ablate-general
 	$(call stage,ablate,5,6,train on general + T1..T4)
-	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --text $(DEMO)/text/text.npy --out $(DEMO)/ablate-all
+	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --overwrite --text $(DEMO)/text/text.npy --out $(DEMO)/ablate-all
 	$(call stage,ablate,6,6,evaluate both)
 	$(PY) eval.py $(DEMO)/ablate-general/final.pt $(DEMO)/ablate-all/final.pt --data $(DATA) --split test --out $(DEMO)/ablate
 

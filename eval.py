@@ -147,6 +147,53 @@ def rgb_image(image):
     return image.convert("RGB")
 
 
+def launch_check(world_size=None, launcher_argv=None):
+    """Warn (rank 0) when the launcher asked for more processes than this run has; return the count it asked for, or
+    None where that cannot be seen. `accelerate launch --num_processes 2` starts ONE process unless it goes multi-GPU
+    (never on a machine without GPUs, or with --cpu), and no variable in the environment it passes names the count
+    asked for: it is read from the launcher's own command line (/proc/<parent>/cmdline, Linux), `--num_processes N`,
+    else `num_processes` of the accelerate config file it read. Not seen: a script started through a shell or with
+    `-m`, systems without /proc, launchers other than accelerate (torchrun sets WORLD_SIZE to the count asked for)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if launcher_argv is None:
+        try:
+            launcher_argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return None
+    if sys.argv[0] not in launcher_argv:  # not started by this command line itself (a shell, make, ...)
+        return None
+    head = launcher_argv[:launcher_argv.index(sys.argv[0])]  # the launcher's own words, before the script
+    if not any(Path(w).name in ("accelerate", "accelerate-launch") or w.startswith("accelerate.") for w in head):
+        return None
+    options = {}
+    for i, word in enumerate(head):
+        name, eq, value = word.partition("=")
+        if name.startswith("--"):
+            options[name[2:].replace("-", "_")] = value if eq else (head[i + 1] if i + 1 < len(head) else "")
+    asked = options.get("num_processes")
+    config = options.get("config_file")
+    if asked is None and config is None and "cpu" not in options:  # accelerate skips its default file under --cpu
+        home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+        config = Path(home).expanduser() / "accelerate" / "default_config.yaml"
+    if asked is None and config:
+        try:
+            lines = Path(config).read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:  # `num_processes: 2` (YAML) or `"num_processes": 2,` (JSON)
+            key, _, value = line.partition(":")
+            if key.strip().strip('"') == "num_processes":
+                asked = value.strip().rstrip(",")
+    if not (asked or "").isdigit():
+        return None
+    if int(asked) > world_size and is_main_process():
+        script = Path(sys.argv[0]).name
+        warn(f"accelerate launch asked for {asked} processes, but this run has world size {world_size}: accelerate "
+             f"starts a single process unless it goes multi-GPU (it does not without GPUs or with --cpu); for "
+             f"{asked} CPU processes run `torchrun --nproc_per_node {asked} {script} ...`")
+    return int(asked)
+
+
 def sha256_file(path):
     """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
     digest = hashlib.sha256()
@@ -1347,6 +1394,7 @@ def write_results(runs, plots, inputs, cfg, out, context):
 
 def main(argv=None):
     cfg, paths = read_command_line(sys.argv[1:] if argv is None else argv)
+    launch_check()  # accelerate launch --num_processes N may start fewer
     device = pick_device(cfg.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # eval needs no fp32 matmuls
     inputs = read_inputs(cfg)                         # classes, splits, labels, k-shot split, class text

@@ -198,6 +198,53 @@ def rgb_image(image):
     return image.convert("RGB")
 
 
+def launch_check(world_size=None, launcher_argv=None):
+    """Warn (rank 0) when the launcher asked for more processes than this run has; return the count it asked for, or
+    None where that cannot be seen. `accelerate launch --num_processes 2` starts ONE process unless it goes multi-GPU
+    (never on a machine without GPUs, or with --cpu), and no variable in the environment it passes names the count
+    asked for: it is read from the launcher's own command line (/proc/<parent>/cmdline, Linux), `--num_processes N`,
+    else `num_processes` of the accelerate config file it read. Not seen: a script started through a shell or with
+    `-m`, systems without /proc, launchers other than accelerate (torchrun sets WORLD_SIZE to the count asked for)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    if launcher_argv is None:
+        try:
+            launcher_argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return None
+    if sys.argv[0] not in launcher_argv:  # not started by this command line itself (a shell, make, ...)
+        return None
+    head = launcher_argv[:launcher_argv.index(sys.argv[0])]  # the launcher's own words, before the script
+    if not any(Path(w).name in ("accelerate", "accelerate-launch") or w.startswith("accelerate.") for w in head):
+        return None
+    options = {}
+    for i, word in enumerate(head):
+        name, eq, value = word.partition("=")
+        if name.startswith("--"):
+            options[name[2:].replace("-", "_")] = value if eq else (head[i + 1] if i + 1 < len(head) else "")
+    asked = options.get("num_processes")
+    config = options.get("config_file")
+    if asked is None and config is None and "cpu" not in options:  # accelerate skips its default file under --cpu
+        home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+        config = Path(home).expanduser() / "accelerate" / "default_config.yaml"
+    if asked is None and config:
+        try:
+            lines = Path(config).read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:  # `num_processes: 2` (YAML) or `"num_processes": 2,` (JSON)
+            key, _, value = line.partition(":")
+            if key.strip().strip('"') == "num_processes":
+                asked = value.strip().rstrip(",")
+    if not (asked or "").isdigit():
+        return None
+    if int(asked) > world_size and is_main_process():
+        script = Path(sys.argv[0]).name
+        warn(f"accelerate launch asked for {asked} processes, but this run has world size {world_size}: accelerate "
+             f"starts a single process unless it goes multi-GPU (it does not without GPUs or with --cpu); for "
+             f"{asked} CPU processes run `torchrun --nproc_per_node {asked} {script} ...`")
+    return int(asked)
+
+
 def sha256_file(path):
     """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
     digest = hashlib.sha256()
@@ -410,6 +457,8 @@ class Config:
     align_correct_only: bool = opt(False, "align only where the teacher is right")
 
     resume: bool = opt(False, "continue from --out/ckpt.pt (refused if an input or a setting changed)", heading="run")
+    overwrite: bool = opt(False, "start a new run in an --out that holds another run: its files (those train.py "
+                                 "writes, nothing else) are removed first")
     eval_every: int = opt(1, "evaluate on --val-split every this many epochs (and after the last)")
     log_every: int = opt(20, "steps between metrics.jsonl rows")
     report_to: REPORT_TO = opt("none", "also log metrics.jsonl's rows to this accelerate tracker")
@@ -418,10 +467,94 @@ class Config:
 
 
 # Flags that change only speed or logging: a resume may change them. Input paths are compared by content.
-RESUMABLE_CHANGES = {"workers", "log_every", "resume", "report_to", "export", "out"}
+RESUMABLE_CHANGES = {"workers", "log_every", "resume", "overwrite", "report_to", "export", "out"}
 INPUT_FIELDS = {"data", "train_split", "val_split", "classes", "ood_split", "text", "class_text", "teacher",
                 "teacher_images", "init"}
 EXPORTS = ("safetensors", "pt2", "onnx")
+# Every file a run writes in --out: another run's are refused, --overwrite removes these and nothing else.
+RUN_FILES = ("train.py", "config.json", "versions.json", "metrics.jsonl", "ckpt.pt", "final.pt",
+             *(f"student.{ext}" for ext in ("json", "safetensors", "pt2", "onnx")))
+WORKERS_PER_CORE = 4  # ffcv decoding threads beyond a few per core only compete for it (and set torch's threads)
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The values a numeric flag takes: [low, high], an end left out with `open_low` / `open_high`; `auto` is a
+    value outside the range that means "choose for me" (-1)."""
+    low: float = -math.inf
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+    auto: float | None = None
+    why: str = ""
+
+    def allows(self, value):
+        if value == self.auto:
+            return True
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return math.isfinite(value) and above and below
+
+    def describe(self):
+        low, high = f"{self.low:g}", f"{self.high:g}"
+        if self.high == math.inf:
+            text = f"{'>' if self.open_low else '>='} {low}"
+        else:
+            text = f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        return (f"{self.auto:g} or " if self.auto is not None else "") + text
+
+
+# One limit per numeric Config field (tests/test_train.py checks that none is left out).
+LIMITS = {
+    "res": Limit(8, why="below 8 px the ResNets' downsampling leaves nothing to learn from"),
+    "max_res": Limit(8),
+    "min_scale": Limit(0, 1, open_low=True, auto=-1),
+    "crop_ratio": Limit(0, 1, open_low=True, auto=-1),
+    "workers": Limit(1, WORKERS_PER_CORE * (os.cpu_count() or 1), auto=-1,
+                     why=f"{WORKERS_PER_CORE} per core: more decoding threads only compete for the cores"),
+    "ema": Limit(0, 1, open_high=True, why="a decay of 1 keeps the average at the random init"),
+    "epochs": Limit(1),
+    "repeat_epochs": Limit(1),
+    "batch_size": Limit(1),
+    "lr": Limit(0, why="0 keeps the weights fixed"),
+    "weight_decay": Limit(0),
+    "warmup_epochs": Limit(0),
+    "gamma": Limit(0, open_low=True, why="the lr factor at each milestone"),
+    "grad_clip": Limit(0, why="0 = off"),
+    "seed": Limit(0, 2 ** 31 - 1),
+    "max_steps": Limit(0, why="0 = off"),
+    "tau_la": Limit(0),
+    "label_smoothing": Limit(0, 1, open_high=True),
+    "tau": Limit(0, open_low=True),
+    "text_weight": Limit(0),
+    "text_temp": Limit(0, open_low=True),
+    "temp_lr": Limit(0),
+    "embed_dim": Limit(1),
+    "adaptor_hidden": Limit(1),
+    "kd_weight": Limit(0),
+    "kd_temp": Limit(0, open_low=True),
+    "imitate_weight": Limit(0),
+    "align_weight": Limit(0),
+    "align_topk": Limit(0, why="0 = all classes"),
+    "eval_every": Limit(1),
+    "log_every": Limit(1),
+}
+
+
+def check_config(cfg):
+    """Every numeric flag in its range and the flags that go together, before any work: an odd value is one line
+    naming the flag, not a traceback (or a silent no-op run) later."""
+    hints = typing.get_type_hints(Config)
+    for f in fields(cfg):
+        if hints[f.name] in (int, float):
+            value, limit = getattr(cfg, f.name), LIMITS[f.name]
+            if not limit.allows(value):
+                die(f"--{f.name.replace('_', '-')} {value}: must be {limit.describe()}"
+                    + (f" ({limit.why})" if limit.why else ""))
+    if cfg.max_res < cfg.res:
+        die(f"--max-res {cfg.max_res} < --res {cfg.res}: the cache would store every image smaller than it trains")
+    if cfg.resume and cfg.overwrite:
+        die("--resume continues the run in --out, --overwrite replaces it: pass one of them")
 
 
 # ----------------------------------------------------------------------------- recipes
@@ -839,11 +972,15 @@ def write_beton(tmp, dataset, indices, max_res):
         fail_if_a_worker_died()
         time.sleep(seconds)
 
+    def bar(total):  # ffcv's own tqdm redraws with '\r': a job log would get one endless line
+        return progress_bar(total, "img", desc=f"caching {tmp.name.split('.')[0]}.beton")
+
     fields = {"image": RGBImageField(write_mode="smart", max_resolution=max_res, smart_threshold=64 * 64 * 3),
               "label": IntField(), "index": IntField()}
     writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, os.cpu_count() or 1))
-    saved = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue
-    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = WatchedProcess, sleep_or_fail, WatchedQueue
+    saved = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm
+    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm = (WatchedProcess, sleep_or_fail,
+                                                                                   WatchedQueue, bar)
     try:
         writer.from_indexed_dataset(dataset, indices=indices, chunksize=64)
     except BaseException:
@@ -852,7 +989,7 @@ def write_beton(tmp, dataset, indices, max_res):
             writer.metadata_sm.unlink()
         raise
     finally:
-        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue = saved
+        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm = saved
 
 
 def remove_stale_tmp(folder):
@@ -864,10 +1001,26 @@ def remove_stale_tmp(folder):
             tmp.unlink(missing_ok=True)
 
 
+def image_stats(root, items):
+    """sha256 of every image's (size, mtime, ctime, inode): one stat per file and no pixel read, yet a repaired,
+    replaced or renamed-over image changes it (a replacement through a rename is a new inode, even within one mtime
+    tick)."""
+    digest = hashlib.sha256()
+    for rel, _ in items:
+        try:
+            st = os.stat(root / rel)
+            digest.update(f"{st.st_size},{st.st_mtime_ns},{st.st_ctime_ns},{st.st_ino}\n".encode())
+        except OSError:
+            digest.update(b"missing\n")
+    return digest.hexdigest()
+
+
 def beton_for(cfg, split, accelerator):
-    """Write the split's .beton once, cached under a key of split contents + settings; reuse it after."""
+    """Write the split's .beton once, cached under a key of split contents, its images' stats and settings; reuse
+    it after."""
     split_path = Path(cfg.data) / split
-    key = hashlib.sha256(split_path.read_bytes() + f"|{cfg.max_res}|smart64".encode()).hexdigest()[:16]
+    images = image_stats(Path(cfg.data), read_split(split_path))
+    key = hashlib.sha256(split_path.read_bytes() + f"|{images}|{cfg.max_res}|smart64".encode()).hexdigest()[:16]
     path = Path(cfg.data) / ".ffcv" / f"{split_path.stem}-{key}.beton"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not path.exists():
@@ -876,8 +1029,12 @@ def beton_for(cfg, split, accelerator):
             items = read_split(split_path)
             # Threads: at ImageNet scale a serial pass over every file is minutes of start-up.
             with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-                errors = list(pool.map(decode_error, [Path(cfg.data) / rel for rel, _ in items], chunksize=256))
+                errors = list(progress_bar(len(items), "img", desc=f"checking {split_path.name}", iterable=pool.map(
+                    decode_error, [Path(cfg.data) / rel for rel, _ in items], chunksize=256)))
             good = [i for i, e in enumerate(errors) if e is None]
+            if not good:  # a wrong or emptied --data, not N bad images: nothing is recorded or cached
+                die(f"none of the {len(items)} images of {split_path} can be read (first: {items[0][0]}: "
+                    f"{errors[0]}); is --data {cfg.data} the folder prepare.py wrote?")
             # Recorded and skipped; the row index keeps text rows aligned.
             bad = [{"index": i, "path": items[i][0], "error": e} for i, e in enumerate(errors) if e is not None]
             if bad:
@@ -1514,14 +1671,14 @@ def read_checkpoint(cfg, out, identity):
 def restore(state, model, optimizer, scheduler, cfg, device):
     """(ema, progress) from the checkpoint, or fresh ones."""
     ema = [p.detach().clone() for p in model.student.state_dict().values()] if cfg.ema > 0 else None
-    progress = SimpleNamespace(epoch=0, step=0, running=None, last_log=0)
+    progress = SimpleNamespace(epoch=0, step=0, running=None, last_log=0, val=None)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         ema = [t.to(device) for t in state["ema"]] if state["ema"] is not None else None
         progress = SimpleNamespace(epoch=state["epoch"] + 1, step=state["step"], running=state["running"],
-                                   last_log=state["last_log"])
+                                   last_log=state["last_log"], val=None)
     return ema, progress
 
 
@@ -1530,6 +1687,8 @@ def start_run_folder(cfg, out, accelerator, state):
     exactly the rows of an uninterrupted one), or emptied for a fresh run."""
     if not accelerator.is_main_process:
         return
+    if cfg.overwrite:
+        clear_run_folder(out)
     shutil.copy(__file__, out / "train.py")
     write_json(out / "config.json", run_config(cfg))
     write_json(out / "versions.json", versions("torch", "torchvision", "accelerate", "timm", "ffcv", "numpy"))
@@ -1590,6 +1749,8 @@ def train(run, progress):
     bar = progress_bar(total_steps, "step", initial=step, disable=not accelerator.is_main_process)
     try:  # the bar is closed before an error line, which stays the last line
         for epoch in range(progress.epoch, cfg.epochs):
+            if cfg.max_steps and step >= cfg.max_steps:  # resumed after --max-steps stopped it: nothing left to do
+                break
             gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
             row_seen = torch.zeros(len(run.data.train_items), device=device, dtype=torch.int32)
             for images, labels, indices in passes(run.train_loader, cfg.repeat_epochs):
@@ -1609,7 +1770,9 @@ def train(run, progress):
                     if core.text_head is not None:
                         row["text_logit_scale"] = core.text_head.log_scale.exp().item()
                     log(row)
-                    bar.set_postfix(loss=f"{avg[0]:.3f}", img_s=f"{row['img_per_s']:.0f}")
+                    # No refresh: off a terminal the bar's lines stay one per 30 s, not one per log row.
+                    bar.set_postfix_str(f"{loss_summary(avg, losses, cfg)}, {row['img_per_s']:.0f} img/s",
+                                        refresh=False)
                     running.zero_()
                     last_log, last_time, images_seen = step, now, 0
                 if step == cfg.max_steps:
@@ -1625,9 +1788,10 @@ def train(run, progress):
                 swap_in_ema(core, trained)
                 log({"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()}
                     | {f"val_ood_{k}": v for k, v in ood.items()})
+                progress.val = (epoch, acc["top1"])
                 accelerator.print(f"epoch {epoch}: val top-1 {acc['top1']:.4f} (" + " ".join(
                     f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None) + ")"
-                    + (f", OOD mean per class {ood['mean_class']:.4f}" if ood else ""))
+                    + (f", OOD mean per class {ood['mean_class']:.4f}" if ood else ""), flush=True)
             save_checkpoint(run, epoch, step, running, last_log)  # after the epoch's rows: a resume re-logs none
             accelerator.wait_for_everyone()
             if step == cfg.max_steps:
@@ -1635,6 +1799,16 @@ def train(run, progress):
     finally:
         bar.close()
     return step
+
+
+def loss_summary(avg, losses, cfg):
+    """The bar's loss: the weighted total and its parts, named as in metrics.jsonl (`total 4.81 = cls 0.36 +
+    text 4.45`): a bare total of several terms would read like a classification loss."""
+    parts = [f"{'' if weight_of(t, cfg) == 1 else f'{weight_of(t, cfg):g} x '}{t.name.removeprefix('loss_')} {v:.3f}"
+             for t, v in zip(losses, avg[1:])]
+    if len(parts) == 1 and weight_of(losses[0], cfg) == 1:
+        return parts[0]
+    return f"total {avg[0]:.3f} = " + " + ".join(parts)
 
 
 # ----------------------------------------------------------------------------- final.pt and the exported student
@@ -1691,6 +1865,9 @@ def export_student(run, final):
     """student.safetensors + student.json, student.pt2 (torch.export) and student.onnx, as --export asks."""
     cfg, out = run.cfg, run.out
     kinds = [k.strip() for k in cfg.export.split(",") if k.strip()]
+    for name in RUN_FILES:  # an earlier export of this run (resumed with another --export) must not outlive it
+        if name.startswith("student."):
+            (out / name).unlink(missing_ok=True)
     if not kinds:
         return
     student = Student(cfg.arch, final["num_classes"], cfg.res, cfg.head, final["model"].get(
@@ -1725,7 +1902,6 @@ def write_final(run, step):
         final = final_record(run, step)
         save_atomic(final, run.out / "final.pt", run.out)
         export_student(run, final)
-        run.accelerator.print(f"wrote {run.out / 'final.pt'}")
 
 
 # ----------------------------------------------------------------------------- main
@@ -1741,8 +1917,6 @@ def check_flags(cfg):
         die(f"--imitate-loss {cfg.imitate_loss}: expected mse, contrastive or mse,contrastive")
     if not all(m.strip().isdigit() for m in cfg.milestones.split(",") if m.strip()):
         die(f"--milestones {cfg.milestones}: expected comma-separated epochs, e.g. 30,60")
-    if cfg.repeat_epochs < 1:
-        die(f"--repeat-epochs {cfg.repeat_epochs}: at least 1")
     if cfg.ood_half_batch and not (Path(cfg.data) / "id_classes.txt").is_file():
         die(f"--ood-half-batch: {Path(cfg.data) / 'id_classes.txt'} not found (it tells the OOD classes: those after "
             f"its lines; prepare.py writes it for the OOD sets)")
@@ -1763,14 +1937,50 @@ def start(cfg):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, not stops
         torch.backends.cudnn.benchmark = False
+    if is_main_process():  # the other processes of this run write nothing here
+        check_run_folder(cfg, Path(cfg.out))  # before --out is made: a refused run leaves no folder behind
     out = writable_dir(cfg.out)
+    if is_main_process():
+        lock_or_die(out / ".lock", f"run folder {out}")
+        check_run_folder(cfg, out)  # again under the lock: a run that ended meanwhile is seen
     remove_stale_tmp(out)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not on_gpu,
                               project_dir=out,
                               log_with=None if cfg.report_to == "none" else cfg.report_to)
+    launch_check(accelerator.num_processes)
     if cfg.precision == "auto":
-        accelerator.print(f"train.py: --precision auto: {precision}, since {why}")
+        accelerator.print(f"train.py: --precision auto: {precision}, since {why}", flush=True)
     return accelerator, out
+
+
+def check_run_folder(cfg, out):
+    """--out holds one run: --resume needs its ckpt.pt, a new run needs a folder without another run's files (or
+    --overwrite, which removes them later, once the inputs are checked)."""
+    if (out / "train.py").exists() and (out / "train.py").samefile(__file__):
+        die(f"--out {out} is the folder of train.py itself: give the run a folder of its own")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume and not (out / "ckpt.pt").exists():
+        die(f"--resume: {out} holds no ckpt.pt, so there is nothing to continue"
+            + (f" (it holds {', '.join(found)})" if found else "") + "; start a new run without --resume")
+    if found and not cfg.resume and not cfg.overwrite:
+        die(f"{out} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): pass "
+            f"--resume to continue it, --overwrite to replace it, or use another --out")
+
+
+def tracker_folders(out):
+    """Folders accelerate's trackers made in --out: tensorboard's (named after the run, event files only), aim's."""
+    board = out / out.name
+    events = [p for p in board.rglob("*") if p.is_file()] if board.is_dir() else []
+    ours = [board] if events and all(p.name.startswith("events.out.tfevents.") for p in events) else []
+    return ours + [out / ".aim"] * (out / ".aim").is_dir()
+
+
+def clear_run_folder(out):
+    """--overwrite: remove the earlier run's files, those train.py writes and nothing else."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for folder in tracker_folders(out):
+        shutil.rmtree(folder)
 
 
 def prepare_model(cfg, accelerator, model, optimizer):
@@ -1783,6 +1993,7 @@ def prepare_model(cfg, accelerator, model, optimizer):
 def main():
     cfg = parse_config(Config, defaults=recipe_defaults)
     check_flags(cfg)
+    check_config(cfg)
     accelerator, out = start(cfg)
     device = accelerator.device
     data = load_data(cfg)
@@ -1800,9 +2011,12 @@ def main():
     ema, progress = restore(state, model, optimizer, scheduler, cfg, device)
     model, optimizer, core = prepare_model(cfg, accelerator, model, optimizer)
     start_run_folder(cfg, out, accelerator, state)
-    accelerator.print(f"train.py: {len(data.train_items)} train images, {data.num_classes} classes, world size "
-                      f"{accelerator.num_processes}, {device.type}, precision {accelerator.mixed_precision}, losses "
-                      f"{', '.join(t.name for t in losses)}" + (f"; resuming at epoch {progress.epoch}" * bool(state)))
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    accelerator.print(f"train.py: {len(data.train_items)} train images, {data.num_classes} classes; {here} "
+                      f"process{'es' * (here > 1)} on this machine, world size {accelerator.num_processes}, "
+                      f"device {device}, precision {precision}; losses {', '.join(t.name for t in losses)}"
+                      + (f"; resuming at epoch {progress.epoch}" * bool(state)), flush=True)
     if cfg.recipe != "none":
         changed = ", ".join(f"--{k.replace('_', '-')} {v['recipe']} -> {v['used']}"
                             for k, v in recipe_record(cfg).items())
@@ -1813,9 +2027,16 @@ def main():
     run = SimpleNamespace(cfg=cfg, accelerator=accelerator, out=out, data=data, sup=sup, losses=losses, core=core,
                           optimizer=optimizer, scheduler=scheduler, ema=ema, train_step=train_step,
                           train_loader=train_loader, val_loader=val_loader, ood_loader=ood_loader)
+    started = time.perf_counter()
     step = train(run, progress)
+    if step == 0:  # nothing trained: final.pt would be the random init
+        die(f"no training step was taken ({len(train_loader)} batches per epoch, --epochs {cfg.epochs}); no final.pt")
     write_final(run, step)
     accelerator.end_training()
+    val = f"; val top-1 {progress.val[1]:.4f} after epoch {progress.val[0]}" if progress.val else ""
+    resumed = f" ({step} in all, resumed at epoch {progress.epoch})" if state else ""
+    accelerator.print(f"train.py: done: {step - progress.step} steps in {(time.perf_counter() - started) / 60:.1f} min"
+                      f"{resumed}{val}; wrote {out / 'final.pt'}", flush=True)
 
 
 if __name__ == "__main__":

@@ -259,6 +259,7 @@ def run_size(n, cfg, repo, stages, results):
                  "--batch-size", "64", "--epochs", "2", "--eval-every", "2", "--max-steps", "1", "--workers", "2",
                  "--text", text / "text.npy", "--out", run]
         if step("setup: train writes .beton", train) and "train" in stages:
+            shutil.rmtree(run, ignore_errors=True)  # train.py refuses a second run into a run's folder
             step("train start", train)
             # Issue 16: one slot of text.npy and the teacher image embeddings, not the whole arrays, on the device.
             step("train start: 1 slot + images", train[:-2] + ["--prompts", prompt_ids[0], "--teacher-images",

@@ -39,7 +39,7 @@ $PY encode.py --classes "$DATA/classes.txt" --model minilm --out "$OUT/text"
 for name in aligned shuffled; do
   $PY encode.py --captions "$OUT/$name.jsonl" --split "$DATA/train.txt" --model minilm --out "$OUT/text" --name "$name"
   $PY encode.py --probe --text "$OUT/text/$name.npy" --split "$DATA/train.txt"
-  $PY train.py --data "$DATA" --loss la --epochs "$EPOCHS" --text "$OUT/text/$name.npy" --out "$OUT/$name"
+  $PY train.py --data "$DATA" --loss la --epochs "$EPOCHS" --text "$OUT/text/$name.npy" --overwrite --out "$OUT/$name"
 done
 $PY eval.py "$OUT/aligned/final.pt" "$OUT/shuffled/final.pt" --data "$DATA" --split test \
     --class-text "$OUT/text/classes.npy" --tsne-samples 0 --out "$OUT/report"

@@ -152,3 +152,40 @@ def sync():
 
 if __name__ == "__main__" and sys.argv[1:] == ["--sync"]:
     sync()
+
+
+def test_launch_check_reads_what_the_launcher_asked_for(tmp_path, monkeypatch, capsys):
+    """`accelerate launch --num_processes 2` runs ONE process where it does not go multi-GPU: the count asked for is
+    read from the launcher's command line, else its config file (which accelerate skips under --cpu); the script's
+    own flags and other launchers are not read. Rank 0 alone warns."""
+    from shared_helpers import launch_check
+    monkeypatch.setattr(sys, "argv", ["train.py", "--epochs", "1"])
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("RANK", raising=False)
+    asked_two = ["python", "-m", "accelerate.commands.launch", "--num_processes", "2", "train.py", "--epochs", "1"]
+    cases = [(asked_two, 1, 2),
+             (["/v/bin/python", "/v/bin/accelerate", "launch", "--cpu", "--num-processes=3", "train.py"], 1, 3),
+             (["python", "-m", "accelerate.commands.launch", "--num_processes", "2", "train.py"], 2, 2),
+             (["accelerate", "launch", "train.py", "--num_processes", "5"], 1, None),  # the script's flag
+             (["torchrun", "--nproc_per_node", "2", "train.py"], 1, None),
+             (["bash", "-c", "python train.py"], 1, None)]
+    for argv, world_size, asked in cases:
+        assert launch_check(world_size, argv) == asked, argv
+        warned = capsys.readouterr().err
+        assert ("asked for" in warned) == (asked is not None and asked > world_size), argv
+    launch_check(1, asked_two)
+    assert "train.py: warning: accelerate launch asked for 2 processes, but this run has world size 1" in \
+        capsys.readouterr().err
+
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("distributed_type: MULTI_CPU\nnum_processes: 4\n")
+    (tmp_path / "mine.json").write_text('{\n  "num_processes": 6,\n  "use_cpu": true\n}\n')
+    assert launch_check(1, ["accelerate", "launch", "train.py"]) == 4
+    assert launch_check(1, ["accelerate", "launch", "--cpu", "train.py"]) is None  # the default file is not read
+    assert launch_check(1, ["accelerate", "launch", "--cpu", "--config_file", str(tmp_path / "mine.json"),
+                            "train.py"]) == 6
+    assert launch_check(1, ["accelerate", "launch", "--num_processes", "1", "train.py"]) == 1  # the line wins
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "1")
+    assert launch_check(1, asked_two) == 2 and capsys.readouterr().err == ""

@@ -283,14 +283,17 @@ def test_train_plain_then_with_text(data, plain, tmp_path):
 
     # The plain run as a frozen vision teacher: logit KD is logged beside the classification loss.
     kd = tmp_path / "kd"
-    run_train(data, kd, "--epochs", 1, "--teacher", plain / "final.pt", "--kd-weight", 0.5, "--kd-temp", 2)
+    proc = run_train(data, kd, "--epochs", 1, "--teacher", plain / "final.pt", "--kd-weight", 0.5, "--kd-temp", 2)
+    # Issue 21: the bar names the parts of its weighted total (it showed a bare `loss=`).
+    assert re.search(r"total \d+\.\d+ = cls \d+\.\d+ \+ 0\.5 x kd \d+\.\d+", proc.stderr), proc.stderr[-500:]
     rows = [r for r in metrics(kd) if "loss_kd" in r]
     assert rows and all(r["loss"] == pytest.approx(r["loss_cls"] + 0.5 * r["loss_kd"], rel=1e-4) for r in rows)
     assert torch.load(kd / "final.pt", weights_only=True)["losses"] == {"loss_cls": 1.0, "loss_kd": 0.5}
 
     text = write_text_feats(data, tmp_path / "text", labels_of(data))
     with_text = tmp_path / "text-run"
-    run_train(data, with_text, "--epochs", 3, "--lr", 0.05, "--text", text, "--text-weight", 1.0, "--learn-temp")
+    proc = run_train(data, with_text, "--epochs", 3, "--lr", 0.05, "--text", text, "--text-weight", 1.0, "--learn-temp")
+    assert re.search(r"total \d+\.\d+ = cls \d+\.\d+ \+ text \d+\.\d+", proc.stderr), proc.stderr[-500:]
     rows = [r for r in metrics(with_text) if "loss_text" in r]
     assert rows[-1]["loss_text"] < rows[0]["loss_text"]
     assert all(r["loss"] == pytest.approx(r["loss_cls"] + r["loss_text"], rel=1e-4) for r in rows)
@@ -395,7 +398,8 @@ def test_two_processes_see_each_sample_once(data, tmp_path):
         assert r["rows_seen"] >= n - 2 * 16  # only each process's last partial batch is dropped
     config = json.loads((run / "config.json").read_text())
     assert config["batch_size"] == 16
-    assert "world size 2" in proc.stdout
+    # Issue 21: the start line says what the launcher gave, and torchrun gave what was asked: no launch warning.
+    assert "2 processes on this machine, world size 2" in proc.stdout and "asked for" not in proc.stderr
 
 
 def test_compile_matches_eager(data, tmp_path):
@@ -936,3 +940,180 @@ def test_repeat_epochs_pass_over_the_data_within_an_epoch(data, tmp_path):
     assert len(cover) == 1 and cover[0]["rows_max_repeat"] == 2 and cover[0]["step"] == 2 * (len(labels_of(data)) // 32)
     logged = [r for r in rows if "lr" in r]  # the lr logged after step s is step s+1's: the last row is past the end
     assert len(logged) > 3 and all(r["lr"] == pytest.approx(0.05 * 32 / 128) for r in logged[:-1])
+
+
+# ----------------------------------------------------------------------------- attacks (issue 21)
+
+REFUSED = [("--epochs", "0"), ("--ema", "1.0"), ("--ema", "-0.1"), ("--eval-every", "0"), ("--log-every", "0"),
+           ("--batch-size", "0"), ("--lr", "-0.1"), ("--lr", "nan"), ("--res", "0"), ("--res", "4"),
+           ("--workers", "2000"), ("--workers", "0"), ("--label-smoothing", "2"), ("--max-steps", "-1"),
+           ("--kd-temp", "0"), ("--tau", "0"), ("--text-temp", "-1"), ("--text-weight", "-1"),
+           ("--kd-weight", "-0.5"), ("--imitate-weight", "-1"), ("--align-weight", "-1"), ("--grad-clip", "-1"),
+           ("--warmup-epochs", "-1"), ("--min-scale", "0"), ("--crop-ratio", "1.5")]
+
+
+def main_fails(monkeypatch, out, *args):
+    """train.py's main() in this process, as `train.py --data DATA --out OUT ARGS` runs it: its one error line."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--out", str(out), *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        T.main()
+    return str(exc.value)
+
+
+REFUSED_LINES = [((flag, value), rf"{flag} {value}(\.0)?: must be") for flag, value in REFUSED] + [
+    (("--res", "64", "--max-res", "32"), "--max-res 32 < --res 64"),
+    (("--resume", "--overwrite"), "--resume continues .* pass one of them")]
+
+
+@pytest.mark.parametrize("args,expect", REFUSED_LINES, ids=[" ".join(args) for args, _ in REFUSED_LINES])
+def test_attack_odd_values_are_refused_first(data, tmp_path, monkeypatch, args, expect):
+    """21: --eval-every 0, --log-every 0, --batch-size 0 were ZeroDivisionErrors (one after a whole epoch), --lr -0.1
+    a ValueError, --res 0 a SIGABRT in OpenCV, --epochs 0 and --ema 1.0 a final.pt equal to the random init with
+    exit 0. Now one line naming the flag, before --out is even made (main() in this process: no training)."""
+    error = main_fails(monkeypatch, tmp_path / "run", "--data", data, *args)
+    assert re.match(f"train.py: error: {expect}", error), error
+    assert not (tmp_path / "run").exists()
+
+
+def test_attack_odd_values_exit_nonzero_as_a_user_sees_it(data, tmp_path):
+    proc = run_train(data, tmp_path / "run", "--epochs", 0, check=False, timeout=120)
+    assert proc.returncode != 0 and last_line(proc) == "train.py: error: --epochs 0: must be >= 1"
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_numeric_flag_has_a_limit():
+    """check_config reads every int / float field of Config: a new numeric flag needs its range in LIMITS."""
+    hints = T.typing.get_type_hints(T.Config)
+    numeric = {f.name for f in T.fields(T.Config) if hints[f.name] in (int, float)}
+    assert numeric == set(T.LIMITS)
+    T.check_config(T.Config())  # the defaults pass
+    assert T.LIMITS["lr"].allows(0.0) and T.LIMITS["ema"].allows(0.999) and T.LIMITS["workers"].allows(-1)
+
+
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from shared_helpers import lock_or_die
+lock_or_die(sys.argv[2], "the run")
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_attack_run_folder_holds_one_run(data, plain, tmp_path, monkeypatch):
+    """21: a new run into a folder holding another run overwrote its config.json, metrics.jsonl and final.pt; two
+    runs on one --out at once interleaved metrics.jsonl; --resume without a ckpt.pt started from scratch; a run that
+    exports no student files left the earlier run's beside its final.pt. Now: refused in one line unless --overwrite,
+    which removes the earlier run's files only; one process per folder (a lock); --resume needs a ckpt.pt."""
+    run = tmp_path / "run"
+    shutil.copytree(plain, run)  # a finished run that exported student.pt2 + student.json
+    (run / "notes.txt").write_text("mine")
+    (run / "mine").mkdir()
+    (run / "mine" / "a.txt").write_text("mine")
+    (run / run.name).mkdir()  # what --report-to tensorboard makes
+    (run / run.name / "events.out.tfevents.1.host").write_bytes(b"old")
+    before = (run / "final.pt").read_bytes()
+
+    error = main_fails(monkeypatch, run, "--data", data, "--epochs", 1)  # refusals in this process: no training
+    assert "holds another run" in error and "--overwrite" in error
+    assert (run / "final.pt").read_bytes() == before
+
+    assert "holds no ckpt.pt" in main_fails(monkeypatch, tmp_path / "empty", "--data", data, "--resume")
+    assert not (tmp_path / "empty").exists()
+
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(REPO / "tests"), str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert f"is in use by pid {holder.pid}" in main_fails(monkeypatch, run, "--data", data, "--overwrite")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (run / "final.pt").read_bytes() == before
+
+    run_train(data, run, "--overwrite", "--epochs", 1, "--max-steps", 1)  # --export '': no student files
+    assert not list(run.glob("student.*")) and not (run / run.name).exists()
+    assert (run / "notes.txt").read_text() == "mine" and (run / "mine" / "a.txt").read_text() == "mine"
+    assert json.loads((run / "config.json").read_text())["epochs"] == 1
+    assert max(r["step"] for r in metrics(run)) == 1 and (run / "final.pt").read_bytes() != before
+
+
+def test_attack_replaced_image_rebuilds_the_cache(data, tmp_path):
+    """21: the .ffcv cache was keyed on the split text and --max-res only: a replaced image was never trained on.
+    Its key now covers each image's stat; the replacement goes through a rename (a new inode), so the test does not
+    depend on the file system's mtime resolution."""
+    copy = copy_data(data, tmp_path / "data")
+    run_train(copy, tmp_path / "a", "--epochs", 1, "--max-steps", 1)
+    assert len(list((copy / ".ffcv").glob("train-*.beton"))) == 1
+    rel = (copy / "train.txt").read_text().splitlines()[3].rsplit(maxsplit=1)[0]
+    (copy / (rel + ".new")).write_bytes(b"not a png any more")
+    os.replace(copy / (rel + ".new"), copy / rel)
+    run_train(copy, tmp_path / "b", "--epochs", 1, "--max-steps", 1)
+    assert len(list((copy / ".ffcv").glob("train-*.beton"))) == 2
+    errors = [json.loads(line) for path in (copy / ".ffcv").glob("train-*.errors.jsonl")
+              for line in path.read_text().splitlines()]
+    assert [(e["index"], e["path"]) for e in errors] == [(3, rel)]  # the new file was read
+
+
+def test_attack_no_readable_image_trains_nothing(data, tmp_path):
+    """21: a run must not end in a final.pt equal to the random init and exit 0. Every image unreadable (a wrong or
+    emptied --data) is one line, with no cache and no bad-image list written."""
+    copy = copy_data(data, tmp_path / "data")
+    for line in (copy / "train.txt").read_text().splitlines():
+        (copy / line.rsplit(maxsplit=1)[0]).write_bytes(b"")
+    proc = run_train(copy, tmp_path / "run", "--epochs", 1, check=False, timeout=120)
+    assert proc.returncode != 0 and "none of the 240 images" in last_line(proc)
+    assert not (tmp_path / "run" / "final.pt").exists() and not list((copy / ".ffcv").glob("train-*"))
+
+
+def test_job_log_gets_progress_epochs_and_summary_in_order(data, tmp_path):
+    """21: in a job log (stdout and stderr to one file) the epoch lines and the end of the run arrived only at exit,
+    after the bar's last line, and the bar printed a line per metrics row (its postfix forced a refresh), showing
+    a bare `loss=`. Now the lines arrive in order, the bar keeps to its 30 s lines, and names its losses."""
+    log = tmp_path / "job.log"
+    cmd = [sys.executable, REPO / "train.py", "--data", data, "--out", tmp_path / "run", "--batch-size", "32",
+           "--precision", "fp32", "--export", "", "--epochs", "1", "--log-every", "1"]
+    with open(log, "w") as f:
+        proc = subprocess.run(list(map(str, cmd)), stdout=f, stderr=subprocess.STDOUT, env=ENV, timeout=300)
+    lines = log.read_text().splitlines()
+    assert proc.returncode == 0, lines[-20:]
+    bar = [i for i, line in enumerate(lines) if re.search(r"\d+/7 \[", line)]
+    epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 0: val top-1"))
+    done = next(i for i, line in enumerate(lines) if line.startswith("train.py: done: 7 steps"))
+    start = next(i for i, line in enumerate(lines) if "process on this machine, world size 1, device cpu, "
+                                                      "precision fp32" in line)
+    assert start < bar[0] < epoch < bar[-1] < done, lines
+    assert len(bar) < 7  # 7 metrics rows; the bar's lines come every 30 s (and at its start and end)
+    assert "7/7" in lines[bar[-1]] and re.search(r"cls \d\.\d{3}, \d+ img/s", lines[bar[-1]]) and \
+        "loss=" not in lines[bar[-1]]
+    assert "wrote " in lines[done] and "val top-1" in lines[done]
+
+
+def test_attack_accelerate_launch_with_fewer_processes_warns(data, tmp_path):
+    """21: `accelerate launch --num_processes 2 train.py` on a CPU ran ONE process (world size 1) without a word.
+    Now a warning names the count asked for and torchrun (--cpu keeps this so on a machine with GPUs too; HF_HOME
+    points at an empty folder so no accelerate config file of this machine is read)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", REPO / "train.py",
+           "--data", data, "--out", tmp_path / "run", "--batch-size", "32", "--precision", "fp32", "--export", "",
+           "--epochs", "1", "--max-steps", "1"]
+    proc = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=300,
+                          env=dict(ENV, HF_HOME=str(tmp_path / "hf")))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train.py: warning: accelerate launch asked for 2 processes, but this run has world size 1" in proc.stderr
+    assert "torchrun --nproc_per_node 2 train.py" in proc.stderr
+    assert "1 process on this machine, world size 1" in proc.stdout
+
+
+def test_attack_resume_after_max_steps_trains_no_more(data, tmp_path):
+    """21: a run stopped by --max-steps and resumed with the same command trained every epoch left (the stop was
+    `step == max_steps`, which a resumed run starts past). Now it takes no further step and rewrites the same
+    final.pt."""
+    run = tmp_path / "run"
+    args = ["--epochs", 2, "--max-steps", 2]
+    run_train(data, run, *args)
+    first = torch.load(run / "final.pt", weights_only=True)["model"]
+    proc = run_train(data, run, *args, "--resume")
+    assert "done: 0 steps" in proc.stdout and "(2 in all, resumed at epoch 1)" in proc.stdout
+    assert max(r["step"] for r in metrics(run)) == 2
+    again = torch.load(run / "final.pt", weights_only=True)["model"]
+    assert all(torch.equal(first[k], again[k]) for k in first)
