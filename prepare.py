@@ -37,156 +37,11 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-# --- shared helpers (byte-identical in every stage: tests/test_shared.py)
 
-GROUPS = ("many", "medium", "few")
-
-
+# The one shared helper the Config needs above it; the others are at the back of the file.
 def opt(default, help, heading=""):
     """A config field with its --help line; `heading` starts a new group of flags in --help."""
     return field(default=default, metadata={"help": help, "heading": heading})
-
-
-def parse_config(config_cls, argv=None, positional=(), defaults=None):
-    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
-    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
-    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
-    flags given on the command line still win, and --help shows the replaced defaults."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    group, hints = parser, typing.get_type_hints(config_cls)
-    for f in fields(config_cls):
-        kind, meta = hints[f.name], f.metadata
-        if meta.get("heading"):
-            group = parser.add_argument_group(meta["heading"])
-        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
-        kwargs = {"help": meta.get("help", "")}
-        if typing.get_origin(kind) is typing.Literal:
-            choices = typing.get_args(kind)
-            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
-        elif kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
-        if f.name not in positional:
-            kwargs["default"] = f.default
-        group.add_argument(*names, **kwargs)
-    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
-        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
-            action.help += " (default: %(default)r)"
-    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
-        parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
-        parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
-    return config_cls(**vars(parser.parse_args(argv)))
-
-
-def die(msg):
-    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
-    sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
-
-
-def warn(msg):
-    print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
-
-
-def is_main_process():
-    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-class LineProgress:
-    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
-
-    def __init__(self, stream):
-        self.stream = stream
-
-    def write(self, text):
-        if text.strip("\r\n"):
-            self.stream.write(text.strip("\r\n") + "\n")
-
-    def flush(self):
-        self.stream.flush()
-
-
-def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
-    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
-    Rank 0 alone draws it."""
-    from tqdm import tqdm
-    tty = sys.stderr.isatty()
-    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
-                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
-                file=sys.stderr if tty else LineProgress(sys.stderr))
-
-
-def sha256_file(path):
-    """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_split(path, num_classes=None):
-    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
-    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
-    out of the data root with `..` (a split only ever names files under its root)."""
-    path = Path(path)
-    if not path.is_file():
-        die(f"split file {path} not found (prepare.py writes it)")
-    items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
-            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
-        rel, label = parts[0], int(parts[1])
-        if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
-            die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
-        if num_classes is not None and label >= num_classes:
-            die(f"{path}:{n}: label {label}, but there are only {num_classes} classes")
-        items.append((rel, label))
-    if not items:
-        die(f"split file {path} has no images")
-    return items
-
-
-def class_group(count):
-    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
-    return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
-
-
-def versions(*names):
-    """Versions of the packages that made an artifact, for its sidecar or run folder."""
-    found = {"python": sys.version.split()[0]}
-    for name in names:
-        try:
-            found[name] = pkg_metadata.version(name)
-        except pkg_metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def write_json(path, obj):
-    """Write JSON through a temporary file and a rename: a kill never leaves half a file behind."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def writable_dir(path):
-    """Make --out now and prove it writable, so a bad --out fails before any work is spent."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        die(f"{path} is a file, not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        die(f"{path} is not writable ({e.strerror})")
-    return path
 
 
 # --- configuration
@@ -796,6 +651,153 @@ def main():
         "published": published, "versions": versions("numpy", "pillow", "torchvision"),
         **{k: v for k, v in info.items() if k != "notes"}})
     print_report(cfg, out, names, train_key, per_class, found, published, info.get("notes", []))
+
+
+# --- shared helpers: byte-identical copies of tests/shared_helpers.py (tests/test_shared.py, --sync)
+
+GROUPS = ("many", "medium", "few")
+
+
+def parse_config(config_cls, argv=None, positional=(), defaults=None):
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
+    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
+    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
+    flags given on the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    group, hints = parser, typing.get_type_hints(config_cls)
+    for f in fields(config_cls):
+        kind, meta = hints[f.name], f.metadata
+        if meta.get("heading"):
+            group = parser.add_argument_group(meta["heading"])
+        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
+        kwargs = {"help": meta.get("help", "")}
+        if typing.get_origin(kind) is typing.Literal:
+            choices = typing.get_args(kind)
+            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
+        elif kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
+        if f.name not in positional:
+            kwargs["default"] = f.default
+        group.add_argument(*names, **kwargs)
+    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+            action.help += " (default: %(default)r)"
+    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+        parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
+        parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
+    return config_cls(**vars(parser.parse_args(argv)))
+
+
+def die(msg):
+    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def warn(msg):
+    print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
+
+
+def is_main_process():
+    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+class LineProgress:
+    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        if text.strip("\r\n"):
+            self.stream.write(text.strip("\r\n") + "\n")
+
+    def flush(self):
+        self.stream.flush()
+
+
+def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
+    Rank 0 alone draws it."""
+    from tqdm import tqdm
+    tty = sys.stderr.isatty()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
+                disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                file=sys.stderr if tty else LineProgress(sys.stderr))
+
+
+def sha256_file(path):
+    """sha256 of a file's bytes, read in blocks (arrays run to gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_split(path, num_classes=None):
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
+    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
+    out of the data root with `..` (a split only ever names files under its root)."""
+    path = Path(path)
+    if not path.is_file():
+        die(f"split file {path} not found (prepare.py writes it)")
+    items = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+        rel, label = parts[0], int(parts[1])
+        if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
+            die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
+        if num_classes is not None and label >= num_classes:
+            die(f"{path}:{n}: label {label}, but there are only {num_classes} classes")
+        items.append((rel, label))
+    if not items:
+        die(f"split file {path} has no images")
+    return items
+
+
+def class_group(count):
+    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
+    return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
+
+
+def versions(*names):
+    """Versions of the packages that made an artifact, for its sidecar or run folder."""
+    found = {"python": sys.version.split()[0]}
+    for name in names:
+        try:
+            found[name] = pkg_metadata.version(name)
+        except pkg_metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def write_json(path, obj):
+    """Write JSON through a temporary file and a rename: a kill never leaves half a file behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def writable_dir(path):
+    """Make --out now and prove it writable, so a bad --out fails before any work is spent."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        die(f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        die(f"{path} is not writable ({e.strerror})")
+    return path
 
 
 if __name__ == "__main__":
