@@ -1236,6 +1236,7 @@ def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
                 disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
+                maxinterval=10 if tty else 30,  # tqdm's monitor would otherwise force a line every 10 s
                 file=sys.stderr if tty else LineProgress(sys.stderr))
 
 
