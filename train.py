@@ -1,33 +1,39 @@
-r"""Train a vision encoder from scratch with long-tail classification + VLM text distillation (VLM-KD),
-optionally with the CLIP-teacher losses of Li et al. (imitation, class-text classifier, VL alignment).
+r"""Train a vision encoder from scratch with long-tail classification + VLM text distillation
+(VLM-KD), optionally with the CLIP-teacher losses of Li et al. (imitation, class-text classifier, VL
+alignment).
 
-    python train.py --data data/fmnist-lt --arch resnet32 --loss la --epochs 100 --out runs/fmnist/ce
+    python train.py --data data/fmnist-lt --arch resnet32 --loss la --epochs 100 \
+        --out runs/fmnist/ce
     accelerate launch train.py --data data/fmnist-lt --arch resnet32 --loss la --epochs 100 \
         --text runs/fmnist/text/text.npy --text-weight 1.0 --out runs/fmnist/vlmkd
-    accelerate launch train.py --data data/imagenet-lt --arch resnet50 --res 176 --epochs 90 --compile \
-        --text runs/inlt/text/text.npy --out runs/inlt/vlmkd                    # one machine, all its GPUs
-    python train.py ... --arch timm:vit_tiny_patch16_224 --res 64            # any timm model, from scratch
-    python train.py ... --teacher runs/fmnist/ce/final.pt --kd-weight 1.0    # + vision-teacher logit KD
+    accelerate launch train.py --data data/imagenet-lt --arch resnet50 --res 176 --epochs 90 \
+        --compile --text runs/inlt/text/text.npy --out runs/inlt/vlmkd   # one machine, all its GPUs
+    python train.py ... --arch timm:vit_tiny_patch16_224 --res 64   # any timm model, from scratch
+    python train.py ... --teacher runs/fmnist/ce/final.pt --kd-weight 1.0   # + vision-teacher KD
     python train.py ... --class-text runs/x/clip/classes.npy --head cosine \
-        --teacher-images runs/x/clip/images.npy                             # Li et al. CLIP-teacher losses
-    python train.py ... --init runs/x/li/final.pt                            # finetune from every fitting weight
-    accelerate launch train.py --recipe li-main --data data/food-li --class-text runs/food-li/clip/classes.npy \
-        --teacher-images runs/food-li/clip/id_train.npy --out runs/food-li/student   # a published protocol
-    python train.py --recipe li-5shot --help                                 # its settings, shown as the defaults
-    python train.py ... --resume                                             # continue a killed run in --out
-    torchrun --nproc_per_node 2 train.py ...                                 # several CPU processes (gloo)
+        --teacher-images runs/x/clip/images.npy                 # Li et al.'s CLIP-teacher losses
+    python train.py ... --init runs/x/li/final.pt               # finetune from every fitting weight
+    accelerate launch train.py --recipe li-main --data data/food-li \
+        --class-text runs/food-li/clip/classes.npy --teacher-images runs/food-li/clip/id_train.npy \
+        --out runs/food-li/student                              # a published protocol
+    python train.py --recipe li-5shot --help                    # its settings as the defaults
+    python train.py ... --resume                                # continue a killed run in --out
+    torchrun --nproc_per_node 2 train.py ...                    # several CPU processes (gloo)
 
 The run directory gets a copy of this script, config.json, versions.json, metrics.jsonl (every loss
 part, lr, images/s; val top-1 overall/many/medium/few), ckpt.pt (everything to resume, each epoch),
-final.pt (student + text head + class names + counts + preprocessing: all that eval.py needs) and the
-student for use without this code: student.safetensors + student.json (torchvision / timm keys) and
-student.pt2 (torch.export), see --export.
+final.pt (student + text head + class names + counts + preprocessing: all that eval.py needs) and
+the student for use without this code: student.safetensors + student.json (torchvision / timm
+keys) and student.pt2 (torch.export), see --export.
 """
 import argparse
 import hashlib
 import json
 import math
+import multiprocessing
+import multiprocessing.queues
 import os
+import queue
 import re
 import shutil
 import sys
@@ -37,8 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata as pkg_metadata
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
@@ -57,22 +62,26 @@ def opt(default, help, heading=""):
 
 # --- config
 
-REPORT_TO = Literal["none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
-RECIPE_NAMES = Literal["none", "li-main", "li-main-x5", "li-5shot", "li-5shot-x5", "vlmkd-imagenet-lt"]
+REPORT_TO = Literal["none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml",
+                    "dvclive"]
+RECIPE_NAMES = Literal["none", "li-main", "li-main-x5", "li-5shot", "li-5shot-x5",
+                       "vlmkd-imagenet-lt"]
 
 
 @dataclass
 class Config:
-    recipe: RECIPE_NAMES = opt("none", "a published protocol's settings as the defaults of every flag below (README "
-                                       "'Recipes'); flags given still win, config.json lists them", heading="recipe")
+    recipe: RECIPE_NAMES = opt(
+        "none", "a published protocol's settings as the defaults of every flag below (README "
+                "'Recipes'); flags given still win, config.json lists them", heading="recipe")
     data: str = opt("data/fmnist-lt", "folder from prepare.py", heading="data")
     train_split: str = opt("train.txt", "split file inside --data (id_train.txt for OOD sets)")
-    val_split: str = opt("val.txt", "split scored every --eval-every epochs (nothing is selected on it: final.pt is "
-                                    "the last epoch)")
+    val_split: str = opt("val.txt", "split scored every --eval-every epochs (nothing is selected "
+                                    "on it: final.pt is the last epoch)")
     classes: str = opt("classes.txt", "class names inside --data (id_classes.txt for OOD sets)")
-    ood_split: str = opt("", "split inside --data of images of the classes after id_classes.txt, scored every eval "
-                             "epoch within those classes through clip_proj and --class-text (Li et al.'s OOD number: "
-                             "val_ood_top1, val_ood_mean_class); '' = off")
+    ood_split: str = opt(
+        "", "split inside --data of images of the classes after id_classes.txt, scored every "
+            "eval epoch within those classes through clip_proj and --class-text (Li et al.'s OOD "
+            "number: val_ood_top1, val_ood_mean_class); '' = off")
     out: str = opt("runs/train", "run directory")
     res: int = opt(32, "training / eval resolution")
     max_res: int = opt(256, "longest side stored in the .beton cache")
@@ -80,44 +89,55 @@ class Config:
     crop_ratio: float = opt(-1.0, "eval centre-crop ratio; -1: 1.0 for res <= 64, else 0.875")
     workers: int = opt(-1, "ffcv decoding threads; -1: all cores / processes")
 
-    arch: str = opt("resnet32", "resnet20/32/44/56 (CIFAR-style), a torchvision model name, or timm:<name> "
-                                "(random init; features are the pooled pre-logits)", heading="model")
-    init: str = opt("", "final.pt whose backbone starts this run (the classes may differ: the head is new)")
+    arch: str = opt("resnet32", "resnet20/32/44/56 (CIFAR-style), a torchvision model name, or "
+                                "timm:<name> (random init; features are the pooled pre-logits)",
+                    heading="model")
+    init: str = opt("", "final.pt whose backbone starts this run (the classes may differ: the "
+                        "head is new)")
     ema: float = opt(0.0, "EMA decay per step (e.g. 0.999); 0 = off. Eval and final.pt use the EMA")
 
     epochs: int = opt(100, "epochs (the lr schedule counts these)", heading="optimisation")
-    repeat_epochs: int = opt(1, "passes over the training split per epoch (Li et al.'s --repeat-epochs; "
-                                "rows_max_repeat then counts the passes)")
+    repeat_epochs: int = opt(1, "passes over the training split per epoch (Li et al.'s "
+                                "--repeat-epochs; rows_max_repeat then counts the passes)")
     batch_size: int = opt(128, "per process")
-    ood_half_batch: bool = opt(False, "half of every batch from the images of the classes after --data/id_classes.txt "
-                                      "(drawn afresh each batch), half from the others (one pass an epoch): Li et "
-                                      "al.'s 5-shot finetune")
+    ood_half_batch: bool = opt(
+        False, "half of every batch from the images of the classes after --data/id_classes.txt "
+               "(drawn afresh each batch), half from the others (one pass an epoch): Li et al.'s "
+               "5-shot finetune")
     optimizer: Literal["sgd", "adamw"] = opt("sgd", "sgd (momentum 0.9) or adamw")
     nesterov: bool = opt(True, "nesterov momentum for sgd")
     lr: float = opt(0.1, "peak lr at a global batch of 128; scaled linearly with the global batch")
-    weight_decay: float = opt(5e-4, "not applied to biases, norms and the temperature unless --decay-all")
-    decay_all: bool = opt(False, "weight decay on biases and norms too (Li et al.'s and Kang et al.'s code)")
+    weight_decay: float = opt(5e-4, "not applied to biases, norms and the temperature unless "
+                                    "--decay-all")
+    decay_all: bool = opt(False, "weight decay on biases and norms too (Li et al.'s and Kang et "
+                                 "al.'s code)")
     schedule: Literal["cosine", "step", "onecycle"] = opt(
-        "cosine", "cosine: decay to 0 per step; step: x --gamma at each of --milestones (epochs); onecycle: torch's "
-                  "OneCycleLR stepped once an epoch, peak --lr (Li et al.'s finetune)")
-    milestones: str = opt("30,60", "--schedule step: comma-separated epochs (from 0) where the lr drops")
+        "cosine", "cosine: decay to 0 per step; step: x --gamma at each of --milestones (epochs); "
+                  "onecycle: torch's OneCycleLR stepped once an epoch, peak --lr (Li et al.'s "
+                  "finetune)")
+    milestones: str = opt("30,60", "--schedule step: comma-separated epochs (from 0) where the lr "
+                                   "drops")
     gamma: float = opt(0.1, "--schedule step: lr factor at each milestone")
     warmup_epochs: float = opt(5.0, "linear warmup before the cosine or step schedule, per step")
     grad_clip: float = opt(0.0, "max grad norm; 0 = off")
     precision: Literal["auto", "bf16", "fp16", "fp32"] = opt(
-        "auto", "autocast dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, CPUs with avx512_bf16 "
-        "or AMX: ~2x fp32 there), fp16 on older GPUs, fp32 on other CPUs")
+        "auto", "autocast dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, "
+                "CPUs with avx512_bf16 or AMX: ~2x fp32 there), fp16 on older GPUs, fp32 on other "
+                "CPUs")
     compile: bool = opt(False, "torch.compile the model (~40 s first step on a CPU)")
     seed: int = opt(0, "seed of init, crops, flips, caption sampling and data order")
-    deterministic: bool = opt(False, "deterministic GPU kernels (cuDNN without autotuning, cuBLAS, scatter/index "
-                                     "adds): bit-identical reruns on one GPU, somewhat slower; CPU runs need no flag")
+    deterministic: bool = opt(
+        False, "deterministic GPU kernels (cuDNN without autotuning, cuBLAS, scatter/index adds): "
+               "bit-identical reruns on one GPU, somewhat slower; CPU runs need no flag")
     max_steps: int = opt(0, "stop after this many steps (benchmarks); 0 = off")
 
-    loss: Literal["ce", "la", "bs"] = opt("la", "ce | la (logit-adjusted, Menon et al.) | bs (balanced softmax)",
-                                          heading="classification loss")
+    loss: Literal["ce", "la", "bs"] = opt(
+        "la", "ce | la (logit-adjusted, Menon et al.) | bs (balanced softmax)",
+        heading="classification loss")
     tau_la: float = opt(1.0, "logit adjustment strength of --loss la")
     label_smoothing: float = opt(0.0, "label smoothing of the classification loss")
-    head: Literal["linear", "cosine"] = opt("linear", "linear | cosine (over --class-text embeddings, Li et al.)")
+    head: Literal["linear", "cosine"] = opt(
+        "linear", "linear | cosine (over --class-text embeddings, Li et al.)")
     tau: float = opt(0.07, "temperature of the cosine head and the VL alignment")
 
     text: str = opt("", "text.npy from encode.py: VLM caption features [N, P, D]",
@@ -126,53 +146,64 @@ class Config:
     prompts: str = opt("", "comma-separated prompt ids to train on (default: all slots)")
     text_temp: float = opt(0.07, "InfoNCE temperature (initial value when learnt)")
     learn_temp: bool = opt(False, "learn the temperature (own param group, no decay, --temp-lr)")
-    temp_lr: float = opt(1e-3, "lr of the learnt temperature: SGD at the backbone's lr collapses it")
+    temp_lr: float = opt(1e-3, "lr of the learnt temperature: SGD at the backbone's lr collapses "
+                               "it")
     mask_same_class: bool = opt(False, "drop same-class negatives from the InfoNCE")
-    local_negatives: bool = opt(False, "under N processes, contrast only within each process's batch (default: "
-                                       "gather all processes' rows, as one process with batch N x B)")
+    local_negatives: bool = opt(
+        False, "under N processes, contrast only within each process's batch (default: gather all "
+               "processes' rows, as one process with batch N x B)")
     embed_dim: int = opt(256, "width of the shared image-text space")
     adaptor_hidden: int = opt(512, "hidden width of the text adaptor MLP")
     drop_text_head: bool = opt(False, "leave the text head out of final.pt (deployment)")
 
-    teacher: str = opt("", "final.pt of a frozen vision teacher for logit KD", heading="vision teacher")
+    teacher: str = opt("", "final.pt of a frozen vision teacher for logit KD",
+                       heading="vision teacher")
     kd_weight: float = opt(1.0, "weight of the logit KD; 0 = off")
     kd_temp: float = opt(4.0, "KD softmax temperature T (the loss is scaled by T^2)")
 
-    class_text: str = opt("", "classes.npy from encode.py --classes (CLIP text space); the rows of the training "
-                              "classes are used, checked by name", heading="CLIP teacher (Li et al.)")
+    class_text: str = opt(
+        "", "classes.npy from encode.py --classes (CLIP text space); the rows of the training "
+            "classes are used, checked by name", heading="CLIP teacher (Li et al.)")
     teacher_images: str = opt("", "images.npy from encode.py --images (CLIP image embeddings)")
     imitate_weight: float = opt(1.0, "weight of the image-embedding imitation; 0 = off")
-    imitate_loss: str = opt("mse", "mse (of unit vectors), contrastive (InfoNCE at --tau), or both: mse,contrastive "
-                                   "(Li et al.'s L-mse + L-cst, each at --imitate-weight)")
-    align_weight: float = opt(1.0, "weight of the VL alignment (needs --class-text and --teacher-images); 0 = off")
-    align_topk: int = opt(0, "align over the teacher's top-k class texts (k > classes: all); 0 = all")
+    imitate_loss: str = opt(
+        "mse", "mse (of unit vectors), contrastive (InfoNCE at --tau), or both: mse,contrastive "
+               "(Li et al.'s L-mse + L-cst, each at --imitate-weight)")
+    align_weight: float = opt(1.0, "weight of the VL alignment (needs --class-text and "
+                                   "--teacher-images); 0 = off")
+    align_topk: int = opt(0, "align over the teacher's top-k class texts (k > classes: all); 0 = "
+                             "all")
     align_correct_only: bool = opt(False, "align only where the teacher is right")
 
-    resume: bool = opt(False, "continue from --out/ckpt.pt (refused if an input or a setting changed)", heading="run")
-    overwrite: bool = opt(False, "start a new run in an --out that holds another run: its files (those train.py "
-                                 "writes, nothing else) are removed first")
+    resume: bool = opt(False, "continue from --out/ckpt.pt (refused if an input or a setting "
+                              "changed)", heading="run")
+    overwrite: bool = opt(
+        False, "start a new run in an --out that holds another run: its files (those train.py "
+               "writes, nothing else) are removed first")
     eval_every: int = opt(1, "evaluate on --val-split every this many epochs (and after the last)")
     log_every: int = opt(20, "steps between metrics.jsonl rows")
     report_to: REPORT_TO = opt("none", "also log metrics.jsonl's rows to this accelerate tracker")
-    export: str = opt("safetensors,pt2", "student files written next to final.pt: comma-separated from "
-                                         "safetensors, pt2, onnx; '' = none")
+    export: str = opt("safetensors,pt2", "student files written next to final.pt: comma-separated "
+                                         "from safetensors, pt2, onnx; '' = none")
 
 
-# Flags that change only speed or logging: a resume may change them. Input paths are compared by content.
+# Flags that change only speed or logging: a resume may change them. Input paths are compared by
+# content (the sha256 of each input, checkpointed), not by name.
 RESUMABLE_CHANGES = {"workers", "log_every", "resume", "overwrite", "report_to", "export", "out"}
-INPUT_FIELDS = {"data", "train_split", "val_split", "classes", "ood_split", "text", "class_text", "teacher",
-                "teacher_images", "init"}
+INPUT_FIELDS = {"data", "train_split", "val_split", "classes", "ood_split", "text", "class_text",
+                "teacher", "teacher_images", "init"}
 EXPORTS = ("safetensors", "pt2", "onnx")
-# Every file a run writes in --out: another run's are refused, --overwrite removes these and nothing else.
+# Every file a run writes in --out: another run's are refused, --overwrite removes these and nothing
+# else (a user's notes in the folder stay).
 RUN_FILES = ("train.py", "config.json", "versions.json", "metrics.jsonl", "ckpt.pt", "final.pt",
              *(f"student.{ext}" for ext in ("json", "safetensors", "pt2", "onnx")))
-WORKERS_PER_CORE = 4  # ffcv decoding threads beyond a few per core only compete for it (and set torch's threads)
+WORKERS_PER_CORE = 4  # ffcv decoding threads beyond a few per core only compete for it
 
 
 @dataclass(frozen=True)
 class Limit:
-    """The values a numeric flag takes: [low, high], an end left out with `open_low` / `open_high`; `auto` is a
-    value outside the range that means "choose for me" (-1)."""
+    """The values a numeric flag takes: [low, high], an end left out with `open_low` / `open_high`;
+    `auto` is a value outside the range that means "choose for me" (-1)."""
     low: float = -math.inf
     high: float = math.inf
     open_low: bool = False
@@ -192,7 +223,8 @@ class Limit:
         if self.high == math.inf:
             text = f"{'>' if self.open_low else '>='} {low}"
         else:
-            text = f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+            left, right = "(" if self.open_low else "[", ")" if self.open_high else "]"
+            text = f"in {left}{low}, {high}{right}"
         return (f"{self.auto:g} or " if self.auto is not None else "") + text
 
 
@@ -203,7 +235,8 @@ LIMITS = {
     "min_scale": Limit(0, 1, open_low=True, auto=-1),
     "crop_ratio": Limit(0, 1, open_low=True, auto=-1),
     "workers": Limit(1, WORKERS_PER_CORE * (os.cpu_count() or 1), auto=-1,
-                     why=f"{WORKERS_PER_CORE} per core: more decoding threads only compete for the cores"),
+                     why=f"{WORKERS_PER_CORE} per core: more decoding threads only compete for "
+                         f"the cores"),
     "ema": Limit(0, 1, open_high=True, why="a decay of 1 keeps the average at the random init"),
     "epochs": Limit(1),
     "repeat_epochs": Limit(1),
@@ -234,98 +267,120 @@ LIMITS = {
 
 
 def check_config(cfg):
-    """Every numeric flag in its range and the flags that go together, before any work: an odd value is one line
-    naming the flag, not a traceback (or a silent no-op run) later."""
+    """Every flag before anything is read: a recipe's missing input, a value out of its range,
+    flags that do not go together. One line naming the flag, not a traceback (or a silent no-op
+    run) later."""
+    needs = RECIPE_NEEDS.get(cfg.recipe.removesuffix("-x5"), ())
+    missing = [flag(k) for k in needs if not getattr(cfg, k)]
+    if missing:
+        die(f"--recipe {cfg.recipe} needs {', '.join(missing)} (README 'Recipes')")
+    kinds = comma_list(cfg.imitate_loss)
+    if not kinds or set(kinds) - {"mse", "contrastive"}:
+        die(f"--imitate-loss {cfg.imitate_loss}: expected mse, contrastive or mse,contrastive")
+    if not all(m.isdigit() for m in comma_list(cfg.milestones)):
+        die(f"--milestones {cfg.milestones}: expected comma-separated epochs, e.g. 30,60")
+    if cfg.ood_split and not (cfg.class_text and (cfg.head == "cosine" or cfg.teacher_images)):
+        die("--ood-split scores through clip_proj and the class texts: it needs --class-text and "
+            "--head cosine or --teacher-images")
+    if cfg.ood_half_batch and not (Path(cfg.data) / "id_classes.txt").is_file():
+        die(f"--ood-half-batch: {Path(cfg.data) / 'id_classes.txt'} not found (it tells the OOD "
+            f"classes: those after its lines; prepare.py writes it for the OOD sets)")
     hints = typing.get_type_hints(Config)
     for f in fields(cfg):
         if hints[f.name] in (int, float):
             value, limit = getattr(cfg, f.name), LIMITS[f.name]
             if not limit.allows(value):
-                die(f"--{f.name.replace('_', '-')} {value}: must be {limit.describe()}"
+                die(f"{flag(f.name)} {value}: must be {limit.describe()}"
                     + (f" ({limit.why})" if limit.why else ""))
     if cfg.max_res < cfg.res:
-        die(f"--max-res {cfg.max_res} < --res {cfg.res}: the cache would store every image smaller than it trains")
+        die(f"--max-res {cfg.max_res} < --res {cfg.res}: the cache would store every image smaller "
+            f"than it trains")
     if cfg.resume and cfg.overwrite:
         die("--resume continues the run in --out, --overwrite replaces it: pass one of them")
+    for kind in comma_list(cfg.export):
+        if kind not in EXPORTS:
+            die(f"--export {kind}: expected a comma-separated subset of {', '.join(EXPORTS)}")
 
 
 # --- recipes
-# Each published protocol as the defaults it sets (README "Recipes" has the commands and a table of sources). Li et
-# al.'s values are read from their code, github.com/xuanlinli17/large_vlm_distillation_ood at commit 4c04530:
-# "main:N" is main_experiments.py line N, "ex:N" example_scripts.sh line N, "their README" its "Running main
-# experiments" section. Where a value has no line, the comment names the function that fixes it.
+# Each published protocol as the defaults it sets (README "Recipes" has the commands and a table
+# of sources). Li et al.'s values are read from their code at commit 4c04530,
+# github.com/xuanlinli17/large_vlm_distillation_ood: "main:N" is main_experiments.py line N, "ex:N"
+# example_scripts.sh line N, "their README" its "Running main experiments" section. Where a value
+# has no line, the comment names the function that fixes it.
 LI_COMMON = {
     "arch": "resnet18",             # ex:1 `-a resnet18` (their README: ResNet students)
-    "res": 224,                     # main, train transform: RandomResizedCrop(224); test: CenterCrop(224)
+    "res": 224,                     # main: RandomResizedCrop(224) to train; CenterCrop(224) to test
     "max_res": 256,                 # main: every image is first resized to 256 x 256
     "min_scale": 0.08,              # main: RandomResizedCrop's default scale (0.08, 1)
     "crop_ratio": 0.875,            # main: CenterCrop(224) of the 256-px image
     "batch_size": 128,              # ex:3 `--train-batch 128`
     "optimizer": "sgd",             # main: optim.SGD unless --use-adam (ViT students only)
-    "nesterov": False,              # main: optim.SGD(momentum=args.momentum), no nesterov; momentum 0.9 main:71
-    "decay_all": True,              # main: optim.SGD(model.parameters(), ...) decays every parameter
+    "nesterov": False,              # main:71 momentum 0.9; optim.SGD(...) without nesterov
+    "decay_all": True,              # main: optim.SGD(model.parameters(), ...) decays all of them
     "weight_decay": 1e-4,           # main:73 `--weight-decay` default 1e-4 (the examples keep it)
     "warmup_epochs": 0.0,           # main: adjust_learning_rate has no warmup
-    "repeat_epochs": 1,             # main:54 `--repeat-epochs` default 1; their README: 1 for Food, SUN (ResNet)
-    "head": "cosine",               # main, train(): logits = normalize(student) . normalize(class text) / T
+    "repeat_epochs": 1,             # main:54 default 1; their README: 1 for Food and SUN (ResNet)
+    "head": "cosine",               # main, train(): logits = norm(student) . norm(class text) / T
     "tau": 0.07,                    # main:102 `--temperature` 0.07 (L-cls, L-vlalign and L-cst)
     "loss": "ce",                   # main: criterion = nn.CrossEntropyLoss() (L-cls)
     "label_smoothing": 0.0,         # main: nn.CrossEntropyLoss() without smoothing
-    "imitate_loss": "mse,contrastive",  # ex:4 `--clip-align-image-mse --clip-align-image-contrastive`
+    "imitate_loss": "mse,contrastive",  # ex:4 --clip-align-image-mse --clip-align-image-contrastive
     "imitate_weight": 1.0,          # main, train(): L-mse and L-cst are added with weight 1
     "align_weight": 1.0,            # main, train(): L-vlalign is added with weight 1.0
-    "align_topk": 256,              # ex:5 `--clip-align-proximal-text-num 256` (min(k, classes) in train())
-    "align_correct_only": True,     # ex:5 `--clip-filter-out-wrong-alignment` (L-vlalign only, not L-mse/L-cst)
+    "align_topk": 256,              # ex:5 `--clip-align-proximal-text-num 256`; min(k, classes)
+    "align_correct_only": True,     # ex:5 `--clip-filter-out-wrong-alignment`: L-vlalign only
     "ema": 0.0, "grad_clip": 0.0,   # main: neither exists there
-    "eval_every": 1,                # main: tests every epoch; the mean of the last 5 is reported (log_avg.txt)
+    "eval_every": 1,                # main: tests each epoch; the last 5 averaged (log_avg.txt)
 }
 RECIPES = {
     "none": {},
     # Their main run: ID classes, teacher CLIP ViT-L/14 (main:89 `--clip-model` default ViT-L/14).
     "li-main": LI_COMMON | {
-        "train_split": "id_train.txt", "val_split": "id_test.txt", "classes": "id_classes.txt",  # prepare.py
-        "ood_split": "ood_test.txt",  # --protocol li: their train / val_on_train / val folders
+        "train_split": "id_train.txt", "val_split": "id_test.txt", "classes": "id_classes.txt",
+        "ood_split": "ood_test.txt",  # prepare.py --protocol li: their train / val_on_train / val
         "epochs": 90,               # ex:1 `--epochs 90`
         "lr": 0.05,                 # ex:2 `--lr 0.05` at batch 128
-        "schedule": "step", "milestones": "30,60", "gamma": 0.1,  # ex:2 `--schedule 30 60 --gamma 0.1`
+        "schedule": "step", "milestones": "30,60", "gamma": 0.1,  # ex:2 --schedule 30 60, --gamma
     },
-    # Their 5-shot finetune of a li-main student (ex:8-14): ID + OOD class texts, the shots in half of every batch
-    # (custom_data_loader.py FewShotSampler), the same losses.
+    # Their 5-shot finetune of a li-main student (ex:8-14): ID + OOD class texts, the shots in half
+    # of every batch (custom_data_loader.py FewShotSampler), the same losses.
     "li-5shot": LI_COMMON | {
         "train_split": "li_train.txt", "val_split": "id_test.txt", "classes": "classes.txt",
         "ood_split": "li_ood_test.txt", "ood_half_batch": True,
         "epochs": 20,               # ex:8 `--epochs 20`
         "lr": 1e-3,                 # ex:9 `--lr 0.001`
-        "schedule": "onecycle",     # ex:9 `--onecyclelr`: OneCycleLR(max_lr=lr, steps_per_epoch=1, epochs=20)
+        "schedule": "onecycle",     # ex:9 `--onecyclelr`: OneCycleLR(max_lr=lr, steps_per_epoch=1)
     },
-    # VLM-KD on ImageNet-LT (Zhang et al. 2024) publishes few settings: these are the ResNet-50 ImageNet-LT settings
-    # of Kang et al. 2020 (github.com/facebookresearch/classifier-balancing, config/ImageNet_LT/feat_uniform.yaml),
-    # the text term at this project's defaults.
+    # VLM-KD on ImageNet-LT (Zhang et al. 2024) publishes few settings: these are the ResNet-50
+    # ImageNet-LT settings of Kang et al. 2020 (github.com/facebookresearch/classifier-balancing,
+    # config/ImageNet_LT/feat_uniform.yaml), the text term at this project's defaults.
     "vlmkd-imagenet-lt": {
-        "train_split": "train.txt", "val_split": "val.txt", "classes": "classes.txt",  # prepare.py imagenet-lt
+        "train_split": "train.txt", "val_split": "val.txt", "classes": "classes.txt",
         "arch": "resnet50",         # VLM-KD's ImageNet-LT student
-        "res": 224, "max_res": 256, "min_scale": 0.08, "crop_ratio": 0.875,  # the standard ImageNet 224-px crops
+        "res": 224, "max_res": 256, "min_scale": 0.08, "crop_ratio": 0.875,  # the 224-px crops
         "batch_size": 128,          # x 4 processes = feat_uniform.yaml batch_size 512
-        "optimizer": "sgd", "nesterov": False,  # feat_uniform.yaml optim_params: momentum 0.9, plain SGD
-        "lr": 0.05,                 # feat_uniform.yaml lr 0.2 at batch 512 = 0.05 at 128 (scaled linearly)
+        "optimizer": "sgd", "nesterov": False,  # feat_uniform.yaml: momentum 0.9, plain SGD
+        "lr": 0.05,                 # feat_uniform.yaml lr 0.2 at batch 512 = 0.05 at 128 (linear)
         "weight_decay": 5e-4,       # feat_uniform.yaml weight_decay 0.0005
         "decay_all": True,          # feat_uniform.yaml: optim_params cover every parameter
-        "schedule": "cosine", "warmup_epochs": 0.0,  # feat_uniform.yaml coslr true, endlr 0.0, no warmup
+        "schedule": "cosine", "warmup_epochs": 0.0,  # feat_uniform.yaml coslr, endlr 0.0, no warmup
         "epochs": 90,               # feat_uniform.yaml num_epochs 90
         "repeat_epochs": 1, "ema": 0.0, "grad_clip": 0.0, "label_smoothing": 0.0, "head": "linear",
-        "loss": "la", "tau_la": 1.0,  # logit adjustment (Menon et al. 2021): our choice of long-tail loss
-        "text_weight": 1.0, "text_temp": 0.07, "learn_temp": False, "mask_same_class": False,  # our defaults
-        "embed_dim": 256, "adaptor_hidden": 512,  # our defaults (VLM-KD does not publish its adaptor)
+        "loss": "la", "tau_la": 1.0,  # logit adjustment (Menon et al. 2021): our long-tail loss
+        "text_weight": 1.0, "text_temp": 0.07, "learn_temp": False, "mask_same_class": False,
+        "embed_dim": 256, "adaptor_hidden": 512,  # our defaults (VLM-KD publishes no adaptor)
         "eval_every": 1,
     },
 }
-RECIPES["li-main-x5"] = RECIPES["li-main"] | {"repeat_epochs": 5}    # their README: 5 for Flowers, Cars, Birds
+# Their README: 5 passes an epoch for Flowers, Cars and Birds.
+RECIPES["li-main-x5"] = RECIPES["li-main"] | {"repeat_epochs": 5}
 RECIPES["li-5shot-x5"] = RECIPES["li-5shot"] | {"repeat_epochs": 5}
 # What a recipe cannot run without (checked before any work), and the teacher it was published with.
-RECIPE_NEEDS = {"li-main": ("class_text", "teacher_images"), "li-5shot": ("class_text", "teacher_images", "init"),
-                "vlmkd-imagenet-lt": ("text",)}
-LI_TEACHER = "clip-vit-large-patch14"  # main:89 ViT-L/14, at 224 px (main: clip_preprocess Resize / CenterCrop 224)
-LI_TEMPLATE = "a photo of {name} . {description}"  # main: "a photo of " + name + " . " + chatgpt description
+RECIPE_NEEDS = {"li-main": ("class_text", "teacher_images"), "vlmkd-imagenet-lt": ("text",),
+                "li-5shot": ("class_text", "teacher_images", "init")}
+LI_TEACHER = "clip-vit-large-patch14"  # main:89 ViT-L/14, at 224 px (main: clip_preprocess)
+LI_TEMPLATE = "a photo of {name} . {description}"  # main: "a photo of " + name + " . " + its text
 
 
 def recipe_defaults(namespace):
@@ -334,10 +389,11 @@ def recipe_defaults(namespace):
 
 def recipe_record(cfg):
     """The recipe's values that a flag overrode: {field: {"recipe": value, "used": value}}."""
-    return {k: {"recipe": v, "used": getattr(cfg, k)} for k, v in RECIPES[cfg.recipe].items() if getattr(cfg, k) != v}
+    return {k: {"recipe": v, "used": getattr(cfg, k)} for k, v in RECIPES[cfg.recipe].items()
+            if getattr(cfg, k) != v}
 
 
-# --- model code shared with eval.py: byte-identical copies of tests/shared_models.py (tests/test_shared.py)
+# --- model code shared with eval.py: byte-identical copies of tests/shared_models.py (--sync)
 
 class BasicBlock(nn.Module):
     def __init__(self, c_in, c_out, stride):
@@ -459,7 +515,91 @@ class Model(nn.Module):
         return logits, clip_emb, img_emb, txt_emb
 
 
-# --- losses (pure functions)
+def build_model(cfg, data, sup, device):
+    """(the Model on the device, the --init line or '')."""
+    torch.manual_seed(cfg.seed)
+    clip_dim = sup.class_text.shape[1] if cfg.head == "cosine" else 0
+    clip_dim = sup.teacher_images.shape[1] if sup.teacher_images is not None else clip_dim
+    student = Student(cfg.arch, data.num_classes, cfg.res, cfg.head, clip_dim, sup.class_text,
+                      cfg.tau)
+    text_head = None
+    if sup.text_feats is not None:
+        text_head = TextHead(student.feat_dim, sup.text_feats.shape[-1], cfg.embed_dim,
+                             cfg.adaptor_hidden, cfg.text_temp, cfg.learn_temp)
+    model = Model(student, text_head)
+    note = init_from(model, cfg, sup) if cfg.init else ""
+    return model.to(device, memory_format=torch.channels_last), note
+
+
+def student_from_final(ckpt):
+    """The Student a final.pt describes, with its weights."""
+    clip_dim = ckpt["model"].get("clip_proj.weight", torch.empty(0, 0)).shape[0]
+    student = Student(ckpt["arch"], ckpt["num_classes"], ckpt["preprocess"]["res"], ckpt["head"],
+                      clip_dim, ckpt.get("class_text"), ckpt.get("tau", 0.07))
+    student.load_state_dict(ckpt["model"])
+    return student
+
+
+def load_fitting(module, weights):
+    """Load `weights` into `module` when every tensor is there with its shape; True if it did."""
+    own = module.state_dict()
+    if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
+        return False
+    module.load_state_dict(weights)
+    return True
+
+
+def init_from(model, cfg, sup):
+    """--init: the whole model of an earlier final.pt (same --arch) where shapes fit: backbone (it
+    must), clip_proj, the linear head and the text head; the rest starts fresh. Returns the one line
+    that says what was loaded and what started fresh."""
+    ckpt = read_final(cfg.init, "--init")
+    if ckpt["arch"] != cfg.arch:
+        die(f"--init {cfg.init} is a {ckpt['arch']}, not --arch {cfg.arch}")
+    student, source = model.student, ckpt["model"]
+    weights = {k.removeprefix("backbone."): v for k, v in source.items()
+               if k.startswith("backbone.")}
+    try:
+        student.backbone.load_state_dict(weights)
+    except RuntimeError as e:
+        die(f"--init {cfg.init}: its backbone does not fit --arch {cfg.arch} ({first_line(e)})")
+    loaded, fresh = ["backbone"], []
+    for name in ("clip_proj", "head"):
+        part = getattr(student, name)
+        if part is not None:
+            given = {k.removeprefix(f"{name}."): v for k, v in source.items()
+                     if k.startswith(f"{name}.")}
+            (loaded if given and load_fitting(part, given) else fresh).append(name)
+    head, text_head = ckpt.get("text_head"), model.text_head
+    if text_head is not None:
+        fits = head is not None and load_fitting(text_head.proj, head["proj"]) \
+            and load_fitting(text_head.adaptor, head["adaptor"])
+        if fits:
+            text_head.log_scale.data.fill_(math.log(head["logit_scale"]))
+        (loaded if fits else fresh).append("text head")
+    here = len(sup.class_text) if cfg.head == "cosine" else student.head.out_features
+    return (f"--init {cfg.init}: loaded {', '.join(loaded)}; started fresh: "
+            f"{', '.join(fresh) or 'nothing'}; {ckpt['num_classes']} classes there, {here} here"
+            + kept_class_texts(cfg, ckpt, sup, here))
+
+
+def kept_class_texts(cfg, ckpt, sup, here):
+    """--init of a cosine head: the final.pt's class texts must be the first rows of --class-text,
+    so that its classifier still means the same classes here."""
+    old = ckpt.get("class_text")
+    if cfg.head != "cosine" or old is None:
+        return ""
+    new = sup.class_text
+    if old.shape[1] != new.shape[1] or len(old) > len(new) or not torch.allclose(
+            old.float(), new[:len(old)].float(), atol=1e-2):
+        die(f"--init {cfg.init} classified over other class texts than the first rows of "
+            f"--class-text {cfg.class_text}: use the classes.npy it was trained with (its classes "
+            f"first)")
+    added = f", {here - len(old)} added" if here > len(old) else ""
+    return f" (text classifier: its {len(old)} class texts kept{added})"
+
+
+# --- losses (pure functions, then loss_terms: the one place where they are put together)
 
 def masked_mean(values, valid=None):
     """Mean over the rows where `valid` (all rows when None); 0 when no row is valid."""
@@ -469,13 +609,15 @@ def masked_mean(values, valid=None):
 
 
 def prior_adjusted_ce(logits, labels, log_prior, tau=1.0, label_smoothing=0.0):
-    """Logit-adjusted CE (Menon et al.): CE(logits + tau * log prior). tau=1 is the balanced softmax."""
-    return F.cross_entropy(logits.float() + tau * log_prior, labels, label_smoothing=label_smoothing)
+    """Logit-adjusted CE (Menon et al.): CE(logits + tau * log prior); tau=1: balanced softmax."""
+    return F.cross_entropy(logits.float() + tau * log_prior, labels,
+                           label_smoothing=label_smoothing)
 
 
 def info_nce(img_emb, txt_emb, logit_scale, labels=None, mask_same_class=False, valid=None):
-    """Symmetric InfoNCE between matching rows. Optionally same-class off-diagonal pairs are not negatives, and
-    rows that are not `valid` (no caption) are neither anchors nor negatives: loss 0 and no gradient."""
+    """Symmetric InfoNCE between matching rows. Optionally same-class off-diagonal pairs are not
+    negatives, and rows that are not `valid` (no caption) are neither anchors nor negatives: loss 0
+    and no gradient."""
     img_emb, txt_emb = F.normalize(img_emb.float(), dim=-1), F.normalize(txt_emb.float(), dim=-1)
     logits = logit_scale * img_emb @ txt_emb.T
     keep = torch.ones_like(logits, dtype=torch.bool)
@@ -483,10 +625,12 @@ def info_nce(img_emb, txt_emb, logit_scale, labels=None, mask_same_class=False, 
         keep = labels[:, None] != labels[None, :]
     if valid is not None:
         keep = keep & valid[:, None] & valid[None, :]
-    if mask_same_class or valid is not None:  # the diagonal stays: a row alone with its positive costs 0
-        logits = logits.masked_fill(~(keep | torch.eye(len(logits), dtype=torch.bool, device=logits.device)), -math.inf)
+    if mask_same_class or valid is not None:  # the diagonal stays: a row with only it costs 0
+        diagonal = torch.eye(len(logits), dtype=torch.bool, device=logits.device)
+        logits = logits.masked_fill(~(keep | diagonal), -math.inf)
     target = torch.arange(len(logits), device=logits.device)
-    per_row = F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.T, target, reduction="none")
+    per_row = F.cross_entropy(logits, target, reduction="none") \
+        + F.cross_entropy(logits.T, target, reduction="none")
     return 0.5 * masked_mean(per_row, valid)
 
 
@@ -498,17 +642,19 @@ def logit_kd(student_logits, teacher_logits, temp):
 
 
 def imitation_loss(student_emb, teacher_emb, kind="mse", logit_scale=1 / 0.07, valid=None):
-    """Li et al. (1): match the teacher's image embedding: squared distance of unit vectors, or InfoNCE."""
+    """Li et al. (1): match the teacher's image embedding: squared distance of unit vectors, or
+    InfoNCE."""
     if kind == "contrastive":
         return info_nce(student_emb, teacher_emb, logit_scale, valid=valid)
     diff = F.normalize(student_emb.float(), dim=-1) - F.normalize(teacher_emb.float(), dim=-1)
     return masked_mean(diff.pow(2).sum(-1), valid)
 
 
-def alignment_loss(student_emb, teacher_emb, class_text, tau, labels=None, topk=0, correct_only=False, valid=None):
-    """Li et al. (3): KL(teacher || student) over image-to-class-text similarity distributions, optionally over
-    the teacher's top-k classes (k capped at the number of classes, as in their code) and only on images the
-    teacher gets right."""
+def alignment_loss(student_emb, teacher_emb, class_text, tau, labels=None, topk=0,
+                   correct_only=False, valid=None):
+    """Li et al. (3): KL(teacher || student) over image-to-class-text similarity distributions,
+    optionally over the teacher's top-k classes (k capped at the number of classes, as in their
+    code) and only on images the teacher gets right."""
     class_text = class_text.float()
     s_logits = F.normalize(student_emb.float(), dim=-1) @ class_text.T / tau
     t_logits = F.normalize(teacher_emb.float(), dim=-1) @ class_text.T / tau
@@ -518,83 +664,97 @@ def alignment_loss(student_emb, teacher_emb, class_text, tau, labels=None, topk=
     if topk:
         top = t_logits.topk(min(topk, class_text.shape[0]), dim=-1).indices
         s_logits, t_logits = s_logits.gather(1, top), t_logits.gather(1, top)
-    kl = (F.softmax(t_logits, -1) * (F.log_softmax(t_logits, -1) - F.log_softmax(s_logits, -1))).sum(-1)
+    p_t, log_p_t = F.softmax(t_logits, -1), F.log_softmax(t_logits, -1)
+    kl = (p_t * (log_p_t - F.log_softmax(s_logits, -1))).sum(-1)
     return (kl * keep).sum() / keep.sum().clamp(min=1)
 
 
 def gather_rows(x):
-    """All processes' rows in rank order; only this process's rows carry gradient (the others are copies)."""
+    """All processes' rows in rank order; only this process's rows carry gradient (the others are
+    copies)."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
     return torch.cat(parts)
 
 
-def global_info_nce(b, cfg):
-    """The text InfoNCE over every process's batch. Each process holds only its rows' share of the gradient and
-    DDP averages over N processes, so the loss is scaled by N for the backward (its value is kept) and the shared
-    temperature by 1/N: the step equals one process on the concatenated batch."""
+def global_info_nce(img_emb, txt_emb, logit_scale, labels, valid, mask_same_class):
+    """The text InfoNCE over every process's rows: the step of one process on the N x B batch."""
     n = dist.get_world_size()
     img, txt, labels, valid = (None if t is None else gather_rows(t)
-                               for t in (b["img_emb"], b["txt_emb"], b["labels"], b["text_valid"]))
-    scale = b["logit_scale"] / n + b["logit_scale"].detach() * (1 - 1 / n)
-    loss = info_nce(img, txt, scale, labels, cfg.mask_same_class, valid)
+                               for t in (img_emb, txt_emb, labels, valid))
+    # Each process computes the whole loss, but its gradient reaches only its own rows (the gathered
+    # ones are copies); DDP then averages over the N processes. Scaled by N, each process's own rows
+    # get their full gradient. The temperature is one shared parameter that every process's loss
+    # reaches: through scale / N its gradient is 1/N of the full one, N x 1/N = 1 after the scaling,
+    # the full gradient after DDP's average. Both tricks keep the values: only gradients change.
+    scale = logit_scale / n + logit_scale.detach() * (1 - 1 / n)
+    loss = info_nce(img, txt, scale, labels, mask_same_class, valid)
     return loss * n - loss.detach() * (n - 1)
 
 
-def text_term(b, cfg):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not cfg.local_negatives:
-        return global_info_nce(b, cfg)
-    return info_nce(b["img_emb"], b["txt_emb"], b["logit_scale"], b["labels"], cfg.mask_same_class, b["text_valid"])
+def text_loss(img_emb, txt_emb, logit_scale, labels, valid, mask_same_class, local_negatives):
+    """VLM-KD's image-caption InfoNCE; under N processes over all their rows (global_info_nce)
+    unless --local-negatives."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+            and not local_negatives:
+        return global_info_nce(img_emb, txt_emb, logit_scale, labels, valid, mask_same_class)
+    return info_nce(img_emb, txt_emb, logit_scale, labels, mask_same_class, valid)
 
 
-@dataclass(frozen=True)
-class LossTerm:
-    name: str                      # its key in metrics.jsonl and final.pt["losses"]
-    weight: str                    # the Config field holding its weight ("" = always 1)
-    needs: tuple                   # supervision it needs (attributes of load_supervision's result)
-    fn: Callable                   # (batch dict, cfg) -> scalar tensor
-    asked: Callable = None         # cfg -> whether the flags ask for it besides its weight (None: always)
+@dataclass
+class LossInputs:
+    """A step's batch and the model's outputs on it: what the loss terms read (None: not in this
+    run). The per-image inputs (text_valid, teacher_emb, teacher_valid) are the batch's rows."""
+    labels: torch.Tensor
+    logits: torch.Tensor                # the student's class scores
+    log_prior: torch.Tensor             # log frequency of each training class
+    clip_emb: torch.Tensor | None       # clip_proj(features), in the CLIP teacher's space
+    img_emb: torch.Tensor | None        # the image and its caption in the text head's space
+    txt_emb: torch.Tensor | None
+    logit_scale: torch.Tensor | None    # 1 / the text InfoNCE's temperature (learnt: --learn-temp)
+    text_valid: torch.Tensor | None     # the rows with a caption (None: all)
+    teacher_logits: torch.Tensor | None  # the frozen vision teacher's (--teacher)
+    teacher_emb: torch.Tensor | None    # the CLIP teacher's image embeddings (--teacher-images)
+    teacher_valid: torch.Tensor | None  # the rows with a teacher embedding (None: all)
+    class_text: torch.Tensor | None     # CLIP text embedding of each class (--class-text)
 
 
-# The one list of losses: the forward, the logging and final.pt all read it. A new loss is one line here.
-LOSSES = (
-    LossTerm("loss_cls", "", (), lambda b, cfg: prior_adjusted_ce(b["logits"], b["labels"], b["log_prior"],
-                                                                   b["tau_cls"], cfg.label_smoothing)),
-    LossTerm("loss_text", "text_weight", ("text_feats",), text_term),
-    LossTerm("loss_kd", "kd_weight", ("teacher",),
-             lambda b, cfg: logit_kd(b["logits"], b["teacher_logits"], cfg.kd_temp)),
-    LossTerm("loss_imitate", "imitate_weight", ("teacher_images",),
-             lambda b, cfg: imitation_loss(b["clip_emb"], b["teacher_emb"], "mse", 1 / cfg.tau, b["teacher_valid"]),
-             lambda cfg: "mse" in imitate_kinds(cfg)),
-    LossTerm("loss_imitate_cst", "imitate_weight", ("teacher_images",),
-             lambda b, cfg: imitation_loss(b["clip_emb"], b["teacher_emb"], "contrastive", 1 / cfg.tau,
-                                           b["teacher_valid"]),
-             lambda cfg: "contrastive" in imitate_kinds(cfg)),
-    LossTerm("loss_align", "align_weight", ("teacher_images", "class_text"),
-             lambda b, cfg: alignment_loss(b["clip_emb"], b["teacher_emb"], b["class_text"], cfg.tau, b["labels"],
-                                           cfg.align_topk, cfg.align_correct_only, b["teacher_valid"])),
-)
+def loss_terms(cfg, sup, x=None):
+    """The loss, term by term: {name: (weight, value)}; the step minimises the sum of weight x
+    value. A term is on where its inputs are given and its weight is not 0. The names are
+    metrics.jsonl's columns and final.pt["losses"]'s keys. Without the step's inputs `x`, the values
+    are None: the run's terms and weights alone (logging, final.pt)."""
+    def on(weight, *inputs):
+        return weight > 0 and all(given is not None for given in inputs)
+    tau_cls = {"ce": 0.0, "la": cfg.tau_la, "bs": 1.0}[cfg.loss]  # the prior's share in the logits
+    kinds, scale = comma_list(cfg.imitate_loss), 1 / cfg.tau
+    terms = {"loss_cls": (1.0, x and prior_adjusted_ce(x.logits, x.labels, x.log_prior, tau_cls,
+                                                       cfg.label_smoothing))}
+    if on(cfg.text_weight, sup.text_feats):
+        terms["loss_text"] = cfg.text_weight, x and text_loss(
+            x.img_emb, x.txt_emb, x.logit_scale, x.labels, x.text_valid, cfg.mask_same_class,
+            cfg.local_negatives)
+    if on(cfg.kd_weight, sup.teacher):
+        terms["loss_kd"] = cfg.kd_weight, x and logit_kd(x.logits, x.teacher_logits, cfg.kd_temp)
+    if on(cfg.imitate_weight, sup.teacher_images) and "mse" in kinds:
+        terms["loss_imitate"] = cfg.imitate_weight, x and imitation_loss(
+            x.clip_emb, x.teacher_emb, "mse", scale, x.teacher_valid)
+    if on(cfg.imitate_weight, sup.teacher_images) and "contrastive" in kinds:
+        terms["loss_imitate_cst"] = cfg.imitate_weight, x and imitation_loss(
+            x.clip_emb, x.teacher_emb, "contrastive", scale, x.teacher_valid)
+    if on(cfg.align_weight, sup.teacher_images, sup.class_text):
+        terms["loss_align"] = cfg.align_weight, x and alignment_loss(
+            x.clip_emb, x.teacher_emb, x.class_text, cfg.tau, x.labels, cfg.align_topk,
+            cfg.align_correct_only, x.teacher_valid)
+    return terms
 
 
-def weight_of(term, cfg):
-    return getattr(cfg, term.weight) if term.weight else 1.0
-
-
-def imitate_kinds(cfg):
-    return [k.strip() for k in cfg.imitate_loss.split(",") if k.strip()]
-
-
-def active_losses(cfg, sup):
-    """The terms whose supervision is given, that the flags ask for and whose weight is not 0."""
-    return [t for t in LOSSES if weight_of(t, cfg) > 0 and all(getattr(sup, n) is not None for n in t.needs)
-            and (t.asked is None or t.asked(cfg))]
-
-
-# --- data
+# --- data: the .beton cache of a split, its loader, and the splits' classes
 
 class SplitImages:
-    """(RGB image, label, row index) per split line, for ffcv's DatasetWriter (beton_for leaves unreadable ones out)."""
+    """(RGB image, label, row index) per split line, for ffcv's DatasetWriter (beton_for leaves
+    unreadable ones out)."""
 
     def __init__(self, root, items, max_res):
         self.root, self.items, self.max_res = Path(root), items, max_res
@@ -612,8 +772,8 @@ class SplitImages:
 
 
 def decode_error(path):
-    """None if the image decodes completely, else why not. verify() reads headers only: a JPEG cut off after its
-    header passes it and then kills ffcv's writer, so every pixel is decoded here."""
+    """None if the image decodes completely, else why not. verify() reads headers only: a JPEG cut
+    off after its header passes it and then kills ffcv's writer, so every pixel is decoded here."""
     from PIL import Image
     try:
         with Image.open(path) as im:
@@ -623,62 +783,82 @@ def decode_error(path):
     return None
 
 
-def write_beton(tmp, dataset, indices, max_res):
-    """ffcv's DatasetWriter, except that a worker that dies (disk full, an image changed since the check) stops
-    the write with an error: ffcv's parent process would wait for its samples, or its allocations, forever."""
-    import multiprocessing
-    import multiprocessing.queues
-    import queue
+# ffcv 1.0.2's DatasetWriter (requirements.txt pins that version) never looks at its worker
+# processes: its parent polls a done counter with sleep(0.1) until every sample is counted, then
+# blocks in Queue.get() for each worker's allocations. A worker that dies (a full disk, an image
+# changed since it was checked) leaves it waiting forever. ffcv.writer looks up Process, sleep and
+# Queue by module name when it writes, so write_beton swaps in these watched ones for one write.
 
+class WatchedProcess(multiprocessing.Process):
+    """ffcv.writer.Process, each worker started recorded (with the process that started them)."""
+    parent, started = 0, []
+
+    def start(self):
+        WatchedProcess.started.append(self)
+        super().start()
+
+
+def fail_if_a_writer_died():
+    """Kill the other workers and raise if one has exited with an error. The workers (forked with
+    a copy of the list) pass through WatchedQueue too: only the parent may ask."""
+    if os.getpid() != WatchedProcess.parent:
+        return
+    dead = [p.exitcode for p in WatchedProcess.started if p.exitcode not in (None, 0)]
+    if dead:
+        for p in WatchedProcess.started:
+            p.kill()
+        raise RuntimeError(f"an ffcv writer worker died (exit code {dead[0]}; its error is printed "
+                           f"above)")
+
+
+class WatchedQueue(multiprocessing.queues.Queue):
+    """ffcv.writer.Queue: get() looks at the workers every second instead of blocking for good."""
+
+    def __init__(self):
+        super().__init__(0, ctx=multiprocessing.get_context())
+
+    def get(self, block=True, timeout=None):
+        while True:
+            try:
+                return super().get(timeout=1.0)
+            except queue.Empty:
+                fail_if_a_writer_died()
+
+
+def sleep_or_fail(seconds):
+    """ffcv.writer.sleep, between its polls of the done counter."""
+    fail_if_a_writer_died()
+    time.sleep(seconds)
+
+
+def write_beton(tmp, dataset, indices, max_res):
+    """ffcv's DatasetWriter, watched: a worker that dies stops the write with an error."""
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
-    parent, workers = os.getpid(), []
-
-    def fail_if_a_worker_died():
-        dead = [p.exitcode for p in workers if p.exitcode not in (None, 0)] if os.getpid() == parent else []
-        if dead:
-            for p in workers:
-                p.kill()
-            raise RuntimeError(f"an ffcv writer worker died (exit code {dead[0]}; its error is printed above)")
-
-    class WatchedProcess(ffcv.writer.Process):
-        def start(self):
-            workers.append(self)
-            super().start()
-
-    class WatchedQueue(multiprocessing.queues.Queue):
-        def __init__(self):
-            super().__init__(0, ctx=multiprocessing.get_context())
-
-        def get(self, block=True, timeout=None):
-            while True:
-                try:
-                    return super().get(timeout=1.0)
-                except queue.Empty:
-                    fail_if_a_worker_died()
-
-    def sleep_or_fail(seconds):
-        fail_if_a_worker_died()
-        time.sleep(seconds)
-
-    def bar(total):  # ffcv's own tqdm redraws with '\r': a job log would get one endless line
-        return progress_bar(total, "img", desc=f"caching {tmp.name.split('.')[0]}.beton")
-
-    fields = {"image": RGBImageField(write_mode="smart", max_resolution=max_res, smart_threshold=64 * 64 * 3),
-              "label": IntField(), "index": IntField()}
-    writer = ffcv.writer.DatasetWriter(str(tmp), fields, num_workers=max(1, os.cpu_count() or 1))
-    saved = ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm
-    ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm = (WatchedProcess, sleep_or_fail,
-                                                                                   WatchedQueue, bar)
+    # Images of up to 64 x 64 pixels are stored raw (no JPEG loss, nothing to decode), larger ones
+    # as JPEG, which keeps the cache of a large set small.
+    columns = {"image": RGBImageField(write_mode="smart", max_resolution=max_res,
+                                      smart_threshold=64 * 64 * 3),
+               "label": IntField(), "index": IntField()}
+    writer = ffcv.writer.DatasetWriter(str(tmp), columns, num_workers=max(1, os.cpu_count() or 1))
+    WatchedProcess.parent, WatchedProcess.started = os.getpid(), []
+    # ffcv's own tqdm redraws with '\r': a job log would get one endless line.
+    desc = f"caching {tmp.name.split('.')[0]}.beton"
+    watched = {"Process": WatchedProcess, "sleep": sleep_or_fail, "Queue": WatchedQueue,
+               "tqdm": lambda total: progress_bar(total, "img", desc=desc)}
+    saved = {name: getattr(ffcv.writer, name) for name in watched}
+    for name, value in watched.items():
+        setattr(ffcv.writer, name, value)
     try:
         writer.from_indexed_dataset(dataset, indices=indices, chunksize=64)
     except BaseException:
-        if getattr(writer, "metadata_sm", None) is not None:  # else the resource tracker warns after our error
+        if getattr(writer, "metadata_sm", None) is not None:  # else the resource tracker warns
             writer.metadata_sm.close()
             writer.metadata_sm.unlink()
         raise
     finally:
-        ffcv.writer.Process, ffcv.writer.sleep, ffcv.writer.Queue, ffcv.writer.tqdm = saved
+        for name, value in saved.items():
+            setattr(ffcv.writer, name, value)
 
 
 def remove_stale_tmp(folder):
@@ -691,9 +871,9 @@ def remove_stale_tmp(folder):
 
 
 def image_stats(root, items):
-    """sha256 of every image's (size, mtime, ctime, inode): one stat per file and no pixel read, yet a repaired,
-    replaced or renamed-over image changes it (a replacement through a rename is a new inode, even within one mtime
-    tick)."""
+    """sha256 of every image's (size, mtime, ctime, inode): one stat per file and no pixel read, yet
+    a repaired, replaced or renamed-over image changes it (a replacement through a rename is a new
+    inode, even within one mtime tick)."""
     digest = hashlib.sha256()
     for rel, _ in items:
         try:
@@ -705,37 +885,26 @@ def image_stats(root, items):
 
 
 def beton_for(cfg, split, accelerator):
-    """Write the split's .beton once, cached under a key of split contents, its images' stats and settings; reuse
-    it after."""
+    """The split's .beton: written once (by rank 0, while the others wait), reused while its key
+    holds."""
     split_path = Path(cfg.data) / split
+    # The key covers the split's text, the write settings and a stat of every image: an image
+    # replaced under the same split line must not be trained on from the old cache.
     images = image_stats(Path(cfg.data), read_split(split_path))
-    key = hashlib.sha256(split_path.read_bytes() + f"|{images}|{cfg.max_res}|smart64".encode()).hexdigest()[:16]
-    path = Path(cfg.data) / ".ffcv" / f"{split_path.stem}-{key}.beton"
+    key = hashlib.sha256(split_path.read_bytes() + f"|{images}|{cfg.max_res}|smart64".encode())
+    path = Path(cfg.data) / ".ffcv" / f"{split_path.stem}-{key.hexdigest()[:16]}.beton"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not path.exists():
             path.parent.mkdir(exist_ok=True)
             remove_stale_tmp(path.parent)
             items = read_split(split_path)
-            # Threads: at ImageNet scale a serial pass over every file is minutes of start-up.
-            with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-                errors = list(progress_bar(len(items), "img", desc=f"checking {split_path.name}", iterable=pool.map(
-                    decode_error, [Path(cfg.data) / rel for rel, _ in items], chunksize=256)))
-            good = [i for i, e in enumerate(errors) if e is None]
-            if not good:  # a wrong or emptied --data, not N bad images: nothing is recorded or cached
-                die(f"none of the {len(items)} images of {split_path} can be read (first: {items[0][0]}: "
-                    f"{errors[0]}); is --data {cfg.data} the folder prepare.py wrote?")
-            # Recorded and skipped; the row index keeps text rows aligned.
-            bad = [{"index": i, "path": items[i][0], "error": e} for i, e in enumerate(errors) if e is not None]
-            if bad:
-                (path.with_suffix(".errors.jsonl")).write_text("".join(json.dumps(b) + "\n" for b in bad))
-                print(f"train.py: {len(bad)} unreadable images in {split_path} skipped, "
-                      f"listed in {path.with_suffix('.errors.jsonl')}")
+            good = readable_rows(cfg, split_path, items, path.with_suffix(".errors.jsonl"))
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
             failure = None
             try:
                 write_beton(tmp, SplitImages(cfg.data, items, cfg.max_res), good, cfg.max_res)
             except (RuntimeError, OSError) as e:
-                failure = str(e).splitlines()[0]
+                failure = first_line(e)
             if failure:  # outside the except: ffcv's progress bar is gone before the error line
                 tmp.unlink(missing_ok=True)
                 die(f"writing the training cache {path} failed: {failure}")
@@ -743,13 +912,37 @@ def beton_for(cfg, split, accelerator):
     return path
 
 
+def readable_rows(cfg, split_path, items, errors_path):
+    """The rows whose image decodes in full. The others are listed in `errors_path` and skipped; the
+    row index each sample carries keeps the per-image text rows aligned."""
+    # Threads: at ImageNet scale a serial pass over every file is minutes of start-up.
+    with ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+        paths = [Path(cfg.data) / rel for rel, _ in items]
+        errors = list(progress_bar(len(items), "img", desc=f"checking {split_path.name}",
+                                   iterable=pool.map(decode_error, paths, chunksize=256)))
+    good = [i for i, e in enumerate(errors) if e is None]
+    if not good:  # a wrong or emptied --data, not N bad images: nothing is recorded or cached
+        die(f"none of the {len(items)} images of {split_path} can be read (first: {items[0][0]}: "
+            f"{errors[0]}); is --data {cfg.data} the folder prepare.py wrote?")
+    bad = [{"index": i, "path": items[i][0], "error": e} for i, e in enumerate(errors)
+           if e is not None]
+    if bad:
+        errors_path.write_text("".join(json.dumps(b) + "\n" for b in bad))
+        print(f"train.py: {len(bad)} unreadable images in {split_path} skipped, listed in "
+              f"{errors_path}")
+    return good
+
+
 def make_seeded_rrc():
-    """ffcv's RandomResizedCrop decoder with each crop drawn from a seed of (batch order, sample), so
-    a resumed run sees exactly the crops of an uninterrupted one, whatever the thread count."""
+    """ffcv's RandomResizedCrop decoder with each crop drawn from a seed of (batch, sample)."""
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
 
+    # ffcv draws crops from numba's np.random, one unseeded state per decoding thread: which thread
+    # decodes which image decides its crop, so neither a rerun nor a resumed run would see the same
+    # crops. decode() is ffcv 1.0.2's ResizedCropRGBImageDecoder.generate_code copied (its loop is
+    # one compiled function: no hook to seed from outside) with one line added, np.random.seed.
     class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         def generate_code(self):
             jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
@@ -768,8 +961,10 @@ def make_seeded_rrc():
                     height, width = np.uint32(field_["height"]), np.uint32(field_["width"])
                     if field_["mode"] == jpg:
                         temp_buffer = temp_storage[dst_ix]
-                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0, 1, 1, False, False)
-                        temp_buffer = temp_buffer.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                        imdecode_c(image_data, temp_buffer, height, width, height, width, 0, 0,
+                                   1, 1, False, False)
+                        temp_buffer = temp_buffer.reshape(-1)[:3 * height * width]
+                        temp_buffer = temp_buffer.reshape(height, width, 3)
                     else:
                         temp_buffer = image_data.reshape(height, width, 3)
                     i, j, h, w = get_crop_c(height, width, scale, ratio)
@@ -787,35 +982,40 @@ def crop_ratio(cfg):
 
 
 def ood_half_order(cfg, accelerator):
-    """An ffcv traversal order for Li et al.'s few-shot finetune: each batch of B is B // 2 images of the OOD classes
-    (labels from the first after id_classes.txt), drawn afresh each batch (without repeats while there are enough),
-    and B - B // 2 of the others, each of those once an epoch (this process's share of a seeded permutation)."""
+    """An ffcv traversal order for Li et al.'s few-shot finetune: each batch of B is B // 2 images
+    of the OOD classes (labels from the first after id_classes.txt), drawn afresh each batch
+    (without repeats while there are enough), and B - B // 2 of the others, each of those once an
+    epoch (this process's share of a seeded permutation)."""
     from ffcv.traversal_order.base import TraversalOrder
     first_ood = len(read_classes(Path(cfg.data) / "id_classes.txt"))
     rank, world, half = accelerator.process_index, accelerator.num_processes, cfg.batch_size // 2
+    rest = cfg.batch_size - half
 
     class HalfOOD(TraversalOrder):
-        def __init__(self):  # bound to its loader by __call__: ffcv calls the order it is given with the loader
+        def __init__(self):  # bound by __call__: ffcv calls the order it is given with the loader
             pass
 
         def __call__(self, loader):
             super().__init__(loader)
-            labels = loader.reader.metadata[f"f{loader.reader.field_names.index('label')}"][self.indices]
-            self.ood, self.others = self.indices[labels >= first_ood], self.indices[labels < first_ood]
-            if not len(self.ood) or len(self.others) < world * (cfg.batch_size - half):
-                die(f"--ood-half-batch: {cfg.train_split} has {len(self.ood)} images of the classes after "
-                    f"id_classes.txt and {len(self.others)} others; it needs some of each (a batch's worth of others)")
+            labels = loader.reader.metadata[f"f{loader.reader.field_names.index('label')}"]
+            labels = labels[self.indices]
+            self.ood = self.indices[labels >= first_ood]
+            self.others = self.indices[labels < first_ood]
+            if not len(self.ood) or len(self.others) < world * rest:
+                die(f"--ood-half-batch: {cfg.train_split} has {len(self.ood)} images of the "
+                    f"classes after id_classes.txt and {len(self.others)} others; it needs some of "
+                    f"each (a batch's worth of others)")
             return self
 
         def sample_order(self, epoch):
-            shared = np.random.default_rng([cfg.seed, epoch])  # one permutation, split between the processes
+            shared = np.random.default_rng([cfg.seed, epoch])  # one permutation, split by process
             own = np.random.default_rng([cfg.seed, epoch, rank])
             others = shared.permutation(self.others)[rank::world]
             order = []
-            for b in range(len(others) // (cfg.batch_size - half)):
+            for b in range(len(others) // rest):
                 shots = own.choice(self.ood, half, replace=len(self.ood) < half)
-                order.append(own.permutation(np.concatenate(
-                    [shots, others[b * (cfg.batch_size - half):(b + 1) * (cfg.batch_size - half)]])))
+                batch = np.concatenate([shots, others[b * rest:(b + 1) * rest]])
+                order.append(own.permutation(batch))
             return np.concatenate(order) if order else np.zeros(0, self.indices.dtype)
 
     return HalfOOD()
@@ -832,42 +1032,133 @@ def make_loader(cfg, beton, train, accelerator):
         decoder = make_seeded_rrc()((cfg.res, cfg.res), scale=(min_scale, 1.0))
     else:
         decoder = CenterCropRGBImageDecoder((cfg.res, cfg.res), ratio=crop_ratio(cfg))
-    # Flip and normalisation happen on the device (seeded there), so the loader only decodes and copies.
-    image_pipe = [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(channels_last=True)]
-    int_pipes = [[IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)] for _ in range(2)]
-    # ffcv also sets torch's CPU thread count to its worker count: on a CPU-only run, leave half the cores to compute.
+    # The loader only decodes and copies uint8 (a quarter of float32's bytes) to the device; flip
+    # and normalisation happen there (augment), the flip drawn from the step's seeded generator:
+    # ffcv's own flip draws from the decoding threads' unseeded random state.
+    image_pipe = [decoder, ToTensor(), ToDevice(device, non_blocking=True),
+                  ToTorchImage(channels_last=True)]
+    int_pipes = [[IntDecoder(), ToTensor(), Squeeze(1), ToDevice(device, non_blocking=True)]
+                 for _ in range(2)]
+    # ffcv also sets torch's CPU thread count to its worker count: on a CPU-only run, leave half the
+    # cores to compute.
     cores = max(1, (os.cpu_count() or 1) // accelerator.num_processes)
-    workers = cfg.workers if cfg.workers > 0 else (cores if device.type == "cuda" else max(1, cores // 2))
+    workers = cfg.workers if cfg.workers > 0 else \
+        (cores if device.type == "cuda" else max(1, cores // 2))
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
     if train and cfg.ood_half_batch:
         order = ood_half_order(cfg, accelerator)
-    return Loader(str(beton), batch_size=cfg.batch_size, num_workers=workers, order=order, drop_last=train,
-                  seed=cfg.seed, distributed=accelerator.num_processes > 1,
+    return Loader(str(beton), batch_size=cfg.batch_size, num_workers=workers, order=order,
+                  drop_last=train, seed=cfg.seed, distributed=accelerator.num_processes > 1,
                   pipelines={"image": image_pipe, "label": int_pipes[0], "index": int_pipes[1]})
 
 
+def make_loaders(cfg, data, sup, accelerator):
+    """(train, val, OOD or None) loaders, each split's .beton written first if not cached."""
+    train = make_loader(cfg, beton_for(cfg, cfg.train_split, accelerator), True, accelerator)
+    val = make_loader(cfg, beton_for(cfg, cfg.val_split, accelerator), False, accelerator)
+    ood = None
+    if sup.ood:
+        ood = make_loader(cfg, beton_for(cfg, cfg.ood_split, accelerator), False, accelerator)
+    if len(train) == 0:
+        die(f"{data.train_path}: fewer readable images than --batch-size {cfg.batch_size} per "
+            f"process")
+    return train, val, ood
+
+
+@dataclass
+class Data:
+    """The class names, both splits (every line checked before any work), the training prior."""
+    class_names: list
+    train_items: list                # (relative path, label) per line of --train-split
+    val_items: list
+    class_counts: np.ndarray         # training images per class
+    log_prior: torch.Tensor          # log of each class's share of the training images
+    train_path: Path
+    classes_path: Path
+    train_sha256: str
+
+    @property
+    def num_classes(self):
+        return len(self.class_names)
+
+
 def load_data(cfg):
-    """Class names, both splits (every line checked before any work) and the training prior."""
     root = Path(cfg.data)
     class_names = read_classes(root / cfg.classes)
-    num_classes = len(class_names)
-    train_items = read_split(root / cfg.train_split, num_classes)
-    val_items = read_split(root / cfg.val_split, num_classes)
-    class_counts = np.bincount([y for _, y in train_items], minlength=num_classes)
+    train_items = read_split(root / cfg.train_split, len(class_names))
+    val_items = read_split(root / cfg.val_split, len(class_names))
+    class_counts = np.bincount([y for _, y in train_items], minlength=len(class_names))
     if (class_counts == 0).any() and cfg.loss != "ce":
-        die(f"{root / cfg.train_split}: classes {np.flatnonzero(class_counts == 0)[:5].tolist()} have no images; "
-            f"--loss {cfg.loss} needs every class (use --classes id_classes.txt for OOD sets)")
-    log_prior = torch.log(torch.as_tensor(class_counts.clip(min=1) / class_counts.sum(), dtype=torch.float32))
-    return SimpleNamespace(class_names=class_names, num_classes=num_classes, train_items=train_items,
-                           val_items=val_items, class_counts=class_counts, log_prior=log_prior,
-                           train_path=root / cfg.train_split, classes_path=root / cfg.classes,
-                           train_sha256=sha256_file(root / cfg.train_split))
+        empty = np.flatnonzero(class_counts == 0)[:5].tolist()
+        die(f"{root / cfg.train_split}: classes {empty} have no images; --loss {cfg.loss} needs "
+            f"every class (use --classes id_classes.txt for OOD sets)")
+    prior = class_counts.clip(min=1) / class_counts.sum()
+    return Data(class_names, train_items, val_items, class_counts,
+                torch.log(torch.as_tensor(prior, dtype=torch.float32)), root / cfg.train_split,
+                root / cfg.classes, sha256_file(root / cfg.train_split))
 
 
-# --- supervision
+# --- supervision: the optional inputs, each checked against the training split and its classes
+
+@dataclass
+class OodSplit:
+    """--ood-split: scored within its classes, through clip_proj against their class texts."""
+    text: torch.Tensor       # CLIP text embedding of each OOD class
+    first: int               # the label of the first OOD class
+    sha256: str
+
+
+@dataclass
+class Supervision:
+    """Every optional input (None or empty: not given). `identity` holds a sha256 per input, the
+    training and val splits included: a resume must see the same ones."""
+    text_feats: torch.Tensor | None = None     # [N, P, D] caption features on the device, fp16
+    text_valid: torch.Tensor | None = None     # the rows with captions (None: every row)
+    text_meta: dict = field(default_factory=dict)  # text.npy's sidecar
+    prompts: list = field(default_factory=list)    # the prompt ids of the slots trained on
+    class_text: torch.Tensor | None = None     # [C, D] CLIP text embedding of each training class
+    teacher: nn.Module | None = None           # the frozen vision teacher (--teacher)
+    teacher_images: torch.Tensor | None = None  # [N, D] CLIP image embeddings on the device, fp16
+    teacher_valid: torch.Tensor | None = None
+    ood: OodSplit | None = None
+    made_with: dict = field(default_factory=dict)  # teacher and template of the CLIP inputs
+    identity: dict = field(default_factory=dict)
+
+
+def load_supervision(cfg, data, device):
+    """Every optional input, verified against this split and its classes before any work."""
+    sup = Supervision(identity={"train_split": data.train_sha256,
+                                "val_split": sha256_file(Path(cfg.data) / cfg.val_split),
+                                "classes": sha256_file(data.classes_path)})
+    if cfg.text and cfg.text_weight > 0:
+        sup.text_feats, sup.text_valid, sup.text_meta, sup.prompts = load_text(cfg, data, device)
+        sup.identity["text"] = sup.text_meta["sha256"]
+    if cfg.class_text:
+        class_texts, meta = load_artifact(cfg.class_text, "classes")
+        sup.class_text = training_class_texts(cfg, data, class_texts, meta)
+        sup.identity["class_text"] = meta["sha256"]
+        sup.made_with["template"] = meta.get("template")
+    if cfg.head == "cosine" and sup.class_text is None:
+        die("--head cosine needs --class-text classes.npy (encode.py --classes)")
+    if cfg.teacher_images:
+        load_teacher_images(cfg, data, sup, device)
+    if cfg.teacher and cfg.kd_weight > 0:
+        sup.teacher = load_teacher(cfg, data, device)
+        sup.identity["teacher"] = sha256_file(cfg.teacher)
+    if cfg.init:
+        if not Path(cfg.init).is_file():
+            die(f"--init {cfg.init} not found")
+        sup.identity["init"] = sha256_file(cfg.init)
+    if cfg.ood_split:  # check_config saw --class-text with it
+        sup.ood = load_ood(cfg, data, class_texts, meta)
+        sup.identity["ood_split"] = sup.ood.sha256
+    check_recipe_inputs(cfg, sup)
+    return sup
+
 
 def per_image_artifact(path, kind, data):
-    """An encode.py array of this training split (sidecar verified, rows finite) and its rows to leave out."""
+    """An encode.py array of this training split (sidecar verified, rows finite) and its rows to
+    leave out."""
     array, sidecar = load_artifact(path, kind)
     split_sha = data.train_sha256
     if array.shape[0] != len(data.train_items) or sidecar.get("split_sha256") != split_sha:
@@ -876,7 +1167,8 @@ def per_image_artifact(path, kind, data):
             f"{len(data.train_items)}, split_sha256 {same}): re-run encode.py on this split")
     missing = sidecar.get("missing_rows") or []
     if not all(isinstance(r, int) and 0 <= r < array.shape[0] for r in missing):
-        die(f"{Path(path).with_suffix('.json')}: missing_rows must be row numbers below {array.shape[0]}")
+        die(f"{Path(path).with_suffix('.json')}: missing_rows must be row numbers below "
+            f"{array.shape[0]}")
     return array, sidecar, missing
 
 
@@ -890,14 +1182,17 @@ def valid_rows(num_rows, missing, device):
 
 
 def rows_to_device(array, slots, device, chunk=65536):
-    """array[:, slots] ([N, P, D] memmap) or the whole [N, D] array as an fp16 device tensor, read one slot and one
-    block of rows at a time: the host never holds a full copy, and slots not trained on are never read."""
+    """array[:, slots] ([N, P, D] memmap) or the whole [N, D] array as an fp16 device tensor, read
+    one slot and one block of rows at a time: the host never holds a full copy, and slots not
+    trained on are never read."""
     if slots is None:
         result = torch.empty(array.shape, dtype=torch.float16, device=device)
         for start in range(0, array.shape[0], chunk):
-            result[start:start + chunk] = torch.from_numpy(np.asarray(array[start:start + chunk], dtype=np.float16))
+            block = np.asarray(array[start:start + chunk], dtype=np.float16)
+            result[start:start + chunk] = torch.from_numpy(block)
         return result
-    result = torch.empty((array.shape[0], len(slots), array.shape[2]), dtype=torch.float16, device=device)
+    result = torch.empty((array.shape[0], len(slots), array.shape[2]), dtype=torch.float16,
+                         device=device)
     for k, slot in enumerate(slots):
         for start in range(0, array.shape[0], chunk):
             block = np.ascontiguousarray(array[start:start + chunk, slot], dtype=np.float16)
@@ -906,12 +1201,14 @@ def rows_to_device(array, slots, device, chunk=65536):
 
 
 def load_text(cfg, data, device):
-    """VLM caption features of the chosen prompt slots, by the ids the (sha256-bound) sidecar lists."""
+    """VLM caption features of the chosen prompt slots, by the ids the (sha256-bound) sidecar
+    lists."""
     array, sidecar, missing = per_image_artifact(cfg.text, "text", data)
     slot_ids = [str(p) for p in sidecar.get("prompts") or []]
     if len(slot_ids) != array.shape[1]:
-        die(f"{Path(cfg.text).with_suffix('.json')}: prompts lists {len(slot_ids)} ids for {array.shape[1]} slots")
-    wanted = [p.strip() for p in cfg.prompts.split(",") if p.strip()] or slot_ids
+        die(f"{Path(cfg.text).with_suffix('.json')}: prompts lists {len(slot_ids)} ids for "
+            f"{array.shape[1]} slots")
+    wanted = comma_list(cfg.prompts) or slot_ids
     unknown = [p for p in wanted if p not in slot_ids]
     if unknown:
         die(f"--prompts {','.join(unknown)} not in {cfg.text} (its prompts: {','.join(slot_ids)})")
@@ -919,24 +1216,38 @@ def load_text(cfg, data, device):
     return feats, valid_rows(len(feats), missing, device), sidecar, wanted
 
 
-def load_class_text(cfg, data):
-    """The training classes' rows of classes.npy, checked by name (ID/OOD sets list the ID classes first)."""
-    array, sidecar = load_artifact(cfg.class_text, "classes")
+def training_class_texts(cfg, data, array, sidecar):
+    """The training classes' rows of classes.npy, checked by name (ID/OOD sets list the ID classes
+    first)."""
     names = sidecar.get("names")
     if not isinstance(names, list) or names[:data.num_classes] != data.class_names:
-        die(f"{cfg.class_text}: its classes ({Path(cfg.class_text).with_suffix('.json').name} names) do not start "
-            f"with the {data.num_classes} classes of {data.classes_path}")
-    return torch.from_numpy(np.asarray(array[:data.num_classes], dtype=np.float32)), sidecar
+        sidecar_name = Path(cfg.class_text).with_suffix('.json').name
+        die(f"{cfg.class_text}: its classes ({sidecar_name} names) do not start with the "
+            f"{data.num_classes} classes of {data.classes_path}")
+    return torch.from_numpy(np.asarray(array[:data.num_classes], dtype=np.float32))
 
 
-def read_final(path, flag):
-    """An earlier run's final.pt (plain tensors only); a torn or foreign file is one line naming the flag."""
+def load_teacher_images(cfg, data, sup, device):
+    """--teacher-images on the device, as wide as --class-text."""
+    array, meta, missing = per_image_artifact(cfg.teacher_images, "images", data)
+    if sup.class_text is not None and sup.class_text.shape[1] != array.shape[1]:
+        die(f"--class-text width {sup.class_text.shape[1]} != --teacher-images width "
+            f"{array.shape[1]}: use one CLIP model for both")
+    sup.teacher_images = rows_to_device(array, None, device)
+    sup.teacher_valid = valid_rows(len(array), missing, device)
+    sup.identity["teacher_images"] = meta["sha256"]
+    sup.made_with["teacher"] = f"{meta.get('encoder')} {meta.get('encoder_path')}"
+
+
+def read_final(path, option):
+    """An earlier run's final.pt (plain tensors only); a torn or foreign file is one line naming the
+    flag."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != "vlmkd-final-1":
             raise ValueError(f"format {ckpt.get('format')!r}, not vlmkd-final-1")
     except Exception as e:
-        die(f"{flag} {path} cannot be loaded as a final.pt ({str(e).splitlines()[0][:200]})")
+        die(f"{option} {path} cannot be loaded as a final.pt ({first_line(e)})")
     return ckpt
 
 
@@ -945,221 +1256,76 @@ def load_teacher(cfg, data, device):
     ckpt = read_final(cfg.teacher, "--teacher")
     if ckpt.get("classes") != data.class_names:
         die(f"--teacher {cfg.teacher} was trained on other classes than {data.classes_path}")
-    teacher = Student(ckpt["arch"], ckpt["num_classes"], ckpt["preprocess"]["res"], ckpt["head"],
-                      ckpt["model"].get("clip_proj.weight", torch.empty(0, 0)).shape[0], ckpt.get("class_text"),
-                      ckpt.get("tau", 0.07))
-    teacher.load_state_dict(ckpt["model"])
+    teacher = student_from_final(ckpt)
     return teacher.to(device, memory_format=torch.channels_last).eval().requires_grad_(False)
 
 
-def load_supervision(cfg, data, device):
-    """Every optional input, verified against this split and its classes before any work is spent.
-    `identity` holds a sha256 per input: a resume must see the same ones."""
-    sup = SimpleNamespace(text_feats=None, text_valid=None, text_meta={}, prompts=[], class_text=None, teacher=None,
-                          teacher_images=None, teacher_valid=None, ood=None, made_with={})
-    sup.identity = {"train_split": data.train_sha256,
-                    "val_split": sha256_file(Path(cfg.data) / cfg.val_split),
-                    "classes": sha256_file(data.classes_path)}
-    if cfg.text and cfg.text_weight > 0:
-        sup.text_feats, sup.text_valid, sup.text_meta, sup.prompts = load_text(cfg, data, device)
-        sup.identity["text"] = sup.text_meta["sha256"]
-    if cfg.class_text:
-        sup.class_text, meta = load_class_text(cfg, data)
-        sup.identity["class_text"] = meta["sha256"]
-        sup.made_with["template"] = meta.get("template")
-    if cfg.head == "cosine" and sup.class_text is None:
-        die("--head cosine needs --class-text classes.npy (encode.py --classes)")
-    if cfg.teacher_images:
-        array, meta, missing = per_image_artifact(cfg.teacher_images, "images", data)
-        if sup.class_text is not None and sup.class_text.shape[1] != array.shape[1]:
-            die(f"--class-text width {sup.class_text.shape[1]} != --teacher-images width {array.shape[1]}: "
-                f"use one CLIP model for both")
-        sup.teacher_images = rows_to_device(array, None, device)
-        sup.teacher_valid = valid_rows(len(array), missing, device)
-        sup.identity["teacher_images"] = meta["sha256"]
-        sup.made_with["teacher"] = f"{meta.get('encoder')} {meta.get('encoder_path')}"
-    if cfg.teacher and cfg.kd_weight > 0:
-        sup.teacher = load_teacher(cfg, data, device)
-        sup.identity["teacher"] = sha256_file(cfg.teacher)
-    if cfg.init:
-        if not Path(cfg.init).is_file():
-            die(f"--init {cfg.init} not found")
-        sup.identity["init"] = sha256_file(cfg.init)
-    if cfg.ood_split:
-        sup.ood = load_ood(cfg, data)
-        sup.identity["ood_split"] = sup.ood.sha256
-    check_recipe_inputs(cfg, sup)
-    return sup
-
-
-def load_ood(cfg, data):
-    """--ood-split and the class texts of its classes: the rows of --class-text after id_classes.txt (after the
-    training classes without that file)."""
-    if not cfg.class_text or (cfg.head != "cosine" and not cfg.teacher_images):
-        die("--ood-split scores through clip_proj and the class texts: it needs --class-text and --head cosine or "
-            "--teacher-images")
-    array, sidecar = load_artifact(cfg.class_text, "classes")
+def load_ood(cfg, data, array, sidecar):
+    """--ood-split and the class texts of its classes: the rows of --class-text after
+    id_classes.txt (after the training classes without that file)."""
     names, id_path = sidecar.get("names") or [], Path(cfg.data) / "id_classes.txt"
     first = data.num_classes
     if id_path.is_file():
         id_names = read_classes(id_path)
         if names[:len(id_names)] != id_names:
-            die(f"{cfg.class_text}: its classes do not start with the {len(id_names)} classes of {id_path}")
+            die(f"{cfg.class_text}: its classes do not start with the {len(id_names)} classes of "
+                f"{id_path}")
         first = len(id_names)
     if len(names) <= first:
-        die(f"{cfg.class_text} has no class after the {first} ID classes: --ood-split has nothing to be scored on")
+        die(f"{cfg.class_text} has no class after the {first} ID classes: --ood-split has nothing "
+            f"to be scored on")
     path = Path(cfg.data) / cfg.ood_split
     items = read_split(path, len(names))
     n, label = next(((n, y) for n, (_, y) in enumerate(items, 1) if y < first), (0, 0))
     if n:
-        die(f"{path}:{n}: label {label} is an ID class: --ood-split holds images of the {len(names) - first} classes "
-            f"after the first {first}")
-    return SimpleNamespace(text=torch.from_numpy(np.asarray(array[first:], dtype=np.float32)), first=first,
-                           sha256=sha256_file(path))
+        die(f"{path}:{n}: label {label} is an ID class: --ood-split holds images of the "
+            f"{len(names) - first} classes after the first {first}")
+    return OodSplit(torch.from_numpy(np.asarray(array[first:], dtype=np.float32)), first,
+                    sha256_file(path))
 
 
 def check_recipe_inputs(cfg, sup):
     """Warnings (rank 0) where a Li et al. recipe's inputs differ from the published ones."""
-    if cfg.recipe.startswith("li-") and os.environ.get("RANK", "0") == "0":
+    if cfg.recipe.startswith("li-") and is_main_process():
         teacher, template = sup.made_with.get("teacher", ""), sup.made_with.get("template")
         if LI_TEACHER not in teacher.lower():
-            warn(f"--recipe {cfg.recipe}: Li et al.'s teacher is CLIP ViT-L/14 at 224 px (openai/{LI_TEACHER}); "
-                 f"--teacher-images was made with {teacher.split()[0]}")
+            warn(f"--recipe {cfg.recipe}: Li et al.'s teacher is CLIP ViT-L/14 at 224 px "
+                 f"(openai/{LI_TEACHER}); --teacher-images was made with {teacher.split()[0]}")
         if template is not None and template != LI_TEMPLATE:
-            warn(f"--recipe {cfg.recipe}: Li et al.'s class text is {LI_TEMPLATE!r}; --class-text was made with "
-                 f"{template!r} (encode.py --template)")
+            warn(f"--recipe {cfg.recipe}: Li et al.'s class text is {LI_TEMPLATE!r}; --class-text "
+                 f"was made with {template!r} (encode.py --template)")
 
 
-# --- evaluation
+# --- step: the optimiser and its schedule, then one optimisation step
 
-def group_accuracy(preds, labels, class_counts):
-    """Top-1 overall and over OLTR's many / medium / few classes (None for a group with no image here)."""
-    groups = np.array([class_group(int(c)) for c in class_counts])[labels.numpy()]
-    correct = (preds == labels).float()
-    result = {"top1": correct.mean().item()}
-    for name in GROUPS:
-        mask = torch.from_numpy(groups == name)
-        result[name] = correct[mask].mean().item() if mask.any() else None
-    return result
-
-
-MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-def pixel_mean_std(device):
-    """ImageNet statistics on the 0-255 scale of ffcv's uint8 batches, shaped to broadcast over NCHW."""
-    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
-            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
-
-
-def normalize(images, mean, std):
-    return (images.float() - mean) / std
-
-
-def mean_class_accuracy(preds, labels):
-    """Mean over the classes with images of each class's top-1 (Li et al.'s metric)."""
-    right = (preds == labels).float()
-    return float(np.mean([right[labels == c].mean().item() for c in torch.unique(labels)]))
-
-
-@torch.no_grad()
-def predictions(model, loader, accelerator, score):
-    """(predictions, labels) of every row of the loader once; `score` maps the student's outputs to class scores."""
-    model.eval()
-    mean, std = pixel_mean_std(accelerator.device)
-    preds, labels, indices = [], [], []
-    for images, y, idx in loader:
-        with accelerator.autocast():
-            preds.append(score(model.student(normalize(images, mean, std))).argmax(-1))
-        labels.append(y.clone())  # ffcv reuses its buffers: keep copies
-        indices.append(idx.clone())
-    preds, labels, indices = (accelerator.gather(torch.cat(t)).cpu() for t in (preds, labels, indices))
-    # ffcv's distributed sampler pads with repeats: count each row once.
-    indices, first = np.unique(indices.numpy(), return_index=True)
-    model.train()
-    return preds[first], labels[first]
-
-
-def evaluate(model, loader, accelerator, class_counts):
-    preds, labels = predictions(model, loader, accelerator, lambda out: out[1])
-    return group_accuracy(preds, labels, class_counts) | {"mean_class": mean_class_accuracy(preds, labels)}
-
-
-def evaluate_ood(model, loader, accelerator, ood):
-    """--ood-split scored within the OOD classes: clip_proj against their class texts (Li et al.'s OOD number)."""
-    text = ood.text.to(accelerator.device)
-    preds, labels = predictions(model, loader, accelerator,
-                                lambda out: F.normalize(out[2].float(), dim=-1) @ text.T)
-    preds = preds + ood.first
-    return {"top1": (preds == labels).float().mean().item(), "mean_class": mean_class_accuracy(preds, labels)}
-
-
-# --- training
-
-def load_fitting(module, weights):
-    """Load `weights` into `module` when every tensor is there with its shape; True if it did."""
-    own = module.state_dict()
-    if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
-        return False
-    module.load_state_dict(weights)
-    return True
-
-
-def init_from(model, cfg, sup):
-    """--init: the whole model of an earlier final.pt (same --arch) where shapes fit: backbone (it must), clip_proj,
-    the linear head and the text head; the rest starts fresh. A cosine head keeps its class texts: the final.pt's
-    classes must come first in this run's. Returns the one line that says what was loaded and what started fresh."""
-    ckpt = read_final(cfg.init, "--init")
-    if ckpt["arch"] != cfg.arch:
-        die(f"--init {cfg.init} is a {ckpt['arch']}, not --arch {cfg.arch}")
-    student, source = model.student, ckpt["model"]
-    weights = {k.removeprefix("backbone."): v for k, v in source.items() if k.startswith("backbone.")}
-    try:
-        student.backbone.load_state_dict(weights)
-    except RuntimeError as e:
-        die(f"--init {cfg.init}: its backbone does not fit --arch {cfg.arch} ({str(e).splitlines()[0][:200]})")
-    loaded, fresh = ["backbone"], []
-    for name in ("clip_proj", "head"):
-        part = getattr(student, name)
-        if part is None:
-            continue
-        given = {k.removeprefix(f"{name}."): v for k, v in source.items() if k.startswith(f"{name}.")}
-        (loaded if given and load_fitting(part, given) else fresh).append(name)
-    head = ckpt.get("text_head")
-    if model.text_head is not None:
-        fits = head is not None and load_fitting(model.text_head.proj, head["proj"]) and \
-            load_fitting(model.text_head.adaptor, head["adaptor"])
-        if fits:
-            model.text_head.log_scale.data.fill_(math.log(head["logit_scale"]))
-        (loaded if fits else fresh).append("text head")
-    here = len(sup.class_text) if cfg.head == "cosine" else student.head.out_features
-    line = (f"--init {cfg.init}: loaded {', '.join(loaded)}; started fresh: {', '.join(fresh) or 'nothing'}; "
-            f"{ckpt['num_classes']} classes there, {here} here")
-    old = ckpt.get("class_text")
-    if cfg.head == "cosine" and old is not None:
-        new = sup.class_text
-        if old.shape[1] != new.shape[1] or len(old) > len(new) or not torch.allclose(
-                old.float(), new[:len(old)].float(), atol=1e-2):
-            die(f"--init {cfg.init} classified over other class texts than the first rows of --class-text "
-                f"{cfg.class_text}: use the classes.npy it was trained with (its classes first)")
-        line += f" (text classifier: its {len(old)} class texts kept" + (
-            f", {here - len(old)} added)" if here > len(old) else ")")
-    return line
-
-
-def build_model(cfg, data, sup, device):
-    """(the Model on the device, the --init line or '')."""
-    torch.manual_seed(cfg.seed)
-    clip_dim = sup.class_text.shape[1] if cfg.head == "cosine" else 0
-    clip_dim = sup.teacher_images.shape[1] if sup.teacher_images is not None else clip_dim
-    student = Student(cfg.arch, data.num_classes, cfg.res, cfg.head, clip_dim, sup.class_text, cfg.tau)
-    text_head = None
-    if sup.text_feats is not None:
-        text_head = TextHead(student.feat_dim, sup.text_feats.shape[-1], cfg.embed_dim, cfg.adaptor_hidden,
-                             cfg.text_temp, cfg.learn_temp)
-    model = Model(student, text_head)
-    note = init_from(model, cfg, sup) if cfg.init else ""
-    return model.to(device, memory_format=torch.channels_last), note
+def make_optimizer(cfg, model, num_processes, steps_per_epoch):
+    """SGD or AdamW, no decay on biases, norms (unless --decay-all) and the temperature; --schedule
+    per step (cosine, step, after a linear warmup) or per epoch (onecycle)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    temp = [p for n, p in named if n.endswith("log_scale")]
+    decays = {n: (p.ndim > 1 or cfg.decay_all) and not n.endswith("log_scale") for n, p in named}
+    groups = [{"params": [p for n, p in named if decays[n]], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if not decays[n] and not n.endswith("log_scale")],
+               "weight_decay": 0.0}]
+    # The learnt temperature gets its own lr: at the backbone's SGD lr (0.1) it collapsed, the logit
+    # scale falling from 14.3 to 5.4 in two epochs. No decay either: that would pull it to T = 1.
+    if temp:
+        groups.append({"params": temp, "weight_decay": 0.0, "lr": cfg.temp_lr})
+    groups = [g for g in groups if g["params"]]
+    lr = cfg.lr * cfg.batch_size * num_processes / 128
+    for g in groups:
+        g.setdefault("lr", lr)
+    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=cfg.nesterov)
+                 if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=lr))
+    if cfg.schedule == "onecycle":
+        one_cycle = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(2, cfg.epochs))
+        return optimizer, EveryEpoch(one_cycle, steps_per_epoch, cfg.epochs)
+    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    milestones = [int(m) for m in comma_list(cfg.milestones)]
+    factor = warmup_cosine(warmup, total) if cfg.schedule == "cosine" else \
+        warmup_step(warmup, steps_per_epoch, milestones, cfg.gamma)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def warmup_cosine(warmup, total):
@@ -1171,7 +1337,8 @@ def warmup_cosine(warmup, total):
 
 
 def warmup_step(warmup, steps_per_epoch, milestones, gamma):
-    """x gamma from the first step of each milestone epoch on (Li et al. lower it as an epoch starts)."""
+    """x gamma from the first step of each milestone epoch on (Li et al. lower it as an epoch
+    starts)."""
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
@@ -1180,15 +1347,17 @@ def warmup_step(warmup, steps_per_epoch, milestones, gamma):
 
 
 class EveryEpoch:
-    """Steps a scheduler as each epoch but the last ends: Li et al. step OneCycleLR once an epoch, so epoch e trains
-    at its step e."""
+    """Steps a scheduler as each epoch but the last ends: Li et al. step OneCycleLR once an epoch,
+    so epoch e trains at its step e."""
 
     def __init__(self, scheduler, steps_per_epoch, epochs):
-        self.scheduler, self.steps_per_epoch, self.epochs, self.steps = scheduler, steps_per_epoch, epochs, 0
+        self.scheduler, self.steps_per_epoch, self.epochs, self.steps = \
+            scheduler, steps_per_epoch, epochs, 0
 
     def step(self):
         self.steps += 1
-        if self.steps % self.steps_per_epoch == 0 and self.steps < self.epochs * self.steps_per_epoch:
+        epoch_ends = self.steps % self.steps_per_epoch == 0
+        if epoch_ends and self.steps < self.epochs * self.steps_per_epoch:
             self.scheduler.step()
 
     def get_last_lr(self):
@@ -1202,90 +1371,106 @@ class EveryEpoch:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def milestones_of(cfg):
-    return [int(m) for m in cfg.milestones.split(",") if m.strip()]
+MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-def make_optimizer(cfg, model, num_processes, steps_per_epoch):
-    """SGD or AdamW, no decay on biases, norms (unless --decay-all) and the temperature; --schedule per step (cosine,
-    step, after a linear warmup) or per epoch (onecycle)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    temp = [p for n, p in named if n.endswith("log_scale")]
-    decayed = [p for n, p in named if (p.ndim > 1 or cfg.decay_all) and not n.endswith("log_scale")]
-    groups = [{"params": decayed, "weight_decay": cfg.weight_decay},
-              {"params": [p for n, p in named if not (p.ndim > 1 or cfg.decay_all) and not n.endswith("log_scale")],
-               "weight_decay": 0.0}]
-    if temp:  # its own lr: at the backbone's SGD lr the temperature collapses
-        groups.append({"params": temp, "weight_decay": 0.0, "lr": cfg.temp_lr})
-    groups = [g for g in groups if g["params"]]
-    lr = cfg.lr * cfg.batch_size * num_processes / 128
-    for g in groups:
-        g.setdefault("lr", lr)
-    optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=cfg.nesterov) if cfg.optimizer == "sgd"
-                 else torch.optim.AdamW(groups, lr=lr))
-    if cfg.schedule == "onecycle":
-        one_cycle = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in groups],
-                                                        total_steps=max(2, cfg.epochs))
-        return optimizer, EveryEpoch(one_cycle, steps_per_epoch, cfg.epochs)
-    total, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
-    factor = warmup_cosine(warmup, total) if cfg.schedule == "cosine" else \
-        warmup_step(warmup, steps_per_epoch, milestones_of(cfg), cfg.gamma)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def pixel_mean_std(device):
+    """ImageNet statistics on the 0-255 scale of ffcv's uint8 batches, shaped to broadcast over
+    NCHW."""
+    return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
+            torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
 
 
-def unwrap(accelerator, model):
+def normalize(images, mean, std):
+    return (images.float() - mean) / std
+
+
+@dataclass
+class Trainer:
+    """What an optimisation step reads and updates (make_trainer builds it, train_step steps it)."""
+    cfg: Config
+    accelerator: Accelerator
+    model: nn.Module                 # the Model as prepared: compiled (--compile), DDP-wrapped
+    core: Model                      # the same Model unwrapped: its weights, text head, class texts
+    optimizer: torch.optim.Optimizer
+    scheduler: object                # stepped every step (EveryEpoch makes that once an epoch)
+    sup: Supervision
+    ema: list | None                 # the student's state dict averaged (--ema), in its order
+    live: list                       # the student's own parameters and buffers (make_trainer)
+    log_prior: torch.Tensor          # on the device, like the pixel statistics
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
+
+
+def make_trainer(cfg, accelerator, model, optimizer, scheduler, ema, sup, log_prior):
+    """`model` (a Model) compiled with --compile and prepared for the processes, and the rest of
+    what the step needs on the device."""
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
-    return getattr(core, "_orig_mod", core)
+    core = getattr(core, "_orig_mod", core)  # torch.compile's wrapper holds the Model there
+    # state_dict() hands out the student's tensors themselves (detached, same storage), which the
+    # optimiser and BatchNorm update in place: this one list lets the EMA read the live weights
+    # every step without building a state dict each time.
+    live = list(core.student.state_dict().values())
+    mean, std = pixel_mean_std(accelerator.device)
+    return Trainer(cfg, accelerator, model, core, optimizer, scheduler, sup, ema, live,
+                   log_prior.to(accelerator.device), mean, std)
 
 
-def make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, sup, log_prior, losses):
-    """The hot path: one optimisation step on a loader batch. Returns [loss, *parts] as one device tensor,
-    so the caller decides when to sync. `model` is the prepared (DDP / compiled) Model."""
-    device = accelerator.device
-    core = unwrap(accelerator, model)
-    mean, std = pixel_mean_std(device)
-    log_prior = log_prior.to(device)
-    tau_cls = {"ce": 0.0, "la": cfg.tau_la, "bs": 1.0}[cfg.loss]
-    weights = [weight_of(t, cfg) for t in losses]
-    live = list(core.student.state_dict().values())  # aliases of the parameters and buffers, updated in place
+def augment(t, images, indices, gen):
+    """A random flip and the normalisation, on the device (see make_loader), and one of each
+    image's P captions, drawn afresh every step; both from the step's seeded generator `gen`."""
+    device = t.accelerator.device
+    flip = torch.rand(len(images), device=device, generator=gen) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(3), images)
+    images = normalize(images, t.pixel_mean, t.pixel_std)
+    images = images.contiguous(memory_format=torch.channels_last)
+    texts = None
+    if t.sup.text_feats is not None:
+        slot = torch.randint(t.sup.text_feats.shape[1], (len(indices),), device=device,
+                             generator=gen)
+        texts = t.sup.text_feats[indices, slot].float()
+    return images, texts
 
-    def rows(mask, indices):
-        return None if mask is None else mask[indices]
 
-    def train_step(images, labels, indices, gen):
-        flip = torch.rand(len(images), device=device, generator=gen) < 0.5
-        images = normalize(torch.where(flip[:, None, None, None], images.flip(3), images), mean, std)
-        images = images.contiguous(memory_format=torch.channels_last)
-        texts = None
-        if sup.text_feats is not None:  # one of each image's P captions, sampled every step
-            slot = torch.randint(sup.text_feats.shape[1], (len(indices),), device=device, generator=gen)
-            texts = sup.text_feats[indices, slot].float()
-        with accelerator.autocast():
-            logits, clip_emb, img_emb, txt_emb = model(images, texts)
-            batch = {"logits": logits, "labels": labels, "log_prior": log_prior, "tau_cls": tau_cls,
-                     "clip_emb": clip_emb, "img_emb": img_emb, "txt_emb": txt_emb,
-                     "class_text": core.student.class_text,
-                     "text_valid": rows(sup.text_valid, indices), "teacher_valid": rows(sup.teacher_valid, indices)}
-            if core.text_head is not None:
-                batch["logit_scale"] = core.text_head.log_scale.exp()
-            if sup.teacher is not None:
-                with torch.no_grad():
-                    batch["teacher_logits"] = sup.teacher(images)[1]
-            if sup.teacher_images is not None:
-                batch["teacher_emb"] = sup.teacher_images[indices]
-            parts = [term.fn(batch, cfg) for term in losses]
-            loss = sum(w * p for w, p in zip(weights, parts))
-        accelerator.backward(loss)
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            update_ema(ema, live, cfg.ema)
-        return torch.stack([loss.detach().float()] + [p.detach().float() for p in parts])
+def rows_of(tensor, indices):
+    return None if tensor is None else tensor[indices]
 
-    return train_step
+
+def loss_inputs(t, images, texts, labels, indices):
+    """The model (and the frozen vision teacher) on the batch, and the batch's supervision rows."""
+    logits, clip_emb, img_emb, txt_emb = t.model(images, texts)
+    head, sup = t.core.text_head, t.sup
+    logit_scale = None if head is None else head.log_scale.exp()
+    teacher_logits = None
+    if sup.teacher is not None:
+        with torch.no_grad():
+            teacher_logits = sup.teacher(images)[1]
+    return LossInputs(labels, logits, t.log_prior, clip_emb, img_emb, txt_emb, logit_scale,
+                      rows_of(sup.text_valid, indices), teacher_logits,
+                      rows_of(sup.teacher_images, indices), rows_of(sup.teacher_valid, indices),
+                      t.core.student.class_text)
+
+
+def train_step(t, images, labels, indices, gen):
+    """One optimisation step on a loader batch. Returns [loss, *terms] as one device tensor: reading
+    it is a host sync, so the caller decides when."""
+    images, texts = augment(t, images, indices, gen)
+    with t.accelerator.autocast():
+        terms = loss_terms(t.cfg, t.sup, loss_inputs(t, images, texts, labels, indices))
+        loss = sum(weight * value for weight, value in terms.values())
+    t.accelerator.backward(loss)
+    if t.cfg.grad_clip > 0:
+        t.accelerator.clip_grad_norm_(t.model.parameters(), t.cfg.grad_clip)
+    t.optimizer.step()
+    t.scheduler.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.ema is not None:
+        update_ema(t.ema, t.live, t.cfg.ema)
+    return torch.stack([loss.detach().float()]
+                       + [value.detach().float() for _, value in terms.values()])
 
 
 def update_ema(ema, current, decay):
@@ -1297,7 +1482,7 @@ def update_ema(ema, current, decay):
 
 
 def swap_in_ema(core, weights):
-    """Load `weights` (a list in state-dict order) into the student and return the weights it had."""
+    """Load `weights` (a list in state-dict order) into the student; returns the ones it had."""
     if weights is None:
         return None
     current = [t.detach().clone() for t in core.student.state_dict().values()]
@@ -1306,31 +1491,252 @@ def swap_in_ema(core, weights):
     return current
 
 
-# --- run folder and checkpoints
+# --- loop: epochs of steps, a metrics row every --log-every steps, evaluation and ckpt.pt per epoch
+
+@dataclass
+class Progress:
+    """Where training stands (ckpt.pt holds it): a resume starts from here."""
+    epoch: int = 0                        # the next epoch to train
+    step: int = 0                         # steps taken
+    running: torch.Tensor | None = None   # [loss, *terms] summed since the last metrics row
+    last_log: int = 0                     # the step of the last metrics row
+    val: tuple | None = None              # (epoch, val top-1) of the last evaluation
+
+
+@dataclass
+class Run:
+    """Everything a run works with once its inputs are loaded and its model is built."""
+    cfg: Config
+    accelerator: Accelerator
+    out: Path
+    data: Data
+    sup: Supervision
+    trainer: Trainer
+    weights: dict                    # {loss term: weight}: loss_terms without a step
+    train_loader: object
+    val_loader: object
+    ood_loader: object | None
+
+
+@dataclass
+class Loop:
+    """The loop's state. The sums and the finite check stay on the device: the host reads them (a
+    sync that stalls a GPU's queue of work) only when a metrics row is written, not every step."""
+    step: int
+    total_steps: int
+    running: torch.Tensor       # [loss, *terms] summed since the last row
+    bad_step: torch.Tensor      # the first step whose loss or a term was not finite; -1: none
+    last_log: int               # the step of the last row
+    last_time: float
+    bar: object
+    images_seen: int = 0        # since the last row, over all processes
+
+
+def train(run, progress):
+    """The epochs from progress.epoch on; returns the steps taken in all (a resume's included)."""
+    cfg, device = run.cfg, run.accelerator.device
+    total_steps = cfg.epochs * cfg.repeat_epochs * len(run.train_loader)
+    running = torch.zeros(len(run.weights) + 1, device=device) if progress.running is None \
+        else progress.running.to(device)
+    bar = progress_bar(total_steps, "step", initial=progress.step,
+                       disable=not run.accelerator.is_main_process)
+    bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    loop = Loop(progress.step, total_steps, running, bad_step, progress.last_log,
+                time.perf_counter(), bar)
+    run.train_loader.next_epoch = progress.epoch * cfg.repeat_epochs  # pass p: ffcv's seed + p
+    try:  # the bar is closed before an error line, which stays the last line
+        for epoch in range(progress.epoch, cfg.epochs):
+            if cfg.max_steps and loop.step >= cfg.max_steps:  # resumed after --max-steps stopped it
+                break
+            seen = train_epoch(run, loop, epoch)
+            end_epoch(run, loop, progress, epoch, seen)
+            if loop.step == cfg.max_steps:
+                break
+    finally:
+        bar.close()
+    return loop.step
+
+
+def passes(loader, repeat):
+    """The loader's batches, `repeat` times over (one epoch of --repeat-epochs)."""
+    for _ in range(repeat):
+        yield from loader
+
+
+def train_epoch(run, loop, epoch):
+    """One epoch's steps. Returns how often each training row was seen (on this process)."""
+    cfg, device = run.cfg, run.accelerator.device
+    # A generator per epoch and process, seeded from both: a resumed run draws what an uninterrupted
+    # one drew, and the processes draw different flips and captions.
+    gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009
+                                              + run.accelerator.process_index)
+    seen = torch.zeros(len(run.data.train_items), device=device, dtype=torch.int32)
+    for images, labels, indices in passes(run.train_loader, cfg.repeat_epochs):
+        seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
+        values = train_step(run.trainer, images, labels, indices, gen)
+        with torch.no_grad():  # no host sync here: accumulate on the device, read when logging
+            loop.running += values
+            failed = (loop.bad_step < 0) & ~torch.isfinite(values).all()
+            loop.bad_step = torch.where(failed, loop.step, loop.bad_step)
+        loop.step += 1
+        loop.images_seen += len(images) * run.accelerator.num_processes
+        loop.bar.update(1)
+        if loop.step % cfg.log_every == 0 or loop.step in (loop.total_steps, cfg.max_steps):
+            log_steps(run, loop, epoch)
+        if loop.step == cfg.max_steps:
+            break
+    return seen
+
+
+def log_steps(run, loop, epoch):
+    """A metrics row of the steps since the last one: mean loss and terms, lr, images/s."""
+    require_finite_loss(run, loop)
+    now = time.perf_counter()
+    avg = (loop.running / (loop.step - loop.last_log)).tolist()
+    lr = run.trainer.scheduler.get_last_lr()[0]
+    row = {"step": loop.step, "epoch": epoch, "lr": lr, "loss": avg[0]}
+    row |= dict(zip(run.weights, avg[1:]))
+    row["img_per_s"] = loop.images_seen / (now - loop.last_time)
+    head = run.trainer.core.text_head
+    if head is not None:
+        row["text_logit_scale"] = head.log_scale.exp().item()
+    log(run, row)
+    # No refresh: off a terminal the bar's lines stay one per 30 s, not one per metrics row.
+    loop.bar.set_postfix_str(f"{loss_summary(avg, run.weights)}, {row['img_per_s']:.0f} img/s",
+                             refresh=False)
+    loop.running.zero_()
+    loop.last_log, loop.last_time, loop.images_seen = loop.step, now, 0
+
+
+def log(run, row):
+    if run.accelerator.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+    numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+    run.accelerator.log(numbers, step=row["step"])
+
+
+def loss_summary(avg, weights):
+    """The bar's loss: the weighted total and its terms, named as in metrics.jsonl (`total 4.81 =
+    cls 0.36 + text 4.45`): a bare total of several terms would read like a classification loss."""
+    parts = [f"{'' if w == 1 else f'{w:g} x '}{name.removeprefix('loss_')} {v:.3f}"
+             for (name, w), v in zip(weights.items(), avg[1:])]
+    if len(parts) == 1:  # loss_cls alone, at weight 1
+        return parts[0]
+    return f"total {avg[0]:.3f} = " + " + ".join(parts)
+
+
+def end_epoch(run, loop, progress, epoch, seen):
+    """The finite check, the rows seen, validation (every --eval-every epochs and after the last)
+    and ckpt.pt, after the epoch's rows: a resume from it re-logs none."""
+    require_finite_loss(run, loop)
+    seen = run.accelerator.reduce(seen, "sum")  # a row seen twice in one epoch means a sharding bug
+    log(run, {"epoch": epoch, "step": loop.step, "rows_seen": int((seen > 0).sum()),
+              "rows_max_repeat": int(seen.max())})
+    if (epoch + 1) % run.cfg.eval_every == 0 or epoch + 1 == run.cfg.epochs:
+        progress.val = validate(run, epoch, loop.step)
+    save_checkpoint(run, epoch, loop)
+    run.accelerator.wait_for_everyone()
+
+
+def require_finite_loss(run, loop):
+    if loop.bad_step.item() >= 0:
+        parts = dict(zip(["loss", *run.weights], loop.running.tolist()))
+        die(f"non-finite loss at step {loop.bad_step.item()} (running sums {parts}); "
+            f"{last_good(run.out)}")
+
+
+def validate(run, epoch, step):
+    """--val-split (and --ood-split) scored with the EMA weights if --ema; (epoch, val top-1)."""
+    core, accelerator = run.trainer.core, run.accelerator
+    trained = swap_in_ema(core, run.trainer.ema)
+    acc = evaluate(core, run.val_loader, accelerator, run.data.class_counts)
+    ood = evaluate_ood(core, run.ood_loader, accelerator, run.sup.ood) if run.ood_loader else {}
+    swap_in_ema(core, trained)
+    log(run, {"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()}
+        | {f"val_ood_{k}": v for k, v in ood.items()})
+    groups = " ".join(f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None)
+    ood_line = f", OOD mean per class {ood['mean_class']:.4f}" if ood else ""
+    accelerator.print(f"epoch {epoch}: val top-1 {acc['top1']:.4f} ({groups}){ood_line}",
+                      flush=True)
+    return epoch, acc["top1"]
+
+
+def group_accuracy(preds, labels, class_counts):
+    """Top-1 overall and over OLTR's many / medium / few classes (None for a group with no image
+    here)."""
+    groups = np.array([class_group(int(c)) for c in class_counts])[labels.numpy()]
+    correct = (preds == labels).float()
+    result = {"top1": correct.mean().item()}
+    for name in GROUPS:
+        mask = torch.from_numpy(groups == name)
+        result[name] = correct[mask].mean().item() if mask.any() else None
+    return result
+
+
+def mean_class_accuracy(preds, labels):
+    """Mean over the classes with images of each class's top-1 (Li et al.'s metric)."""
+    right = (preds == labels).float()
+    return float(np.mean([right[labels == c].mean().item() for c in torch.unique(labels)]))
+
+
+@torch.no_grad()
+def predictions(model, loader, accelerator, score):
+    """(predictions, labels) of every row of the loader once; `score` maps the student's outputs to
+    class scores."""
+    model.eval()
+    mean, std = pixel_mean_std(accelerator.device)
+    preds, labels, indices = [], [], []
+    for images, y, idx in loader:
+        with accelerator.autocast():
+            preds.append(score(model.student(normalize(images, mean, std))).argmax(-1))
+        labels.append(y.clone())  # ffcv reuses its buffers: keep copies
+        indices.append(idx.clone())
+    preds, labels, indices = (accelerator.gather(torch.cat(t)).cpu()
+                              for t in (preds, labels, indices))
+    # ffcv's distributed sampler pads with repeats: count each row once.
+    indices, first = np.unique(indices.numpy(), return_index=True)
+    model.train()
+    return preds[first], labels[first]
+
+
+def evaluate(model, loader, accelerator, class_counts):
+    preds, labels = predictions(model, loader, accelerator, lambda out: out[1])
+    return group_accuracy(preds, labels, class_counts) \
+        | {"mean_class": mean_class_accuracy(preds, labels)}
+
+
+def evaluate_ood(model, loader, accelerator, ood):
+    """--ood-split scored within the OOD classes: clip_proj against their class texts (Li et al.'s
+    OOD number)."""
+    text = ood.text.to(accelerator.device)
+    preds, labels = predictions(model, loader, accelerator,
+                                lambda out: F.normalize(out[2].float(), dim=-1) @ text.T)
+    preds = preds + ood.first
+    return {"top1": (preds == labels).float().mean().item(),
+            "mean_class": mean_class_accuracy(preds, labels)}
+
+
+# --- checkpoints: ckpt.pt each epoch; a resume is refused unless settings and inputs are the same
 
 def last_good(out):
     ckpt = Path(out) / "ckpt.pt"
-    return f"the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt.exists() else \
-        "no checkpoint was written"
-
-
-def require_finite_loss(bad_step, running, losses, out):
-    if bad_step.item() >= 0:
-        parts = dict(zip(["loss"] + [t.name for t in losses], running.tolist()))
-        die(f"non-finite loss at step {bad_step.item()} (running sums {parts}); {last_good(out)}")
+    return f"the last good checkpoint is {ckpt} (--resume continues from it)" if ckpt.exists() \
+        else "no checkpoint was written"
 
 
 def require_finite_weights(core, ema, step, out):
-    """No diverged model is ever written: every parameter and buffer (and the EMA) must be finite."""
+    """No diverged model is ever written: every parameter and buffer (and EMA) must be finite."""
     named = list(core.state_dict().items()) + [(f"ema[{i}]", t) for i, t in enumerate(ema or [])]
     bad = [name for name, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        die(f"training diverged by step {step}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); "
-            f"nothing written; {last_good(out)}")
+        die(f"training diverged by step {step}: {len(bad)} weight tensors hold NaN or inf (first: "
+            f"{bad[0]}); nothing written; {last_good(out)}")
 
 
 def save_atomic(obj, path, out):
-    """torch.save through a temporary file and a rename; a full disk is one line and leaves the old file."""
+    """torch.save through a temporary file and a rename; a full disk is one line and leaves the old
+    file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
@@ -1340,8 +1746,21 @@ def save_atomic(obj, path, out):
         die(f"cannot write {path} ({str(e).strip().splitlines()[-1][:200]}); {last_good(out)}")
 
 
+def save_checkpoint(run, epoch, loop):
+    t = run.trainer
+    require_finite_weights(t.core, t.ema, loop.step, run.out)
+    if run.accelerator.is_main_process:
+        state = {"epoch": epoch, "step": loop.step, "config": asdict(run.cfg),
+                 "inputs": run.sup.identity, "model": t.core.state_dict(),
+                 "optimizer": t.optimizer.state_dict(), "scheduler": t.scheduler.state_dict(),
+                 "running": loop.running.cpu(), "last_log": loop.last_log,
+                 "ema": [w.cpu() for w in t.ema] if t.ema is not None else None}
+        save_atomic(state, run.out / "ckpt.pt", run.out)  # a kill mid-save leaves the last good one
+
+
 def read_checkpoint(cfg, out, identity):
-    """--resume: ckpt.pt, refused unless made with the same settings and the same inputs (by content)."""
+    """--resume: ckpt.pt, refused unless made with the same settings and the same inputs (by
+    content)."""
     path = out / "ckpt.pt"
     if not cfg.resume or not path.exists():
         return None
@@ -1349,38 +1768,206 @@ def read_checkpoint(cfg, out, identity):
         state = torch.load(path, map_location="cpu", weights_only=True)
         old, inputs = state["config"], state["inputs"]
     except Exception as e:
-        die(f"--resume: {path} cannot be read ({str(e).strip().splitlines()[0][:200]}); delete it to start over")
-    changed = [k for k, v in asdict(cfg).items() if k not in RESUMABLE_CHANGES | INPUT_FIELDS and old.get(k) != v]
-    changed += [f"{k} (content)" for k in sorted(set(identity) | set(inputs)) if identity.get(k) != inputs.get(k)]
+        die(f"--resume: {path} cannot be read ({first_line(e)}); delete it to start over")
+    changed = [k for k, v in asdict(cfg).items()
+               if k not in RESUMABLE_CHANGES | INPUT_FIELDS and old.get(k) != v]
+    changed += [f"{k} (content)" for k in sorted(set(identity) | set(inputs))
+                if identity.get(k) != inputs.get(k)]
     if changed:
-        die(f"--resume: {path} was made with other {', '.join(changed)}; use the same inputs or another --out")
+        die(f"--resume: {path} was made with other {', '.join(changed)}; use the same inputs or "
+            f"another --out")
     return state
 
 
 def restore(state, model, optimizer, scheduler, cfg, device):
     """(ema, progress) from the checkpoint, or fresh ones."""
     ema = [p.detach().clone() for p in model.student.state_dict().values()] if cfg.ema > 0 else None
-    progress = SimpleNamespace(epoch=0, step=0, running=None, last_log=0, val=None)
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        ema = [t.to(device) for t in state["ema"]] if state["ema"] is not None else None
-        progress = SimpleNamespace(epoch=state["epoch"] + 1, step=state["step"], running=state["running"],
-                                   last_log=state["last_log"], val=None)
-    return ema, progress
+    if state is None:
+        return ema, Progress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    ema = [t.to(device) for t in state["ema"]] if state["ema"] is not None else None
+    return ema, Progress(state["epoch"] + 1, state["step"], state["running"], state["last_log"])
+
+
+# --- final.pt and the exported student
+
+def cpu_state(module):
+    return {k: v.cpu() for k, v in module.state_dict().items()}
+
+
+def final_record(run, step):
+    """final.pt: the (EMA) student and everything eval.py needs, checked finite first."""
+    cfg, core, data, sup = run.cfg, run.trainer.core, run.data, run.sup
+    swap_in_ema(core, run.trainer.ema)
+    require_finite_weights(core, None, step, run.out)
+    final = {"format": "vlmkd-final-1", "arch": cfg.arch, "num_classes": data.num_classes,
+             "feat_dim": core.student.feat_dim, "model": cpu_state(core.student), "head": cfg.head,
+             "tau": cfg.tau, "classes": data.class_names,
+             "class_counts": data.class_counts.tolist(),
+             "preprocess": {"res": cfg.res, "mean": MEAN, "std": STD,
+                            "crop_ratio": crop_ratio(cfg)},
+             "train_split_sha256": sup.identity["train_split"], "inputs": sup.identity,
+             "config": run_config(cfg), "losses": run.weights}
+    if sup.class_text is not None and cfg.head == "cosine":
+        final["class_text"] = sup.class_text
+    head = core.text_head
+    if head is not None and not cfg.drop_text_head:
+        final["text_head"] = {
+            "proj": cpu_state(head.proj), "adaptor": cpu_state(head.adaptor),
+            "logit_scale": head.log_scale.exp().item(), "feat_dim": core.student.feat_dim,
+            "text_dim": sup.text_feats.shape[-1], "embed_dim": cfg.embed_dim,
+            "hidden": cfg.adaptor_hidden, "encoder": str(sup.text_meta.get("encoder", "")),
+            "prompts": sup.prompts, "vlm": sup.text_meta.get("vlm"),
+            "tiny_random": bool(sup.text_meta.get("tiny_random"))}
+    return final
+
+
+class Logits(nn.Module):
+    """The student as deployed: normalised images in, class logits out."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, images):
+        return self.student(images)[1]
+
+
+def library_weights(cfg, student):
+    """(constructor description, state dict) whose keys load into torchvision's / timm's own model
+    with strict=True: our head goes back under the classifier's name. None where no public
+    constructor exists."""
+    if cfg.arch in CIFAR_ARCHS or cfg.head != "linear":
+        return None
+    backbone = student.backbone
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    head = student.head.state_dict().items()
+    state |= {f"{backbone.classifier_name}.{k}": v.detach().cpu().contiguous() for k, v in head}
+    library = "timm" if cfg.arch.startswith("timm:") else "torchvision"
+    return {"library": library, "model": cfg.arch.removeprefix("timm:"),
+            "kwargs": backbone.constructor_kwargs}, state
+
+
+def export_student(run, final):
+    """student.safetensors + student.json, student.pt2 (torch.export) and student.onnx, as --export
+    asks."""
+    cfg, out, kinds = run.cfg, run.out, comma_list(run.cfg.export)
+    for name in RUN_FILES:  # an earlier export of this run (resumed with another --export) must go
+        if name.startswith("student."):
+            (out / name).unlink(missing_ok=True)
+    if not kinds:
+        return
+    student = student_from_final(final)
+    net, example = Logits(student).eval(), torch.randn(2, 3, cfg.res, cfg.res)
+    meta = {"arch": cfg.arch, "num_classes": final["num_classes"], "classes": final["classes"],
+            "preprocess": final["preprocess"], "input": "RGB, Resize(round(res / crop_ratio)), "
+            "CenterCrop(res), ToTensor, Normalize(mean, std); NCHW float32"}
+    weights = library_weights(cfg, student) if "safetensors" in kinds else None
+    if weights is not None:
+        from safetensors.torch import save_file
+        save_file(weights[1], out / "student.safetensors")
+        meta |= weights[0]
+    elif "safetensors" in kinds:  # CIFAR ResNets and the cosine head exist only in this code
+        meta |= {"library": None, "note": f"--arch {cfg.arch} --head {cfg.head}: no "
+                                          f"torchvision/timm constructor, load student.pt2"}
+    if "pt2" in kinds:
+        batch = torch.export.Dim("batch")
+        program = torch.export.export(net, (example,), dynamic_shapes=({0: batch},))
+        torch.export.save(program, out / "student.pt2")
+    if "onnx" in kinds:
+        try:
+            torch.onnx.export(net, (example,), out / "student.onnx", input_names=["images"],
+                              output_names=["logits"], dynamo=False,
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        except Exception as e:  # an architecture ONNX cannot express is a warning, not a failed run
+            warn(f"ONNX export of {cfg.arch} failed ({first_line(e)}); student.pt2 still works")
+    write_json(out / "student.json", meta)
+
+
+def write_final(run, step):
+    if run.accelerator.is_main_process:
+        final = final_record(run, step)
+        save_atomic(final, run.out / "final.pt", run.out)
+        export_student(run, final)
+
+
+# --- main: the run folder, the accelerator, then load, build, train, write
+
+def start(cfg):
+    """The accelerator (tracker included) and a writable --out, checked before anything is read."""
+    on_gpu = torch.cuda.is_available()
+    precision, why = cfg.precision, ""
+    if precision == "auto":
+        precision, why = auto_dtype("cuda" if on_gpu else "cpu",
+                                    has_native_bf16(pick_device("auto")))
+    if precision == "fp16" and not on_gpu:
+        die("--precision fp16 needs a GPU; on a CPU use bf16 (with native bf16) or fp32")
+    if cfg.deterministic:  # cuDNN autotuning and atomic adds make GPU reruns drift; before CUDA
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without one: a warning
+        torch.backends.cudnn.benchmark = False
+    if is_main_process():  # the other processes of this run write nothing here
+        check_run_folder(cfg, Path(cfg.out))  # before --out is made: a refused run leaves no folder
+    out = writable_dir(cfg.out)
+    if is_main_process():
+        lock_or_die(out / ".lock", f"run folder {out}")
+        check_run_folder(cfg, out)  # again under the lock: a run that ended meanwhile is seen
+    remove_stale_tmp(out)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision),
+                              cpu=not on_gpu, project_dir=out,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to)
+    launch_check(accelerator.num_processes)
+    if cfg.precision == "auto":
+        accelerator.print(f"train.py: --precision auto: {precision}, since {why}", flush=True)
+    return accelerator, out
+
+
+def check_run_folder(cfg, out):
+    """--out holds one run: --resume needs its ckpt.pt, a new run needs a folder without another
+    run's files (or --overwrite, which removes them later, once the inputs are checked)."""
+    if (out / "train.py").exists() and (out / "train.py").samefile(__file__):
+        die(f"--out {out} is the folder of train.py itself: give the run a folder of its own")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if cfg.resume and not (out / "ckpt.pt").exists():
+        die(f"--resume: {out} holds no ckpt.pt, so there is nothing to continue"
+            + (f" (it holds {', '.join(found)})" if found else "") + "; start a new run without "
+            "--resume")
+    if found and not cfg.resume and not cfg.overwrite:
+        die(f"{out} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): "
+            f"pass --resume to continue it, --overwrite to replace it, or use another --out")
+
+
+def tracker_folders(out):
+    """Folders accelerate's trackers made in --out: tensorboard's (named after the run, event files
+    only), aim's."""
+    board = out / out.name
+    events = [p for p in board.rglob("*") if p.is_file()] if board.is_dir() else []
+    ours = [board] if events and all(p.name.startswith("events.out.tfevents.") for p in events) \
+        else []
+    return ours + [out / ".aim"] * (out / ".aim").is_dir()
+
+
+def clear_run_folder(out):
+    """--overwrite: remove the earlier run's files, those train.py writes and nothing else."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for folder in tracker_folders(out):
+        shutil.rmtree(folder)
 
 
 def start_run_folder(cfg, out, accelerator, state):
-    """Script copy, config, versions; metrics.jsonl cut back to the checkpoint's step (a resumed run logs
-    exactly the rows of an uninterrupted one), or emptied for a fresh run."""
+    """Script copy, config, versions; metrics.jsonl cut back to the checkpoint's step (a resumed run
+    logs exactly the rows of an uninterrupted one), or emptied for a fresh run."""
     if not accelerator.is_main_process:
         return
     if cfg.overwrite:
         clear_run_folder(out)
     shutil.copy(__file__, out / "train.py")
     write_json(out / "config.json", run_config(cfg))
-    write_json(out / "versions.json", versions("torch", "torchvision", "accelerate", "timm", "ffcv", "numpy"))
+    write_json(out / "versions.json", versions("torch", "torchvision", "accelerate", "timm", "ffcv",
+                                               "numpy"))
     kept = []
     if state is not None and (out / "metrics.jsonl").exists():
         for line in (out / "metrics.jsonl").read_text().splitlines():
@@ -1401,334 +1988,85 @@ def run_config(cfg):
     return asdict(cfg) | {"recipe_overridden": recipe_record(cfg)}
 
 
-def make_logger(out, accelerator):
-    def log(row):
-        if accelerator.is_main_process:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        accelerator.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
-    return log
+def build_run(cfg, accelerator, out, data, sup, state):
+    """(the Run, its Progress, the --init line): the model, the loaders (caches written first), the
+    optimiser, all restored from `state` on a resume."""
+    model, init_note = build_model(cfg, data, sup, accelerator.device)
+    train_loader, val_loader, ood_loader = make_loaders(cfg, data, sup, accelerator)
+    optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes,
+                                          cfg.repeat_epochs * len(train_loader))
+    ema, progress = restore(state, model, optimizer, scheduler, cfg, accelerator.device)
+    trainer = make_trainer(cfg, accelerator, model, optimizer, scheduler, ema, sup, data.log_prior)
+    weights = {name: weight for name, (weight, _) in loss_terms(cfg, sup).items()}
+    return Run(cfg, accelerator, out, data, sup, trainer, weights, train_loader, val_loader,
+               ood_loader), progress, init_note
 
 
-def save_checkpoint(run, epoch, step, running, last_log):
-    require_finite_weights(run.core, run.ema, step, run.out)
-    if run.accelerator.is_main_process:
-        state = {"epoch": epoch, "step": step, "config": asdict(run.cfg), "inputs": run.sup.identity,
-                 "model": run.core.state_dict(), "optimizer": run.optimizer.state_dict(),
-                 "scheduler": run.scheduler.state_dict(), "running": running.cpu(), "last_log": last_log,
-                 "ema": [t.cpu() for t in run.ema] if run.ema is not None else None}
-        save_atomic(state, run.out / "ckpt.pt", run.out)  # a kill mid-save leaves the last good one
+def announce(run, progress, resumed, init_note):
+    """The run's first lines: what it trains on, where, with which losses (and recipe, --init)."""
+    cfg, accelerator, data = run.cfg, run.accelerator, run.data
+    here = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
+    accelerator.print(f"train.py: {len(data.train_items)} train images, {data.num_classes} "
+                      f"classes; {here} process{'es' * (here > 1)} on this machine, world size "
+                      f"{accelerator.num_processes}, device {accelerator.device}, precision "
+                      f"{precision}; losses {', '.join(run.weights)}"
+                      + (f"; resuming at epoch {progress.epoch}" * resumed), flush=True)
+    if cfg.recipe != "none":
+        changed = ", ".join(f"{flag(k)} {v['recipe']} -> {v['used']}"
+                            for k, v in recipe_record(cfg).items())
+        accelerator.print(f"train.py: --recipe {cfg.recipe}"
+                          + (f"; overridden: {changed}" if changed else ""))
+    if init_note:
+        accelerator.print(f"train.py: {init_note}")
 
 
-def passes(loader, repeat):
-    """The loader's batches, `repeat` times over (one epoch of --repeat-epochs)."""
-    for _ in range(repeat):
-        yield from loader
-
-
-def train(run, progress):
-    """The epochs: steps (metrics every --log-every), then coverage, validation and ckpt.pt per epoch."""
-    cfg, accelerator, core, losses = run.cfg, run.accelerator, run.core, run.losses
-    device, log, step = accelerator.device, make_logger(run.out, accelerator), progress.step
-    total_steps = cfg.epochs * cfg.repeat_epochs * len(run.train_loader)
-    running = torch.zeros(len(losses) + 1, device=device) if progress.running is None else progress.running.to(device)
-    bad_step = torch.full((), -1, device=device, dtype=torch.long)
-    last_log, last_time, images_seen = progress.last_log, time.perf_counter(), 0
-    run.train_loader.next_epoch = progress.epoch * cfg.repeat_epochs  # ffcv seeds pass p's order with seed + p
-    bar = progress_bar(total_steps, "step", initial=step, disable=not accelerator.is_main_process)
-    try:  # the bar is closed before an error line, which stays the last line
-        for epoch in range(progress.epoch, cfg.epochs):
-            if cfg.max_steps and step >= cfg.max_steps:  # resumed after --max-steps stopped it: nothing left to do
-                break
-            gen = torch.Generator(device).manual_seed(cfg.seed * 100_003 + epoch * 1009 + accelerator.process_index)
-            row_seen = torch.zeros(len(run.data.train_items), device=device, dtype=torch.int32)
-            for images, labels, indices in passes(run.train_loader, cfg.repeat_epochs):
-                row_seen.index_add_(0, indices, torch.ones_like(indices, dtype=torch.int32))
-                values = run.train_step(images, labels, indices, gen)
-                with torch.no_grad():  # no host sync here: accumulate on the device, read when logging
-                    running += values
-                    bad_step = torch.where((bad_step < 0) & ~torch.isfinite(values).all(), step, bad_step)
-                step, images_seen = step + 1, images_seen + len(images) * accelerator.num_processes
-                bar.update(1)
-                if step % cfg.log_every == 0 or step == total_steps or step == cfg.max_steps:
-                    require_finite_loss(bad_step, running, losses, run.out)
-                    now = time.perf_counter()
-                    avg = (running / (step - last_log)).tolist()
-                    row = {"step": step, "epoch": epoch, "lr": run.scheduler.get_last_lr()[0], "loss": avg[0]}
-                    row |= {t.name: v for t, v in zip(losses, avg[1:])} | {"img_per_s": images_seen / (now - last_time)}
-                    if core.text_head is not None:
-                        row["text_logit_scale"] = core.text_head.log_scale.exp().item()
-                    log(row)
-                    # No refresh: off a terminal the bar's lines stay one per 30 s, not one per log row.
-                    bar.set_postfix_str(f"{loss_summary(avg, losses, cfg)}, {row['img_per_s']:.0f} img/s",
-                                        refresh=False)
-                    running.zero_()
-                    last_log, last_time, images_seen = step, now, 0
-                if step == cfg.max_steps:
-                    break
-            require_finite_loss(bad_step, running, losses, run.out)
-            row_seen = accelerator.reduce(row_seen, "sum")  # a sample seen twice in one epoch means a sharding bug
-            log({"epoch": epoch, "step": step, "rows_seen": int((row_seen > 0).sum()),
-                 "rows_max_repeat": int(row_seen.max())})
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                trained = swap_in_ema(core, run.ema)
-                acc = evaluate(core, run.val_loader, accelerator, run.data.class_counts)
-                ood = evaluate_ood(core, run.ood_loader, accelerator, run.sup.ood) if run.ood_loader else {}
-                swap_in_ema(core, trained)
-                log({"epoch": epoch, "step": step} | {f"val_{k}": v for k, v in acc.items()}
-                    | {f"val_ood_{k}": v for k, v in ood.items()})
-                progress.val = (epoch, acc["top1"])
-                accelerator.print(f"epoch {epoch}: val top-1 {acc['top1']:.4f} (" + " ".join(
-                    f"{k} {acc[k]:.3f}" for k in GROUPS if acc[k] is not None) + ")"
-                    + (f", OOD mean per class {ood['mean_class']:.4f}" if ood else ""), flush=True)
-            save_checkpoint(run, epoch, step, running, last_log)  # after the epoch's rows: a resume re-logs none
-            accelerator.wait_for_everyone()
-            if step == cfg.max_steps:
-                break
-    finally:
-        bar.close()
-    return step
-
-
-def loss_summary(avg, losses, cfg):
-    """The bar's loss: the weighted total and its parts, named as in metrics.jsonl (`total 4.81 = cls 0.36 +
-    text 4.45`): a bare total of several terms would read like a classification loss."""
-    parts = [f"{'' if weight_of(t, cfg) == 1 else f'{weight_of(t, cfg):g} x '}{t.name.removeprefix('loss_')} {v:.3f}"
-             for t, v in zip(losses, avg[1:])]
-    if len(parts) == 1 and weight_of(losses[0], cfg) == 1:
-        return parts[0]
-    return f"total {avg[0]:.3f} = " + " + ".join(parts)
-
-
-# --- final.pt and the exported student
-
-def final_record(run, step):
-    """final.pt: the (EMA) student and everything eval.py needs, checked finite first."""
-    cfg, core, data, sup = run.cfg, run.core, run.data, run.sup
-    swap_in_ema(core, run.ema)
-    require_finite_weights(core, None, step, run.out)
-    final = {"format": "vlmkd-final-1", "arch": cfg.arch, "num_classes": data.num_classes,
-             "feat_dim": core.student.feat_dim, "model": {k: v.cpu() for k, v in core.student.state_dict().items()},
-             "head": cfg.head, "tau": cfg.tau, "classes": data.class_names, "class_counts": data.class_counts.tolist(),
-             "preprocess": {"res": cfg.res, "mean": MEAN, "std": STD, "crop_ratio": crop_ratio(cfg)},
-             "train_split_sha256": sup.identity["train_split"], "inputs": sup.identity, "config": run_config(cfg),
-             "losses": {t.name: weight_of(t, cfg) for t in run.losses}}
-    if sup.class_text is not None and cfg.head == "cosine":
-        final["class_text"] = sup.class_text
-    if core.text_head is not None and not cfg.drop_text_head:
-        final["text_head"] = {"proj": {k: v.cpu() for k, v in core.text_head.proj.state_dict().items()},
-                              "adaptor": {k: v.cpu() for k, v in core.text_head.adaptor.state_dict().items()},
-                              "logit_scale": core.text_head.log_scale.exp().item(), "feat_dim": core.student.feat_dim,
-                              "text_dim": sup.text_feats.shape[-1], "embed_dim": cfg.embed_dim,
-                              "hidden": cfg.adaptor_hidden, "encoder": str(sup.text_meta.get("encoder", "")),
-                              "prompts": sup.prompts, "vlm": sup.text_meta.get("vlm"),
-                              "tiny_random": bool(sup.text_meta.get("tiny_random"))}
-    return final
-
-
-class Logits(nn.Module):
-    """The student as deployed: normalised images in, class logits out."""
-
-    def __init__(self, student):
-        super().__init__()
-        self.student = student
-
-    def forward(self, images):
-        return self.student(images)[1]
-
-
-def library_weights(cfg, student):
-    """(constructor description, state dict) whose keys load into torchvision's / timm's own model with strict=True:
-    our head goes back under the classifier's name. None where no public constructor exists."""
-    if cfg.arch in CIFAR_ARCHS or cfg.head != "linear":
-        return None
-    backbone = student.backbone
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    head = student.head.state_dict().items()
-    state |= {f"{backbone.classifier_name}.{k}": v.detach().cpu().contiguous() for k, v in head}
-    library = "timm" if cfg.arch.startswith("timm:") else "torchvision"
-    return {"library": library, "model": cfg.arch.removeprefix("timm:"), "kwargs": backbone.constructor_kwargs}, state
-
-
-def export_student(run, final):
-    """student.safetensors + student.json, student.pt2 (torch.export) and student.onnx, as --export asks."""
-    cfg, out = run.cfg, run.out
-    kinds = [k.strip() for k in cfg.export.split(",") if k.strip()]
-    for name in RUN_FILES:  # an earlier export of this run (resumed with another --export) must not outlive it
-        if name.startswith("student."):
-            (out / name).unlink(missing_ok=True)
-    if not kinds:
-        return
-    student = Student(cfg.arch, final["num_classes"], cfg.res, cfg.head, final["model"].get(
-        "clip_proj.weight", torch.empty(0, 0)).shape[0], final.get("class_text"), cfg.tau)
-    student.load_state_dict(final["model"])
-    net, example = Logits(student).eval(), torch.randn(2, 3, cfg.res, cfg.res)
-    meta = {"arch": cfg.arch, "num_classes": final["num_classes"], "classes": final["classes"],
-            "preprocess": final["preprocess"], "input": "RGB, Resize(round(res / crop_ratio)), CenterCrop(res), "
-                                                        "ToTensor, Normalize(mean, std); NCHW float32"}
-    weights = library_weights(cfg, student) if "safetensors" in kinds else None
-    if weights is not None:
-        from safetensors.torch import save_file
-        save_file(weights[1], out / "student.safetensors")
-        meta |= weights[0]
-    elif "safetensors" in kinds:  # CIFAR ResNets and the cosine head exist only in this code
-        meta |= {"library": None, "note": f"--arch {cfg.arch} --head {cfg.head}: no torchvision/timm constructor, "
-                                          f"load student.pt2"}
-    if "pt2" in kinds:
-        program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-        torch.export.save(program, out / "student.pt2")
-    if "onnx" in kinds:
-        try:
-            torch.onnx.export(net, (example,), out / "student.onnx", input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
-        except Exception as e:  # an architecture ONNX cannot express is a warning, not a failed run
-            warn(f"ONNX export of {cfg.arch} failed ({str(e).splitlines()[0][:200]}); student.pt2 still works")
-    write_json(out / "student.json", meta)
-
-
-def write_final(run, step):
-    if run.accelerator.is_main_process:
-        final = final_record(run, step)
-        save_atomic(final, run.out / "final.pt", run.out)
-        export_student(run, final)
-
-
-# --- main
-
-def check_flags(cfg):
-    """One line for a bad flag or a recipe's missing input, before anything is read."""
-    missing = [f"--{k.replace('_', '-')}" for k in RECIPE_NEEDS.get(cfg.recipe.removesuffix("-x5"), ())
-               if not getattr(cfg, k)]
-    if missing:
-        die(f"--recipe {cfg.recipe} needs {', '.join(missing)} (README 'Recipes')")
-    kinds = imitate_kinds(cfg)
-    if not kinds or set(kinds) - {"mse", "contrastive"}:
-        die(f"--imitate-loss {cfg.imitate_loss}: expected mse, contrastive or mse,contrastive")
-    if not all(m.strip().isdigit() for m in cfg.milestones.split(",") if m.strip()):
-        die(f"--milestones {cfg.milestones}: expected comma-separated epochs, e.g. 30,60")
-    if cfg.ood_half_batch and not (Path(cfg.data) / "id_classes.txt").is_file():
-        die(f"--ood-half-batch: {Path(cfg.data) / 'id_classes.txt'} not found (it tells the OOD classes: those after "
-            f"its lines; prepare.py writes it for the OOD sets)")
-
-
-def start(cfg):
-    """The accelerator (tracker included) and a writable --out, checked before anything is read."""
-    for kind in (k.strip() for k in cfg.export.split(",") if k.strip()):
-        if kind not in EXPORTS:
-            die(f"--export {kind}: expected a comma-separated subset of {', '.join(EXPORTS)}")
-    on_gpu = torch.cuda.is_available()
-    precision, why = cfg.precision, ""
-    if precision == "auto":
-        precision, why = auto_dtype("cuda" if on_gpu else "cpu", has_native_bf16(pick_device("auto")))
-    if precision == "fp16" and not on_gpu:
-        die("--precision fp16 needs a GPU; on a CPU use bf16 (with native bf16) or fp32")
-    if cfg.deterministic:  # cuDNN autotuning and atomic adds make GPU reruns drift; before CUDA starts
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)  # an op without such a kernel warns, not stops
-        torch.backends.cudnn.benchmark = False
-    if is_main_process():  # the other processes of this run write nothing here
-        check_run_folder(cfg, Path(cfg.out))  # before --out is made: a refused run leaves no folder behind
-    out = writable_dir(cfg.out)
-    if is_main_process():
-        lock_or_die(out / ".lock", f"run folder {out}")
-        check_run_folder(cfg, out)  # again under the lock: a run that ended meanwhile is seen
-    remove_stale_tmp(out)
-    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), cpu=not on_gpu,
-                              project_dir=out,
-                              log_with=None if cfg.report_to == "none" else cfg.report_to)
-    launch_check(accelerator.num_processes)
-    if cfg.precision == "auto":
-        accelerator.print(f"train.py: --precision auto: {precision}, since {why}", flush=True)
-    return accelerator, out
-
-
-def check_run_folder(cfg, out):
-    """--out holds one run: --resume needs its ckpt.pt, a new run needs a folder without another run's files (or
-    --overwrite, which removes them later, once the inputs are checked)."""
-    if (out / "train.py").exists() and (out / "train.py").samefile(__file__):
-        die(f"--out {out} is the folder of train.py itself: give the run a folder of its own")
-    found = [name for name in RUN_FILES if (out / name).exists()]
-    if cfg.resume and not (out / "ckpt.pt").exists():
-        die(f"--resume: {out} holds no ckpt.pt, so there is nothing to continue"
-            + (f" (it holds {', '.join(found)})" if found else "") + "; start a new run without --resume")
-    if found and not cfg.resume and not cfg.overwrite:
-        die(f"{out} holds another run ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}): pass "
-            f"--resume to continue it, --overwrite to replace it, or use another --out")
-
-
-def tracker_folders(out):
-    """Folders accelerate's trackers made in --out: tensorboard's (named after the run, event files only), aim's."""
-    board = out / out.name
-    events = [p for p in board.rglob("*") if p.is_file()] if board.is_dir() else []
-    ours = [board] if events and all(p.name.startswith("events.out.tfevents.") for p in events) else []
-    return ours + [out / ".aim"] * (out / ".aim").is_dir()
-
-
-def clear_run_folder(out):
-    """--overwrite: remove the earlier run's files, those train.py writes and nothing else."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    for folder in tracker_folders(out):
-        shutil.rmtree(folder)
-
-
-def prepare_model(cfg, accelerator, model, optimizer):
-    if cfg.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return model, optimizer, unwrap(accelerator, model)
+def finish(run, progress, resumed, step, started):
+    """final.pt and the exported student, and the run's last line."""
+    if step == 0:  # nothing trained: final.pt would be the random init
+        die(f"no training step was taken ({len(run.train_loader)} batches per epoch, --epochs "
+            f"{run.cfg.epochs}); no final.pt")
+    write_final(run, step)
+    run.accelerator.end_training()
+    val = f"; val top-1 {progress.val[1]:.4f} after epoch {progress.val[0]}" if progress.val else ""
+    total = f" ({step} in all, resumed at epoch {progress.epoch})" if resumed else ""
+    minutes = (time.perf_counter() - started) / 60
+    run.accelerator.print(f"train.py: done: {step - progress.step} steps in {minutes:.1f} min"
+                          f"{total}{val}; wrote {run.out / 'final.pt'}", flush=True)
 
 
 def main():
     cfg = parse_config(Config, defaults=recipe_defaults)
-    check_flags(cfg)
     check_config(cfg)
     accelerator, out = start(cfg)
-    device = accelerator.device
     data = load_data(cfg)
-    sup = load_supervision(cfg, data, device)
-    losses = active_losses(cfg, sup)
+    sup = load_supervision(cfg, data, accelerator.device)
     state = read_checkpoint(cfg, out, sup.identity)
-    model, init_note = build_model(cfg, data, sup, device)
-    train_loader = make_loader(cfg, beton_for(cfg, cfg.train_split, accelerator), True, accelerator)
-    val_loader = make_loader(cfg, beton_for(cfg, cfg.val_split, accelerator), False, accelerator)
-    ood_loader = make_loader(cfg, beton_for(cfg, cfg.ood_split, accelerator), False, accelerator) if sup.ood else None
-    if len(train_loader) == 0:
-        die(f"{data.train_path}: fewer readable images than --batch-size {cfg.batch_size} per process")
-    optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes,
-                                          cfg.repeat_epochs * len(train_loader))
-    ema, progress = restore(state, model, optimizer, scheduler, cfg, device)
-    model, optimizer, core = prepare_model(cfg, accelerator, model, optimizer)
+    run, progress, init_note = build_run(cfg, accelerator, out, data, sup, state)
     start_run_folder(cfg, out, accelerator, state)
-    here = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
-    precision = {"no": "fp32"}.get(accelerator.mixed_precision, accelerator.mixed_precision)
-    accelerator.print(f"train.py: {len(data.train_items)} train images, {data.num_classes} classes; {here} "
-                      f"process{'es' * (here > 1)} on this machine, world size {accelerator.num_processes}, "
-                      f"device {device}, precision {precision}; losses {', '.join(t.name for t in losses)}"
-                      + (f"; resuming at epoch {progress.epoch}" * bool(state)), flush=True)
-    if cfg.recipe != "none":
-        changed = ", ".join(f"--{k.replace('_', '-')} {v['recipe']} -> {v['used']}"
-                            for k, v in recipe_record(cfg).items())
-        accelerator.print(f"train.py: --recipe {cfg.recipe}" + (f"; overridden: {changed}" if changed else ""))
-    if init_note:
-        accelerator.print(f"train.py: {init_note}")
-    train_step = make_train_step(cfg, accelerator, model, optimizer, scheduler, ema, sup, data.log_prior, losses)
-    run = SimpleNamespace(cfg=cfg, accelerator=accelerator, out=out, data=data, sup=sup, losses=losses, core=core,
-                          optimizer=optimizer, scheduler=scheduler, ema=ema, train_step=train_step,
-                          train_loader=train_loader, val_loader=val_loader, ood_loader=ood_loader)
+    announce(run, progress, state is not None, init_note)
     started = time.perf_counter()
     step = train(run, progress)
-    if step == 0:  # nothing trained: final.pt would be the random init
-        die(f"no training step was taken ({len(train_loader)} batches per epoch, --epochs {cfg.epochs}); no final.pt")
-    write_final(run, step)
-    accelerator.end_training()
-    val = f"; val top-1 {progress.val[1]:.4f} after epoch {progress.val[0]}" if progress.val else ""
-    resumed = f" ({step} in all, resumed at epoch {progress.epoch})" if state else ""
-    accelerator.print(f"train.py: done: {step - progress.step} steps in {(time.perf_counter() - started) / 60:.1f} min"
-                      f"{resumed}{val}; wrote {out / 'final.pt'}", flush=True)
+    finish(run, progress, state is not None, step, started)
 
 
-# --- shared helpers: byte-identical copies of tests/shared_helpers.py (tests/test_shared.py, --sync)
+# --- helpers of this stage
+def flag(name):
+    """The command-line flag of a Config field: max_res -> --max-res."""
+    return "--" + name.replace("_", "-")
+
+
+def comma_list(text):
+    """'a, b,,c' -> ['a', 'b', 'c'] (--export, --prompts, --milestones, --imitate-loss)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def first_line(error):
+    """An exception's message as one line for an error line of ours."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+# --- shared helpers: byte-identical copies of tests/shared_helpers.py (test_shared.py --sync)
 
 GROUPS = ("many", "medium", "few")
 

@@ -15,8 +15,8 @@ size, SGD (nesterov) optimizer, LR schedule and classification loss (train.py's 
                    with --compile (default: on for CUDA), `Student`, `prior_adjusted_ce`.
   train.py + text  the same plus VLM-KD: `TextHead`, `info_nce`, text features [N, P, D] fp16 on the
                    device (random unit vectors), one of P gathered by the batch's row index each step.
-`train_py_variant` drives train.py's own `make_optimizer` and `make_train_step` (what its main() loop
-calls, no host sync per step). --script-check cross-checks against the whole script: it runs
+`train_py_variant` drives train.py's own `make_optimizer`, `make_trainer` and `train_step` (what its main()
+loop calls, no host sync per step). --script-check cross-checks against the whole script: it runs
 `train.py --max-steps` (with and without a random text.npy) as a user would and
 reads the img_per_s rows of its metrics.jsonl (its epoch-end checkpoints included).
 
@@ -39,7 +39,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -145,24 +144,19 @@ def baseline_variant(tcfg, student, loader, log_prior, device):
 
 
 def train_py_variant(tcfg, student, text_head, text_feats, log_prior, num_rows, loader, accelerator):
-    """Generator: one step of train.py's loop per next() through train.py's own `make_train_step`,
+    """Generator: one step of train.py's loop per next() through train.py's own `train_step`,
     yielding (loss, loss_cls[, loss_text]) device tensors (EMA, grad clip, KD, CLIP-teacher losses off)."""
     model = train.Model(student, text_head).to(accelerator.device, memory_format=torch.channels_last)
     optimizer, scheduler = train.make_optimizer(tcfg, model, accelerator.num_processes, len(loader))
-    if tcfg.compile:
-        model = torch.compile(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    sup = SimpleNamespace(text_feats=text_feats, text_valid=None, class_text=None, teacher=None, teacher_images=None,
-                          teacher_valid=None)
-    losses = train.active_losses(tcfg, sup)
-    train_step = train.make_train_step(tcfg, accelerator, model, optimizer, scheduler, None, sup, log_prior, losses)
+    sup = train.Supervision(text_feats=text_feats)
+    trainer = train.make_trainer(tcfg, accelerator, model, optimizer, scheduler, None, sup, log_prior)
     epoch = 0
     loader.next_epoch = 0
     while True:
         seed = tcfg.seed * 100_003 + epoch * 1009 + accelerator.process_index
         gen = torch.Generator(accelerator.device).manual_seed(seed)
         for images, labels, indices in loader:
-            yield tuple(train_step(images, labels, indices, gen).unbind())
+            yield tuple(train.train_step(trainer, images, labels, indices, gen).unbind())
         epoch += 1
 
 
@@ -284,15 +278,12 @@ def gather_worker(cfg):
     scale = torch.tensor(1 / 0.07, device=device)
     timings = {}
     for mode in ("local", "gathered", "local", "gathered"):  # the second pass of each is the one timed
-        cfg_mode = SimpleNamespace(mask_same_class=False, local_negatives=mode == "local")
         times = []
         for _ in range(cfg.warmup + cfg.steps):
             dist.barrier()
             sync(device)
             start = time.perf_counter()
-            batch = {"img_emb": proj(feats), "txt_emb": texts, "labels": labels, "text_valid": None,
-                     "logit_scale": scale}
-            train.text_term(batch, cfg_mode).backward()
+            train.text_loss(proj(feats), texts, scale, labels, None, False, mode == "local").backward()
             sync(device)
             times.append(time.perf_counter() - start)
         timings[mode] = 1000 * float(np.median(times[cfg.warmup:]))

@@ -136,12 +136,33 @@ def test_group_accuracy_boundaries():
     assert acc == {"top1": pytest.approx(0.6), "many": 1.0, "medium": 0.5, "few": 0.5}
 
 
+def every_input():
+    """Supervision with every optional input given (loss_terms asks only whether each is there)."""
+    return T.Supervision(text_feats=torch.zeros(1), teacher=torch.nn.Identity(), teacher_images=torch.zeros(1),
+                         class_text=torch.zeros(1))
+
+
 def test_one_loss_table():
-    """Every loss is one LossTerm: the names logged are the table's, each weight a Config flag."""
-    names = [t.name for t in T.LOSSES]
-    assert names == ["loss_cls", "loss_text", "loss_kd", "loss_imitate", "loss_imitate_cst", "loss_align"]
-    fields = {f.name for f in T.fields(T.Config)}
-    assert all(t.weight in fields for t in T.LOSSES if t.weight)
+    """Every loss term is composed in loss_terms: the names logged are its, each weight a Config flag, each value
+    the loss function on the step's inputs, and the total adds the terms up with their weights."""
+    cfg = T.Config(text_weight=0.2, kd_weight=0.3, imitate_weight=0.4, imitate_loss="mse,contrastive",
+                   align_weight=0.5, loss="ce")
+    weights = {name: w for name, (w, _) in T.loss_terms(cfg, every_input()).items()}
+    assert weights == {"loss_cls": 1.0, "loss_text": 0.2, "loss_kd": 0.3, "loss_imitate": 0.4,
+                       "loss_imitate_cst": 0.4, "loss_align": 0.5}
+    assert list(T.loss_terms(T.Config(text_weight=0, kd_weight=0), every_input())) == \
+        ["loss_cls", "loss_imitate", "loss_align"]
+    torch.manual_seed(0)
+    emb = [torch.randn(4, 3) for _ in range(4)]
+    x = T.LossInputs(labels=torch.tensor([0, 1, 0, 1]), logits=torch.randn(4, 2), log_prior=torch.zeros(2),
+                     clip_emb=emb[0], img_emb=emb[1], txt_emb=emb[2], logit_scale=torch.tensor(5.0),
+                     text_valid=None, teacher_logits=torch.randn(4, 2), teacher_emb=emb[3], teacher_valid=None,
+                     class_text=torch.randn(2, 3))
+    terms = T.loss_terms(cfg, every_input(), x)
+    assert terms["loss_kd"][1].item() == pytest.approx(T.logit_kd(x.logits, x.teacher_logits, cfg.kd_temp).item())
+    assert terms["loss_text"][1].item() == pytest.approx(T.info_nce(emb[1], emb[2], 5.0).item())
+    total = sum(w * v for w, v in terms.values())
+    assert total.item() == pytest.approx(sum(weights[n] * v.item() for n, (_, v) in terms.items()))
 
 
 class RecordingArray:
@@ -310,7 +331,8 @@ def test_readme_metric_names_are_logged(data, plain):
     row = next(line for line in readme.splitlines() if "`RUN/metrics.jsonl`" in line)
     listed = set(re.findall(r'"([a-z0-9_]+)"', row)) | set(re.findall(r"`(loss_[a-z]+)`", row))
     assert {"loss", "loss_cls", "val_few", "rows_seen"} <= listed, row
-    logged = {k for r in metrics(plain) for k in r} | {t.name for t in T.LOSSES}
+    logged = {k for r in metrics(plain) for k in r} | set(T.loss_terms(T.Config(imitate_loss="mse,contrastive"),
+                                                                      every_input()))
     assert listed - logged == set(), f"README lists metrics train.py does not log: {listed - logged}"
 
 
@@ -560,7 +582,6 @@ def test_torchvision_student_loads_strict(data, tmp_path):
 
 GATHER_WORKER = '''
 import importlib.util, sys, torch, torch.distributed as dist
-from types import SimpleNamespace
 spec = importlib.util.spec_from_file_location("train_stage", sys.argv[1])
 T = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(T)
@@ -589,9 +610,7 @@ if n > 1:
     feats, texts, labels, valid = feats[rows], texts[rows], labels[rows], valid[rows]
 core = model.module if n > 1 else model
 img_emb, txt_emb, scale = model(feats, texts)  # through DDP's forward, as train.py's Model
-batch = {"img_emb": img_emb, "txt_emb": txt_emb, "labels": labels, "text_valid": valid, "logit_scale": scale}
-cfg = SimpleNamespace(mask_same_class=True, local_negatives=local_negatives)
-loss = T.text_term(batch, cfg)
+loss = T.text_loss(img_emb, txt_emb, scale, labels, valid, True, local_negatives)
 loss.backward()
 if rank == 0:
     grads = {k: p.grad for k, p in core.named_parameters()}
