@@ -231,45 +231,31 @@ class Limit:
 # One limit per numeric Config field (tests/test_train.py checks that none is left out).
 LIMITS = {
     "res": Limit(8, why="below 8 px the ResNets' downsampling leaves nothing to learn from"),
-    "max_res": Limit(8),
-    "min_scale": Limit(0, 1, open_low=True, auto=-1),
+    "max_res": Limit(8), "min_scale": Limit(0, 1, open_low=True, auto=-1),
     "crop_ratio": Limit(0, 1, open_low=True, auto=-1),
     "workers": Limit(1, WORKERS_PER_CORE * (os.cpu_count() or 1), auto=-1,
                      why=f"{WORKERS_PER_CORE} per core: more decoding threads only compete for "
                          f"the cores"),
     "ema": Limit(0, 1, open_high=True, why="a decay of 1 keeps the average at the random init"),
-    "epochs": Limit(1),
-    "repeat_epochs": Limit(1),
-    "batch_size": Limit(1),
-    "lr": Limit(0, why="0 keeps the weights fixed"),
-    "weight_decay": Limit(0),
-    "warmup_epochs": Limit(0),
+    "epochs": Limit(1), "repeat_epochs": Limit(1), "batch_size": Limit(1),
+    "lr": Limit(0, why="0 keeps the weights fixed"), "weight_decay": Limit(0),
+    "warmup_epochs": Limit(0), "grad_clip": Limit(0, why="0 = off"),
     "gamma": Limit(0, open_low=True, why="the lr factor at each milestone"),
-    "grad_clip": Limit(0, why="0 = off"),
-    "seed": Limit(0, 2 ** 31 - 1),
-    "max_steps": Limit(0, why="0 = off"),
-    "tau_la": Limit(0),
-    "label_smoothing": Limit(0, 1, open_high=True),
+    "seed": Limit(0, 2 ** 31 - 1), "max_steps": Limit(0, why="0 = off"),
+    "tau_la": Limit(0), "label_smoothing": Limit(0, 1, open_high=True),
     "tau": Limit(0, open_low=True),
-    "text_weight": Limit(0),
-    "text_temp": Limit(0, open_low=True),
-    "temp_lr": Limit(0),
-    "embed_dim": Limit(1),
-    "adaptor_hidden": Limit(1),
-    "kd_weight": Limit(0),
-    "kd_temp": Limit(0, open_low=True),
-    "imitate_weight": Limit(0),
-    "align_weight": Limit(0),
+    "text_weight": Limit(0), "text_temp": Limit(0, open_low=True), "temp_lr": Limit(0),
+    "embed_dim": Limit(1), "adaptor_hidden": Limit(1),
+    "kd_weight": Limit(0), "kd_temp": Limit(0, open_low=True),
+    "imitate_weight": Limit(0), "align_weight": Limit(0),
     "align_topk": Limit(0, why="0 = all classes"),
-    "eval_every": Limit(1),
-    "log_every": Limit(1),
+    "eval_every": Limit(1), "log_every": Limit(1),
 }
 
 
 def check_config(cfg):
-    """Every flag before anything is read: a recipe's missing input, a value out of its range,
-    flags that do not go together. One line naming the flag, not a traceback (or a silent no-op
-    run) later."""
+    """Every flag before anything is read (a recipe's missing input, a value out of range, flags
+    that do not go together): one line naming it, not a traceback or a silent no-op run later."""
     needs = RECIPE_NEEDS.get(cfg.recipe.removesuffix("-x5"), ())
     missing = [flag(k) for k in needs if not getattr(cfg, k)]
     if missing:
@@ -528,6 +514,7 @@ def build_model(cfg, data, sup, device):
                              cfg.adaptor_hidden, cfg.text_temp, cfg.learn_temp)
     model = Model(student, text_head)
     note = init_from(model, cfg, sup) if cfg.init else ""
+    # channels_last: the layout ffcv's batches come in, and the one tensor cores convolve fastest.
     return model.to(device, memory_format=torch.channels_last), note
 
 
@@ -550,9 +537,8 @@ def load_fitting(module, weights):
 
 
 def init_from(model, cfg, sup):
-    """--init: the whole model of an earlier final.pt (same --arch) where shapes fit: backbone (it
-    must), clip_proj, the linear head and the text head; the rest starts fresh. Returns the one line
-    that says what was loaded and what started fresh."""
+    """--init: an earlier final.pt's model (same --arch) where shapes fit: backbone (it must),
+    clip_proj, linear head, text head; the rest starts fresh. Returns the line that says which."""
     ckpt = read_final(cfg.init, "--init")
     if ckpt["arch"] != cfg.arch:
         die(f"--init {cfg.init} is a {ckpt['arch']}, not --arch {cfg.arch}")
@@ -615,9 +601,8 @@ def prior_adjusted_ce(logits, labels, log_prior, tau=1.0, label_smoothing=0.0):
 
 
 def info_nce(img_emb, txt_emb, logit_scale, labels=None, mask_same_class=False, valid=None):
-    """Symmetric InfoNCE between matching rows. Optionally same-class off-diagonal pairs are not
-    negatives, and rows that are not `valid` (no caption) are neither anchors nor negatives: loss 0
-    and no gradient."""
+    """Symmetric InfoNCE between matching rows. Optionally same-class pairs are not negatives; rows
+    not `valid` (no caption) are neither anchors nor negatives: loss 0 and no gradient."""
     img_emb, txt_emb = F.normalize(img_emb.float(), dim=-1), F.normalize(txt_emb.float(), dim=-1)
     logits = logit_scale * img_emb @ txt_emb.T
     keep = torch.ones_like(logits, dtype=torch.bool)
@@ -643,7 +628,7 @@ def logit_kd(student_logits, teacher_logits, temp):
 
 def imitation_loss(student_emb, teacher_emb, kind="mse", logit_scale=1 / 0.07, valid=None):
     """Li et al. (1): match the teacher's image embedding: squared distance of unit vectors, or
-    InfoNCE."""
+    InfoNCE (`kind`)."""
     if kind == "contrastive":
         return info_nce(student_emb, teacher_emb, logit_scale, valid=valid)
     diff = F.normalize(student_emb.float(), dim=-1) - F.normalize(teacher_emb.float(), dim=-1)
@@ -670,8 +655,7 @@ def alignment_loss(student_emb, teacher_emb, class_text, tau, labels=None, topk=
 
 
 def gather_rows(x):
-    """All processes' rows in rank order; only this process's rows carry gradient (the others are
-    copies)."""
+    """All processes' rows in rank order; only this process's carry gradient (others: copies)."""
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.detach().contiguous())
     parts[dist.get_rank()] = x
@@ -694,8 +678,7 @@ def global_info_nce(img_emb, txt_emb, logit_scale, labels, valid, mask_same_clas
 
 
 def text_loss(img_emb, txt_emb, logit_scale, labels, valid, mask_same_class, local_negatives):
-    """VLM-KD's image-caption InfoNCE; under N processes over all their rows (global_info_nce)
-    unless --local-negatives."""
+    """VLM-KD's image-caption InfoNCE, over all processes' rows unless --local-negatives."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
             and not local_negatives:
         return global_info_nce(img_emb, txt_emb, logit_scale, labels, valid, mask_same_class)
@@ -728,7 +711,7 @@ def loss_terms(cfg, sup, x=None):
     def on(weight, *inputs):
         return weight > 0 and all(given is not None for given in inputs)
     tau_cls = {"ce": 0.0, "la": cfg.tau_la, "bs": 1.0}[cfg.loss]  # the prior's share in the logits
-    kinds, scale = comma_list(cfg.imitate_loss), 1 / cfg.tau
+    kinds, scale = comma_list(cfg.imitate_loss), 1 / cfg.tau  # L-cst at Li et al.'s one temperature
     terms = {"loss_cls": (1.0, x and prior_adjusted_ce(x.logits, x.labels, x.log_prior, tau_cls,
                                                        cfg.label_smoothing))}
     if on(cfg.text_weight, sup.text_feats):
@@ -753,8 +736,7 @@ def loss_terms(cfg, sup, x=None):
 # --- data: the .beton cache of a split, its loader, and the splits' classes
 
 class SplitImages:
-    """(RGB image, label, row index) per split line, for ffcv's DatasetWriter (beton_for leaves
-    unreadable ones out)."""
+    """(RGB image, label, row index) per split line, for ffcv's DatasetWriter."""
 
     def __init__(self, root, items, max_res):
         self.root, self.items, self.max_res = Path(root), items, max_res
@@ -871,9 +853,8 @@ def remove_stale_tmp(folder):
 
 
 def image_stats(root, items):
-    """sha256 of every image's (size, mtime, ctime, inode): one stat per file and no pixel read, yet
-    a repaired, replaced or renamed-over image changes it (a replacement through a rename is a new
-    inode, even within one mtime tick)."""
+    """sha256 of every image's (size, mtime, ctime, inode): one stat per file, no pixel read, yet a
+    repaired, replaced or renamed-over image changes it (renamed over: a new inode, same mtime)."""
     digest = hashlib.sha256()
     for rel, _ in items:
         try:
@@ -885,8 +866,7 @@ def image_stats(root, items):
 
 
 def beton_for(cfg, split, accelerator):
-    """The split's .beton: written once (by rank 0, while the others wait), reused while its key
-    holds."""
+    """The split's .beton: written once (rank 0; the others wait), reused while its key holds."""
     split_path = Path(cfg.data) / split
     # The key covers the split's text, the write settings and a stat of every image: an image
     # replaced under the same split line must not be trained on from the old cache.
@@ -933,16 +913,16 @@ def readable_rows(cfg, split_path, items, errors_path):
     return good
 
 
+# ffcv draws crops from numba's np.random, one unseeded state per decoding thread: which thread
+# decodes which image decides its crop, so neither a rerun nor a resumed run would see the same
+# crops. decode() below is ffcv 1.0.2's ResizedCropRGBImageDecoder.generate_code copied (its loop is
+# one compiled function: there is no hook to seed from outside) with one line added, np.random.seed.
 def make_seeded_rrc():
     """ffcv's RandomResizedCrop decoder with each crop drawn from a seed of (batch, sample)."""
     from ffcv.fields.rgb_image import IMAGE_MODES, RandomResizedCropRGBImageDecoder, get_random_crop
     from ffcv.libffcv import imdecode, resize_crop
     from ffcv.pipeline.compiler import Compiler
 
-    # ffcv draws crops from numba's np.random, one unseeded state per decoding thread: which thread
-    # decodes which image decides its crop, so neither a rerun nor a resumed run would see the same
-    # crops. decode() is ffcv 1.0.2's ResizedCropRGBImageDecoder.generate_code copied (its loop is
-    # one compiled function: no hook to seed from outside) with one line added, np.random.seed.
     class SeededRandomResizedCrop(RandomResizedCropRGBImageDecoder):
         def generate_code(self):
             jpg, mem_read, my_range = IMAGE_MODES["jpg"], self.memory_read, Compiler.get_iterator()
@@ -1157,8 +1137,7 @@ def load_supervision(cfg, data, device):
 
 
 def per_image_artifact(path, kind, data):
-    """An encode.py array of this training split (sidecar verified, rows finite) and its rows to
-    leave out."""
+    """An encode.py array of this training split (sidecar verified, rows finite), rows to skip."""
     array, sidecar = load_artifact(path, kind)
     split_sha = data.train_sha256
     if array.shape[0] != len(data.train_items) or sidecar.get("split_sha256") != split_sha:
@@ -1201,8 +1180,7 @@ def rows_to_device(array, slots, device, chunk=65536):
 
 
 def load_text(cfg, data, device):
-    """VLM caption features of the chosen prompt slots, by the ids the (sha256-bound) sidecar
-    lists."""
+    """VLM caption features of the chosen prompt slots, by the ids the (bound) sidecar lists."""
     array, sidecar, missing = per_image_artifact(cfg.text, "text", data)
     slot_ids = [str(p) for p in sidecar.get("prompts") or []]
     if len(slot_ids) != array.shape[1]:
@@ -1217,8 +1195,7 @@ def load_text(cfg, data, device):
 
 
 def training_class_texts(cfg, data, array, sidecar):
-    """The training classes' rows of classes.npy, checked by name (ID/OOD sets list the ID classes
-    first)."""
+    """The training classes' rows of classes.npy, checked by name (ID classes come first)."""
     names = sidecar.get("names")
     if not isinstance(names, list) or names[:data.num_classes] != data.class_names:
         sidecar_name = Path(cfg.class_text).with_suffix('.json').name
@@ -1240,8 +1217,7 @@ def load_teacher_images(cfg, data, sup, device):
 
 
 def read_final(path, option):
-    """An earlier run's final.pt (plain tensors only); a torn or foreign file is one line naming the
-    flag."""
+    """An earlier run's final.pt (plain tensors only); a torn or foreign one: a line naming it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         if ckpt.get("format") != "vlmkd-final-1":
@@ -1312,12 +1288,12 @@ def make_optimizer(cfg, model, num_processes, steps_per_epoch):
     if temp:
         groups.append({"params": temp, "weight_decay": 0.0, "lr": cfg.temp_lr})
     groups = [g for g in groups if g["params"]]
-    lr = cfg.lr * cfg.batch_size * num_processes / 128
+    lr = cfg.lr * cfg.batch_size * num_processes / 128  # linear scaling: --lr is at a batch of 128
     for g in groups:
         g.setdefault("lr", lr)
     optimizer = (torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=cfg.nesterov)
                  if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=lr))
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle":  # torch's OneCycleLR needs 2 steps at least
         one_cycle = torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=[g["lr"] for g in groups], total_steps=max(2, cfg.epochs))
         return optimizer, EveryEpoch(one_cycle, steps_per_epoch, cfg.epochs)
@@ -1337,8 +1313,7 @@ def warmup_cosine(warmup, total):
 
 
 def warmup_step(warmup, steps_per_epoch, milestones, gamma):
-    """x gamma from the first step of each milestone epoch on (Li et al. lower it as an epoch
-    starts)."""
+    """x gamma from each milestone epoch's first step on (Li et al. lower it as an epoch starts)."""
     def factor(step):
         if step < warmup:
             return (step + 1) / warmup
@@ -1375,8 +1350,7 @@ MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 def pixel_mean_std(device):
-    """ImageNet statistics on the 0-255 scale of ffcv's uint8 batches, shaped to broadcast over
-    NCHW."""
+    """ImageNet statistics on the 0-255 scale of ffcv's uint8 batches, to broadcast over NCHW."""
     return (torch.tensor(MEAN, device=device).view(1, 3, 1, 1) * 255,
             torch.tensor(STD, device=device).view(1, 3, 1, 1) * 255)
 
@@ -1455,8 +1429,8 @@ def loss_inputs(t, images, texts, labels, indices):
 
 
 def train_step(t, images, labels, indices, gen):
-    """One optimisation step on a loader batch. Returns [loss, *terms] as one device tensor: reading
-    it is a host sync, so the caller decides when."""
+    """One optimisation step on a loader batch. Returns [loss, *terms] as one device tensor (to
+    read it is a host sync: the caller decides when)."""
     images, texts = augment(t, images, indices, gen)
     with t.accelerator.autocast():
         terms = loss_terms(t.cfg, t.sup, loss_inputs(t, images, texts, labels, indices))
@@ -1593,7 +1567,7 @@ def log_steps(run, loop, epoch):
     require_finite_loss(run, loop)
     now = time.perf_counter()
     avg = (loop.running / (loop.step - loop.last_log)).tolist()
-    lr = run.trainer.scheduler.get_last_lr()[0]
+    lr = run.trainer.scheduler.get_last_lr()[0]  # stepped already: the next step's lr
     row = {"step": loop.step, "epoch": epoch, "lr": lr, "loss": avg[0]}
     row |= dict(zip(run.weights, avg[1:]))
     row["img_per_s"] = loop.images_seen / (now - loop.last_time)
@@ -1663,8 +1637,7 @@ def validate(run, epoch, step):
 
 
 def group_accuracy(preds, labels, class_counts):
-    """Top-1 overall and over OLTR's many / medium / few classes (None for a group with no image
-    here)."""
+    """Top-1 overall and over OLTR's many / medium / few classes (None: no image of the group)."""
     groups = np.array([class_group(int(c)) for c in class_counts])[labels.numpy()]
     correct = (preds == labels).float()
     result = {"top1": correct.mean().item()}
@@ -1682,8 +1655,7 @@ def mean_class_accuracy(preds, labels):
 
 @torch.no_grad()
 def predictions(model, loader, accelerator, score):
-    """(predictions, labels) of every row of the loader once; `score` maps the student's outputs to
-    class scores."""
+    """(predictions, labels) of each row of the loader once; `score`: student outputs -> scores."""
     model.eval()
     mean, std = pixel_mean_std(accelerator.device)
     preds, labels, indices = [], [], []
@@ -1707,8 +1679,7 @@ def evaluate(model, loader, accelerator, class_counts):
 
 
 def evaluate_ood(model, loader, accelerator, ood):
-    """--ood-split scored within the OOD classes: clip_proj against their class texts (Li et al.'s
-    OOD number)."""
+    """--ood-split within the OOD classes: clip_proj against their class texts (Li et al.'s)."""
     text = ood.text.to(accelerator.device)
     preds, labels = predictions(model, loader, accelerator,
                                 lambda out: F.normalize(out[2].float(), dim=-1) @ text.T)
@@ -1735,8 +1706,8 @@ def require_finite_weights(core, ema, step, out):
 
 
 def save_atomic(obj, path, out):
-    """torch.save through a temporary file and a rename; a full disk is one line and leaves the old
-    file."""
+    """torch.save through a temporary file and a rename: a full disk is one line, the old file
+    stays."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         torch.save(obj, tmp)
@@ -1759,8 +1730,7 @@ def save_checkpoint(run, epoch, loop):
 
 
 def read_checkpoint(cfg, out, identity):
-    """--resume: ckpt.pt, refused unless made with the same settings and the same inputs (by
-    content)."""
+    """--resume: ckpt.pt, refused unless made with the same settings and inputs (by content)."""
     path = out / "ckpt.pt"
     if not cfg.resume or not path.exists():
         return None
@@ -1836,9 +1806,8 @@ class Logits(nn.Module):
 
 
 def library_weights(cfg, student):
-    """(constructor description, state dict) whose keys load into torchvision's / timm's own model
-    with strict=True: our head goes back under the classifier's name. None where no public
-    constructor exists."""
+    """(constructor, state dict) that load into torchvision's / timm's own model, strict=True (our
+    head under the classifier's name); None where no public constructor exists."""
     if cfg.arch in CIFAR_ARCHS or cfg.head != "linear":
         return None
     backbone = student.backbone
@@ -1851,8 +1820,7 @@ def library_weights(cfg, student):
 
 
 def export_student(run, final):
-    """student.safetensors + student.json, student.pt2 (torch.export) and student.onnx, as --export
-    asks."""
+    """student.safetensors + .json, student.pt2 (torch.export), student.onnx, as --export asks."""
     cfg, out, kinds = run.cfg, run.out, comma_list(run.cfg.export)
     for name in RUN_FILES:  # an earlier export of this run (resumed with another --export) must go
         if name.startswith("student."):
@@ -1995,6 +1963,7 @@ def build_run(cfg, accelerator, out, data, sup, state):
     train_loader, val_loader, ood_loader = make_loaders(cfg, data, sup, accelerator)
     optimizer, scheduler = make_optimizer(cfg, model, accelerator.num_processes,
                                           cfg.repeat_epochs * len(train_loader))
+    # Restored into the bare Model: ckpt.pt's keys carry no DDP or torch.compile prefix.
     ema, progress = restore(state, model, optimizer, scheduler, cfg, accelerator.device)
     trainer = make_trainer(cfg, accelerator, model, optimizer, scheduler, ema, sup, data.log_prior)
     weights = {name: weight for name, (weight, _) in loss_terms(cfg, sup).items()}
