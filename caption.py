@@ -634,8 +634,7 @@ def prefix_plan(inputs, images, placeholders, pad_id):
 
 
 def prefix_images(inputs, first, skip=()):
-    """The pixel inputs of rows `first`: tensors with a row per prompt are indexed, Qwen2-VL's
-    flat patches cut per image by image_grid_thw."""
+    """The pixel inputs of rows `first`; Qwen2-VL's flat patches cut per image by image_grid_thw."""
     rows, index, picked = len(inputs["input_ids"]), torch.tensor(first), {}
     if "image_grid_thw" in inputs:
         patches = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
@@ -648,8 +647,7 @@ def prefix_images(inputs, first, skip=()):
 
 
 def prefill_prefixes(model, plan, gen):
-    """(input ids, attention mask, KV cache) for generate: each image's prefix runs once, its cache
-    rows copied to the image's rows."""
+    """(ids, mask, KV cache) for generate: each prefix run once, its cache copied to its rows."""
     device, once = model.device, copy.deepcopy(gen)
     # generate for one greedy token (thrown away: the cache is what is kept), not a bare forward:
     # the position ids, mrope included, are then the family's own.
@@ -1000,7 +998,7 @@ def image_jobs(run, done, bad_indices):
     """(index, relpath, [(prompt id, text)] still to do) per image of this run, lazily."""
     for i in run.indices:
         name = run.names[run.items[i][1]] if run.names else None
-        todo = [(p["id"], p["text"].replace("{name}", name) if name else p["text"])
+        todo = [(p["id"], p["text"].replace("{name}", name) if name is not None else p["text"])
                 for k, p in enumerate(run.prompts) if not done[i * len(run.prompts) + k]]
         if todo and i not in bad_indices:
             yield i, run.items[i][0], todo
