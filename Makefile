@@ -8,6 +8,11 @@ SUDO  := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 VLM    ?= HuggingFaceTB/SmolVLM-256M-Instruct
 DATA   ?= data/fmnist-lt
 DEMO   ?= runs/demo
+# VLM=tiny: a tiny random stand-in (its captions are noise; eval.py says so), built by tests/tiny.py into
+# this folder and passed to caption.py as --vlm, like a downloaded model.
+TINY_VLM = $(DEMO)/tiny-vlm
+CAPTION_VLM = $(if $(filter tiny,$(VLM)),$(TINY_VLM),$(VLM))
+BUILD_TINY = $(if $(filter tiny,$(VLM)),$(PY) tests/tiny.py llava $(TINY_VLM))
 EPOCHS ?= 30
 # Seed of the demo's two trainings (init, crops, data order): README gives the spread of the results over seeds 0-2.
 SEED   ?= 0
@@ -42,7 +47,8 @@ demo: setup
 	$(call stage,demo,1,7,prepare the long-tailed data)
 	$(PY) prepare.py fashion-mnist-lt --out $(DATA)
 	$(call stage,demo,2,7,caption every image x prompt with $(VLM))
-	@$(PY) caption.py --split $(DATA)/train.txt --root $(DATA) --vlm $(VLM) --prompts prompts/ $(CAPTION_ARGS) \
+	$(BUILD_TINY)
+	@$(PY) caption.py --split $(DATA)/train.txt --root $(DATA) --vlm $(CAPTION_VLM) --prompts prompts/ $(CAPTION_ARGS) \
 	    --out $(DEMO)/captions.jsonl || { echo "make demo: captioning failed; if the VLM could not be loaded, pass VLM=/local/dir (a downloaded copy) or VLM=tiny (random stand-in that only proves the plumbing)"; exit 1; }
 	$(call stage,demo,3,7,embed the captions)
 	$(PY) encode.py --captions $(DEMO)/captions.jsonl --split $(DATA)/train.txt --model minilm --out $(DEMO)/text
@@ -61,7 +67,8 @@ ablate: setup
 	$(call stage,ablate,1,6,prepare the long-tailed data)
 	$(PY) prepare.py fashion-mnist-lt --out $(DATA)
 	$(call stage,ablate,2,6,caption every image x prompt with $(VLM))
-	$(PY) caption.py --split $(DATA)/train.txt --root $(DATA) --vlm $(VLM) --prompts prompts/ $(CAPTION_ARGS) --out $(DEMO)/captions.jsonl
+	$(BUILD_TINY)
+	$(PY) caption.py --split $(DATA)/train.txt --root $(DATA) --vlm $(CAPTION_VLM) --prompts prompts/ $(CAPTION_ARGS) --out $(DEMO)/captions.jsonl
 	$(call stage,ablate,3,6,embed the captions)
 	$(PY) encode.py --captions $(DEMO)/captions.jsonl --split $(DATA)/train.txt --model minilm --out $(DEMO)/text
 	$(call stage,ablate,4,6,train on the general prompt only)

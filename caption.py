@@ -1,25 +1,18 @@
 """Caption every image of a split with a VLM, once per prompt (stage 1 of vlmkd).
 
-    python caption.py --split data/x/train.txt --vlm llava-hf/llava-v1.6-mistral-7b-hf --out runs/x/captions.jsonl
-    python caption.py --split data/x/train.txt --vlm /models/Qwen2-VL-2B-Instruct --quant none --batch-size 30 \
+    python caption.py --split data/x/train.txt --vlm llava-hf/llava-v1.6-mistral-7b-hf \
         --out runs/x/captions.jsonl
-    python caption.py --split data/x/train.txt --vlm tiny --max-new-tokens 16 --out runs/demo/captions.jsonl  # random
-    python caption.py --split data/x/train.txt --shard 0/4 --out runs/x/captions.jsonl        # one of 4 machines
-    torchrun --nproc_per_node 8 caption.py --split data/x/train.txt --out runs/x/captions.jsonl  # shards by rank
-    python caption.py --merge --out runs/x/captions.jsonl                                     # join shards, report gaps
-    python caption.py --classes data/x/classes.txt --out runs/x/class_descriptions.jsonl      # one sentence a class
+    python caption.py --split data/x/train.txt --shard 0/4 --out runs/x/captions.jsonl  # 1 of 4
+    torchrun --nproc_per_node 8 caption.py --split data/x/train.txt --out runs/x/captions.jsonl
+    python caption.py --merge --out runs/x/captions.jsonl        # join the shards, report gaps
+    python caption.py --classes data/x/classes.txt --out runs/x/class_descriptions.jsonl
+    python tests/tiny.py llava runs/tiny-vlm     # a random stand-in VLM: --vlm runs/tiny-vlm
 
-Writes `captions.jsonl` (`{"index", "prompt", "text", "path"}` per image x prompt, appended and flushed as it goes),
-`captions.meta.json` (model, revision, quantisation, prompts, image-processor and generation settings, versions) and
-`captions.errors.jsonl` (images that could not be read). A killed run restarted with the same command skips what is
-done; a run with another model, prompts or settings refuses to append. All prompts of an image share one batch and the
-vision tower runs once per distinct image. Batched greedy captions equal one-at-a-time ones (left padding); exactly so
-in fp32, while in bf16 a caption may part ways where two tokens tie within bf16 rounding, as on any batch-size change.
-Families tested (tiny random builds through their real processors): LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics3/SmolVLM,
-PaliGemma (no chat template: its processor places the image tokens itself).
-The language model prefills an image's shared prefix (template + image tokens) once and copies its KV cache to the
-image's prompts where that is exact (LLaVA, LLaVA-NeXT, Idefics3/SmolVLM, Qwen2-VL; not PaliGemma's prefix-LM);
---no-prefix-cache runs the whole prompt per caption, with the same captions.
+Writes captions.jsonl (`{"index", "prompt", "text", "path"}` per image x prompt, appended as it
+goes), captions.meta.json (what made them) and captions.errors.jsonl (unreadable images). The
+same command resumes a killed run; other settings are refused. The prompts of an image share a
+batch: its vision tower runs once, its prefix (template + image tokens) is prefilled once where
+exact. Batched greedy captions equal one-at-a-time ones, exactly in fp32 (bf16: near-ties may flip).
 """
 import argparse
 import copy
@@ -28,7 +21,6 @@ import heapq
 import json
 import os
 import re
-import shutil
 import sys
 import time
 import typing
@@ -45,15 +37,11 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
-CLASS_PROMPT = "class_description"  # the file stem of the class-description prompt, never an image prompt
-TINY_VERSION = 1  # bump when build_tiny_llava changes, so cached tiny models are rebuilt
-MATCH_KEYS = ("model", "quant", "dtype", "prompts", "generation", "processor", "split_sha256", "name_hint",
-              "classes_sha256")
-VISION_TOWERS = ("model.vision_tower", "model.vision_model", "vision_tower", "vision_model")
-# Families (config.model_type) where prefilling an image's prefix once and each prompt after it gives the same logits
-# as one pass over the whole prompt: causal attention, and positions that only count the tokens before (Qwen2-VL's
-# mrope too: text after the image sits at index + a delta the prefix fixes). Tested in tests/test_caption_families.py.
-PREFIX_CACHE_FAMILIES = ("llava", "llava_next", "idefics3", "qwen2_vl")
+CLASS_PROMPT = "class_description"  # the class-description prompt's file stem: no image prompt
+TINY_MARKER = "vlmkd_tiny.json"  # tests/tiny.py writes it into a random stand-in's folder
+# What a resumed run or a shard must share with the output's meta, or two kinds of captions mix.
+MATCH_KEYS = ("model", "quant", "dtype", "prompts", "generation", "processor", "split_sha256",
+              "name_hint", "classes_sha256")
 
 
 # The one shared helper the Config needs above it; the others are at the back of the file.
@@ -65,44 +53,47 @@ def opt(default, help, heading=""):
 # --- config
 @dataclass
 class Config:
-    split: str = opt("", "split file, `relative/path label` per line (image mode)", heading="what to caption")
-    root: str = opt("", "folder the split's paths are relative to (default: the split file's folder)")
-    classes: str = opt("", "classes.txt; without --split: describe each class (text only); with --name-hint: names")
-    prompts: str = opt("prompts", "comma-separated folders of *.txt prompts or prompt files; id = file stem")
-    class_prompt: str = opt("", "class mode prompt file (default: class_description.txt beside the --prompts)")
+    split: str = opt("", "split file, `relative/path label` lines (image mode)",
+                     heading="what to caption")
+    root: str = opt("", "folder the split's paths are relative to (default: the split's folder)")
+    classes: str = opt("", "classes.txt: alone, describe each class; with --name-hint, the names")
+    prompts: str = opt("prompts", "comma-separated prompt folders (*.txt) or files; id = file stem")
+    class_prompt: str = opt("", "class mode prompt (default: class_description.txt of --prompts)")
     name_hint: bool = opt(False, "fill {name} in image prompts with the image's class name")
-    limit: int = opt(0, "caption only the first N images (0 = all); a later run without it continues")
-    vlm: str = opt("HuggingFaceTB/SmolVLM-256M-Instruct", "hub id or local folder of an image-text-to-text model; "
-                   "`tiny` builds a random stand-in", heading="model")
+    limit: int = opt(0, "caption only the first N images (0 = all); a later run without it goes on")
+    vlm: str = opt("HuggingFaceTB/SmolVLM-256M-Instruct", "hub id or folder of an image-text-to-"
+                   "text model (`python tests/tiny.py llava DIR` builds a random one)",
+                   heading="model")
     revision: str = opt("", "hub revision (branch, tag or commit) of --vlm")
     quant: Literal["auto", "4bit", "8bit", "none"] = opt(
-        "auto", "4bit (NF4, double quant), 8bit or none; auto: 4bit on CUDA, none on a CPU (bitsandbytes is slow)")
+        "auto", "4bit (NF4, double quant), 8bit or none; auto: 4bit on CUDA, none on a CPU (slow)")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = opt(
-        "auto", "compute dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, CPUs with avx512_bf16 "
-        "or AMX), else fp16 on a GPU and fp32 on a CPU (emulated bf16 ran 3.1x slower than fp32 there)")
+        "auto", "compute dtype; auto: bf16 where the hardware computes it (GPUs since Ampere, CPUs "
+        "with avx512_bf16 or AMX), else fp16 on a GPU and fp32 on a CPU (emulated bf16 ran 3.1x "
+        "slower than fp32 there)")
     device: str = opt("auto", "auto (cuda:LOCAL_RANK if present, else cpu), cpu, cuda:0, ...")
-    tiny_dir: str = opt("~/.cache/vlmkd/tiny-llava", "where --vlm tiny is built and cached")
-    image_size: int = opt(0, "longest edge before tiling (Idefics3/SmolVLM) or sqrt of max pixels (Qwen2-VL); "
-                          "0: the tile size without splitting, else the processor's own", heading="image processor")
-    image_splitting: bool = opt(False, "Idefics3/SmolVLM: split an image into tiles plus a global view "
-                                "(a 28-px image becomes up to 17 vision passes; off: one tile)")
-    processor_kwargs: str = opt("", "JSON of further image-processor options, e.g. '{\"max_pixels\": 200704}'")
-    batch_size: int = opt(8, "(image, prompt) pairs per generate call, whole images where they fit (a multiple of "
-                          "the number of prompts fills it)", heading="generation")
-    prefix_cache: bool = opt(True, "prefill an image's shared prefix (template + image tokens) once and copy its KV "
-                             "cache to the image's prompts (same captions); --no-prefix-cache: the whole prompt per "
-                             "caption, as before")
+    image_size: int = opt(0, "longest edge before tiling (Idefics3/SmolVLM) or sqrt of max pixels "
+                          "(Qwen2-VL); 0: one tile unsplit, else the processor's own",
+                          heading="image processor")
+    image_splitting: bool = opt(False, "Idefics3/SmolVLM: tiles plus a global view (a 28-px image "
+                                "then costs up to 17 vision passes; off: one tile)")
+    processor_kwargs: str = opt("", "JSON of further image-processor options, e.g. "
+                                "'{\"max_pixels\": 200704}'")
+    batch_size: int = opt(8, "(image, prompt) pairs a generate call, whole images where they fit "
+                          "(a multiple of the prompts fills it)", heading="generation")
+    prefix_cache: bool = opt(True, "prefill an image's prefix (template + image tokens) once, its "
+                             "KV cache copied to its prompts (same captions); off: whole prompts")
     max_new_tokens: int = opt(128, "longest caption in tokens")
     min_new_tokens: int = opt(0, "shortest caption in tokens (benchmarks set it to max)")
     do_sample: bool = opt(False, "sample instead of greedy decoding")
     temperature: float = opt(0.7, "softmax temperature with --do-sample")
     top_p: float = opt(0.9, "nucleus mass with --do-sample")
     seed: int = opt(0, "torch seed (for --do-sample)")
-    out: str = opt("", "output .jsonl (default runs/captions.jsonl, or runs/class_descriptions.jsonl with --classes)",
-                   heading="run")
-    shard: str = opt("", "i/n: caption images with index %% n == i (default: RANK/WORLD_SIZE of torchrun)")
+    out: str = opt("", "output .jsonl (default runs/captions.jsonl, or with --classes "
+                   "runs/class_descriptions.jsonl)", heading="run")
+    shard: str = opt("", "i/n: caption images with index %% n == i (default: RANK/WORLD_SIZE)")
     merge: bool = opt(False, "join the shard files of --out into --out and report gaps")
-    retry_bad: bool = opt(False, "caption again the images recorded in the errors file (they are skipped otherwise)")
+    retry_bad: bool = opt(False, "caption again the images of the errors file (else skipped)")
     workers: int = opt(4, "threads decoding images ahead of the model")
 
 
@@ -114,23 +105,23 @@ def say(msg):
         print(f"caption.py: {msg}", flush=True)
 
 
-# --- inputs
+# --- inputs: the split, the prompts
+def find_prompts_dir(name):
+    """A relative `prompts` is looked up in the working directory, then beside this script."""
+    path, beside = Path(name), Path(__file__).resolve().parent / name
+    return beside if not path.exists() and not path.is_absolute() and beside.exists() else path
+
+
 def prompt_record(path):
     text = Path(path).read_text(encoding="utf-8").strip()
     if not text:
         die(f"prompt file {path} is empty")
-    return {"id": Path(path).stem, "text": text, "sha256": hashlib.sha256(text.encode()).hexdigest(), "file": str(path)}
-
-
-def find_prompts_dir(name):
-    """A relative default like `prompts` is looked up in the working directory, then next to this script."""
-    path = Path(name)
-    if not path.exists() and not path.is_absolute() and (Path(__file__).resolve().parent / path).exists():
-        return Path(__file__).resolve().parent / path
-    return path
+    sha256 = hashlib.sha256(text.encode()).hexdigest()
+    return {"id": Path(path).stem, "text": text, "sha256": sha256, "file": str(path)}
 
 
 def load_prompts(sources):
+    """The image prompts, `general` first (train.py's prompt when it takes one)."""
     files = []
     for source in sources:
         path = find_prompts_dir(source)
@@ -139,30 +130,85 @@ def load_prompts(sources):
         elif path.is_file():
             files.append(path)
         else:
-            die(f"prompt source {source} not found: pass --prompts FOLDER (of *.txt) or prompt files")
+            die(f"prompt source {source} not found: pass --prompts FOLDER (of *.txt) or prompt "
+                "files")
     if not files:
-        die(f"no prompt files (*.txt, other than {CLASS_PROMPT}.txt) in {','.join(sources)}: pass --prompts FOLDER")
-    prompts = sorted((prompt_record(p) for p in files), key=lambda p: (p["id"] != "general", p["id"]))
-    ids = [p["id"] for p in prompts]
-    if len(set(ids)) != len(ids):
-        die(f"two prompt files share an id (file stem): {sorted(ids)}")
+        die(f"no prompt files (*.txt, other than {CLASS_PROMPT}.txt) in {','.join(sources)}: pass "
+            "--prompts FOLDER")
+    prompts = sorted(map(prompt_record, files), key=lambda p: (p["id"] != "general", p["id"]))
+    if len({p["id"] for p in prompts}) != len(prompts):
+        die(f"two prompt files share an id (file stem): {sorted(p['id'] for p in prompts)}")
     return prompts
 
 
-# --- outputs
+def class_prompt(cfg):
+    folder = find_prompts_dir(cfg.prompts.split(",")[0])
+    path = cfg.class_prompt or str(folder / f"{CLASS_PROMPT}.txt")
+    if not Path(path).is_file():
+        die(f"class prompt {path} not found: pass --class-prompt FILE (may use {{name}})")
+    return prompt_record(path)
+
+
+def name_hints(cfg, prompts, meta):
+    """Class names for {name} in prompts with --name-hint, else None (and no prompt may use it)."""
+    if not cfg.name_hint:
+        for p in prompts:
+            if "{name}" in p["text"]:
+                die(f"prompt {p['id']} uses {{name}}: pass --name-hint (class names from "
+                    "--classes) or remove it")
+        return None
+    classes = cfg.classes or str(Path(cfg.split).parent / "classes.txt")
+    names = read_classes(classes)
+    meta["classes_sha256"] = sha256_file(classes)
+    read_split(cfg.split, len(names))  # labels beyond the classes are refused with file:line
+    return names
+
+
+def check_root(root, items, indices, split):
+    """Under a wrong root every image would be recorded unreadable: some images missing are theirs
+    to record, all of a first sample is the root's fault, refused before any work."""
+    how = "pass --root, the folder the split's paths are relative to (default: the split file's " \
+          "folder)"
+    if not root.is_dir():
+        die(f"data root {root} is {'a file, not a folder' if root.exists() else 'not found'}: "
+            f"{how}")
+    sample = [items[i][0] for i in indices[:64]]
+    for rel in sample:
+        try:
+            os.stat(root / rel)
+            return
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as err:  # a folder on the way cannot be searched: permissions, not images
+            die(f"cannot look into {root / rel} ({err.strerror}): make the data folder readable "
+                "and rerun")
+    if sample:
+        die(f"none of the first {len(sample)} images of {split} is under {root} (e.g. "
+            f"{root / sample[0]} is not there): wrong data root? {how}; nothing was recorded")
+
+
+# --- outputs: their paths, what is already done, the meta a run must match
+@dataclass
+class Artifacts:
+    records: Path  # captions.jsonl (or class_descriptions.jsonl)
+    meta: Path  # captions.meta.json: what made the records
+    errors: Path  # captions.errors.jsonl: a line per unreadable image
+
+
 def artifact_paths(out, shard=None):
-    """(records, meta, errors) paths; a shard (i, n) gets `captions.shard-i-of-n.*` next to --out."""
+    """The files of --out; a shard (i, n) gets `captions.shard-i-of-n.*` beside it."""
     out = Path(out)
     if out.suffix != ".jsonl":
         die(f"--out {out} must end with .jsonl")
     stem = out.name[: -len(".jsonl")] + (f".shard-{shard[0]}-of-{shard[1]}" if shard else "")
-    return out.with_name(stem + ".jsonl"), out.with_name(stem + ".meta.json"), out.with_name(stem + ".errors.jsonl")
+    ends = (".jsonl", ".meta.json", ".errors.jsonl")
+    return Artifacts(*(out.with_name(stem + end) for end in ends))
 
 
 def scan_jsonl(path, repair=False):
-    """(line number, record) of a jsonl file, streamed: memory does not grow with the file. A broken last line (a run
-    killed mid-write) is dropped, and with repair cut from the file so appending goes on cleanly; a broken line
-    elsewhere is an error."""
+    """(line number, record) of a jsonl file, streamed. A broken last line is what a run killed
+    mid-write leaves: it is dropped (the rerun redoes it) and, with repair, cut from the file, so
+    appending goes on after the last whole record. A broken line elsewhere is an error."""
     path = Path(path)
     if not path.exists():
         return
@@ -177,7 +223,7 @@ def scan_jsonl(path, repair=False):
                 die(f"{path}:{broken}: not valid JSON; fix or delete that line, then rerun")
             try:
                 record = json.loads(line)
-            except ValueError:  # JSONDecodeError, or UnicodeDecodeError where a kill cut a character in two
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError: a kill cut a character
                 broken = n
                 continue
             good_end += len(line)
@@ -192,8 +238,29 @@ def scan_jsonl(path, repair=False):
                 f.write(b"\n")
 
 
+def checked_record(path, n, record, key, *strings):
+    """A record as caption.py writes it (`key` an integer >= 0, `strings` strings), else refused
+    with file:line before it misleads a resume or a merge (`"index": "2"`, a JSON array)."""
+    if not (isinstance(record, dict) and type(record.get(key)) is int and record[key] >= 0
+            and all(isinstance(record.get(k), str) for k in strings)):
+        wanted = ", ".join([f"`{key}` an integer >= 0"] + [f"`{k}` a string" for k in strings])
+        die(f"{path}:{n}: not a record of caption.py (an object with {wanted}): "
+            f"{json.dumps(record)[:80]}; fix or delete that line, then rerun")
+    return record
+
+
+def done_bitmap(path, size, slot, keys):
+    """A byte per (item, prompt) slot already written: a resume holds no texts, only this."""
+    done = bytearray(size)
+    for n, record in scan_jsonl(path, repair=True):
+        k = slot(checked_record(path, n, record, *keys))
+        if k is not None and 0 <= k < size:
+            done[k] = 1
+    return done
+
+
 def check_meta(meta_path, meta, keys, out):
-    """Refuse to append to an output made with other settings (it would mix two models' captions)."""
+    """Refuse to append to an output made with other settings: two models' captions would mix."""
     if not meta_path.exists():
         if out.exists() and out.stat().st_size:
             die(f"{out} exists without its {meta_path.name}: use another --out or delete {out}")
@@ -202,100 +269,16 @@ def check_meta(meta_path, meta, keys, out):
     for key in keys:
         was, now = old.get(key), meta.get(key)
         if was != now:
-            if key == "prompts":
+            if key == "prompts":  # a hash prefix per prompt id shows which prompt changed
                 was, now = ({p["id"]: p["sha256"][:8] for p in v or []} for v in (was, now))
-            die(f"{out} was made with another `{key}` ({json.dumps(was)[:120]} in {meta_path.name}, now "
-                f"{json.dumps(now)[:120]}): use another --out or delete {out} and {meta_path.name}")
+            die(f"{out} was made with another `{key}` ({json.dumps(was)[:120]} in "
+                f"{meta_path.name}, now {json.dumps(now)[:120]}): use another --out or delete "
+                f"{out} and {meta_path.name}")
 
 
-def checked_record(path, n, record, key, *strings):
-    """A record as caption.py writes it: an object whose `key` is an integer >= 0 and whose `strings` are strings.
-    Anything else (`"index": "2"`, a JSON array) is refused with file:line, before it misleads a resume or a merge."""
-    if not (isinstance(record, dict) and type(record.get(key)) is int and record[key] >= 0
-            and all(isinstance(record.get(k), str) for k in strings)):
-        fields = ", ".join([f"`{key}` an integer >= 0"] + [f"`{k}` a string" for k in strings])
-        die(f"{path}:{n}: not a record of caption.py (an object with {fields}): {json.dumps(record)[:80]}; fix or "
-            "delete that line, then rerun")
-    return record
-
-
-def done_bitmap(path, size, slot, fields):
-    """What is already written, as one byte per (item, prompt) slot: resume cost is the keys, never the texts."""
-    done = bytearray(size)
-    for n, record in scan_jsonl(path, repair=True):
-        k = slot(checked_record(path, n, record, *fields))
-        if k is not None and 0 <= k < size:
-            done[k] = 1
-    return done
-
-
-# --- model
-def build_tiny_llava(folder):
-    """A tiny random LLaVA (CLIP vision tower + Llama), saved like a hub model so it loads through the
-    same from_pretrained code. Linear sizes are multiples of 64 so bitsandbytes 4-bit runs on CPU."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
-    folder = Path(folder).expanduser()
-    marker = folder / "vlmkd_tiny.json"
-    if marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION:
-        return folder
-    words = ("a an the photo image picture of object shirt dress coat bag shoe sneaker boot sandal trouser pullover "
-             "top with long short sleeves round neck strap heel sole black white grey red blue dark light pale striped "
-             "plain soft cotton leather wool smooth rough shape outline parts colour texture pattern background "
-             "setting worn used describe detail what where how is it on in and or from other similar kinds tell "
-             "apart material made").split()
-    corpus = [" ".join(words[i:] + words[:i]) for i in range(len(words))]
-    special = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    # Metaspace BPE, not byte-level: every id decodes to readable text, so random captions are words.
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    alphabet = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-                                                ".,:;?!-'()/{}\n"))
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=320, special_tokens=special,
-                                                        initial_alphabet=alphabet))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", extra_special_tokens={"image_token": "<image>"})
-    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=32, patch_size=8, projection_dim=64)
-    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                       initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    config = LlavaConfig(vision_config=vision, text_config=text,
-                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         vision_feature_select_strategy="default", vision_feature_layer=-2,
-                         pad_token_id=tokenizer.pad_token_id)
-    template = ("{% for message in messages %}{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-                "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-                "{% for c in message['content'] %}"
-                "{% if c['type'] == 'image' %}<image>\n{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}"
-                "{% endfor %}{% endif %}{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
-                "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=template)
-    torch.manual_seed(0)  # the same tiny model everywhere, so test runs compare
-    model = LlavaForConditionalGeneration(config)
-    # Build aside and rename: concurrent runs never see a half-written folder.
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "vlmkd_tiny.json").write_text(json.dumps({"version": TINY_VERSION, "note": "random weights, tests only"}))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists() and not (marker.exists() and json.loads(marker.read_text()).get("version") == TINY_VERSION):
-        shutil.rmtree(folder, ignore_errors=True)  # an older or half-deleted build
-    try:
-        os.rename(tmp, folder)
-    except OSError:  # another process renamed its copy first: same seed, same model
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
+# --- the model: load it, then its processor and generation settings
 def resolve_dtype(choice, device):
-    """(dtype, why): --dtype, or with auto the hardware's choice (captions differ a little by dtype)."""
+    """(dtype, why): --dtype, or with auto the hardware's choice (captions differ a little)."""
     if choice != "auto":
         return choice, "--dtype"
     dtype, why = auto_dtype(device.type, has_native_bf16(device))
@@ -311,61 +294,70 @@ def resolve_quant(quant, device):
     return "none", "auto: no CUDA device, and bitsandbytes 4-bit is ~10x slower than bf16 on a CPU"
 
 
-def launch_text(shard, by_flag):
-    """How this process came to do its share: alone, a hand-started shard, or one rank of a launcher."""
-    if shard is None:
-        return "1 process"
-    return f"shard {shard[0]}/{shard[1]} " + ("(--shard)" if by_flag else f"(rank {shard[0]} of {shard[1]} processes)")
-
-
-def offline_source(vlm, revision, why):
-    """A hub id when the hub cannot be reached: load from the cache in offline mode, or stop with what to do."""
-    from huggingface_hub import constants, try_to_load_from_cache
-    if not isinstance(try_to_load_from_cache(vlm, "config.json", revision=revision or None), str):
-        die(f"cannot load VLM {vlm!r} (offline: {why}, and it is not in the cache): on a machine with network run "
-            f"`hf download {vlm} --local-dir DIR`, copy DIR here and pass --vlm /local/dir (DIR), or --vlm tiny "
-            f"for a random stand-in")
-    constants.HF_HUB_OFFLINE = True  # cached: load it without a network call (each would wait for its timeout)
-
-
-def load_vlm(vlm, quant="none", dtype="bf16", device="cpu", revision="", tiny_dir="~/.cache/vlmkd/tiny-llava"):
-    """(model, processor, resolved revision or None, tiny) through AutoProcessor + AutoModelForImageTextToText."""
-    tiny = vlm == "tiny"
-    local = Path(vlm).expanduser()
-    if vlm.startswith(("/", "./", "../", "~")) and not local.is_dir():
-        die(f"VLM folder {vlm} not found: pass --vlm with a folder holding config.json, or a hub id")
-    source = str(build_tiny_llava(tiny_dir)) if tiny else str(local) if local.is_dir() else vlm
-    if not tiny and not local.is_dir() and (why := hub_unreachable(vlm)):
-        offline_source(vlm, revision, why)
+def load_vlm(vlm, quant="none", dtype="bf16", device="cpu", revision=""):
+    """(model, processor, resolved hub revision or None, tiny: a stand-in from tests/tiny.py)."""
+    source, at = vlm_source(vlm, revision), {"revision": revision} if revision else {}
     compute_dtype = getattr(torch, TORCH_DTYPES[dtype])
-    kwargs = {"dtype": compute_dtype, "device_map": {"": str(device)}, **({"revision": revision} if revision else {})}
+    kwargs = {"dtype": compute_dtype, "device_map": {"": str(device)}, **at}
     if quant == "4bit":
-        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                                           bnb_4bit_use_double_quant=True,
-                                                           bnb_4bit_compute_dtype=compute_dtype)
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype)
     elif quant == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     try:
-        processor = AutoProcessor.from_pretrained(source, **({"revision": revision} if revision else {}))
+        processor = AutoProcessor.from_pretrained(source, **at)
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs).eval()
     except ValueError as err:  # found, but not something AutoModelForImageTextToText knows
-        die(f"cannot load VLM {vlm!r} as an image-text-to-text model: {str(err).splitlines()[0][:200]}")
+        die(f"cannot load VLM {vlm!r} as an image-text-to-text model: {first_line(err)}")
     except OSError as err:
         if Path(source).is_dir():
-            die(f"cannot load VLM from folder {source}: {str(err).splitlines()[0][:200]}")
-        die(f"cannot load VLM {vlm!r} from the hub ({str(err).splitlines()[0][:160]}): for an offline machine run "
-            f"`hf download {vlm} --local-dir DIR` where there is network and pass --vlm /local/dir (DIR)")
-    tokenizer = processor.tokenizer
-    tokenizer.padding_side = "left"  # right padding puts pads between prompt and answer: the classic batched-VLM bug
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    resolved = None
-    if not tiny and not Path(source).is_dir():
-        from huggingface_hub import try_to_load_from_cache
+            die(f"cannot load VLM from folder {source}: {first_line(err)}")
+        die(f"cannot load VLM {vlm!r} from the hub ({first_line(err)[:160]}): for an offline "
+            f"machine run `hf download {vlm} --local-dir DIR` where there is network and pass "
+            "--vlm /local/dir (DIR)")
+    # Left padding, so that every row's prompt ends where generation starts: right padding puts
+    # pads between prompt and answer, the classic batched-VLM bug.
+    processor.tokenizer.padding_side = "left"
+    if processor.tokenizer.pad_token is None:
+        processor.tokenizer.pad_token = processor.tokenizer.eos_token
+    tiny = Path(source, TINY_MARKER).is_file()
+    return model, processor, hub_revision(vlm, revision, source), tiny
+
+
+def first_line(err):
+    return str(err).splitlines()[0][:200]
+
+
+def vlm_source(vlm, revision):
+    """A local folder, or a hub id: one the hub cannot serve now is loaded from the cache offline
+    (from_pretrained's client would retry a dead connection for minutes)."""
+    local = Path(vlm).expanduser()
+    if local.is_dir():
+        return str(local)
+    if vlm.startswith(("/", "./", "../", "~")):
+        die(f"VLM folder {vlm} not found: pass --vlm with a folder holding config.json, or a hub "
+            "id")
+    if why := hub_unreachable(vlm):
+        from huggingface_hub import constants, try_to_load_from_cache
         cached = try_to_load_from_cache(vlm, "config.json", revision=revision or None)
-        match = re.search(r"snapshots/([0-9a-f]{40})/", str(cached)) if isinstance(cached, str) else None
-        resolved = match.group(1) if match else (revision or None)
-    return model, processor, resolved, tiny
+        if not isinstance(cached, str):
+            die(f"cannot load VLM {vlm!r} (offline: {why}, and it is not in the cache): on a "
+                f"machine with network run `hf download {vlm} --local-dir DIR`, copy DIR here and "
+                "pass --vlm /local/dir (DIR), or build a random stand-in: `python tests/tiny.py "
+                "llava DIR`")
+        constants.HF_HUB_OFFLINE = True  # cached: load it without network calls that time out
+    return vlm
+
+
+def hub_revision(vlm, revision, source):
+    """The commit a hub id resolved to (its cache snapshot), for the meta; None for a folder."""
+    if Path(source).is_dir():
+        return None
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(vlm, "config.json", revision=revision or None)
+    match = re.search(r"snapshots/([0-9a-f]{40})/", cached) if isinstance(cached, str) else None
+    return match.group(1) if match else (revision or None)
 
 
 def parse_processor_kwargs(text):
@@ -379,62 +371,103 @@ def parse_processor_kwargs(text):
 
 
 def processor_settings(processor, image_size=0, image_splitting=False, extra=None):
-    """Image-processor options passed with every call, from the flags; recorded in the meta. Idefics3 (SmolVLM)
-    resizes the longest edge up to 4 x 364 px or more and tiles it: a 28-px image then costs up to 17 vision passes."""
-    image_processor = getattr(processor, "image_processor", None)
-    settings = {}
-    if hasattr(image_processor, "do_image_splitting"):  # Idefics3 / SmolVLM
+    """Image-processor options passed with every call, from the flags; recorded in the meta."""
+    image_processor, settings = getattr(processor, "image_processor", None), {}
+    # Idefics3 (SmolVLM) resizes the longest edge up to 4 x 364 px or more and tiles it: a 28-px
+    # image would cost up to 17 vision passes. One tile at the tile size unless asked.
+    if hasattr(image_processor, "do_image_splitting"):
         settings["do_image_splitting"] = image_splitting
         if image_size or not image_splitting:
-            settings["size"] = {"longest_edge": image_size or image_processor.max_image_size["longest_edge"]}
-    elif image_size and hasattr(image_processor, "max_pixels"):  # Qwen2-VL
+            longest = image_size or image_processor.max_image_size["longest_edge"]
+            settings["size"] = {"longest_edge": longest}
+    elif image_size and hasattr(image_processor, "max_pixels"):  # Qwen2-VL: dynamic resolution
         settings["max_pixels"] = image_size * image_size
     elif image_size:
-        die(f"--image-size applies to Idefics3/SmolVLM and Qwen2-VL processors, not {type(image_processor).__name__}: "
-            "pass its options with --processor-kwargs JSON")
+        die(f"--image-size applies to Idefics3/SmolVLM and Qwen2-VL processors, not "
+            f"{type(image_processor).__name__}: pass its options with --processor-kwargs JSON")
     return {**settings, **(extra or {})}
 
 
-def generation_config(model, processor, max_new_tokens, min_new_tokens=0, do_sample=False, temperature=0.7, top_p=0.9):
+def generation_config(model, processor, max_new_tokens, min_new_tokens=0, do_sample=False,
+                      temperature=0.7, top_p=0.9):
     gen = copy.deepcopy(model.generation_config)
-    gen.max_new_tokens, gen.min_new_tokens, gen.do_sample, gen.num_beams = max_new_tokens, min_new_tokens, do_sample, 1
-    gen.temperature, gen.top_p, gen.top_k = (temperature, top_p, None) if do_sample else (None, None, None)
+    gen.max_new_tokens, gen.min_new_tokens = max_new_tokens, min_new_tokens
+    gen.do_sample, gen.num_beams = do_sample, 1
+    # Sampling is the flags' alone (no top_k of the model's); greedy decoding carries none of them.
+    gen.temperature, gen.top_p, gen.top_k = (temperature, top_p, None) if do_sample else (None,) * 3
     if gen.pad_token_id is None:
         gen.pad_token_id = processor.tokenizer.pad_token_id
     return gen
 
 
+def generation_meta(cfg):
+    gen = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens,
+           "do_sample": cfg.do_sample, "num_beams": 1}
+    if cfg.do_sample:
+        gen.update(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
+    return gen
+
+
+def check_prompt_placeholders(processor, prompts):
+    """A prompt holding the image placeholder (`<image>`, `<|image_pad|>`, ...) gives the model an
+    image too many: a prompt error, refused before any image is blamed for it."""
+    names = ("image_token", "fake_image_token", "global_image_token", "video_token")
+    tokens = {getattr(processor, name, None) for name in names}
+    tokens |= {t for t in processor.tokenizer.get_added_vocab()
+               if t.startswith("<") and t.endswith(">") and "image" in t}
+    for prompt in prompts:
+        for token in sorted(t for t in tokens if isinstance(t, str) and t.strip()):
+            if token in prompt["text"]:
+                die(f"prompt file {prompt['file']} holds {token!r}, this model's image "
+                    "placeholder: the processor puts the image in itself; remove it from the "
+                    "prompt (nothing was captioned)")
+
+
 # --- prompts in, captions out
+@dataclass
+class Captioner:
+    """A loaded VLM and what each of the run's generate calls passes it."""
+    model: torch.nn.Module
+    processor: typing.Any
+    gen: typing.Any  # the GenerationConfig of the flags
+    settings: dict  # image-processor options (processor_settings)
+    dtype: torch.dtype  # of the float inputs
+    placeholders: torch.Tensor | None = None  # image token ids, where the prefix cache is on
+
+
 def build_inputs(processor, texts, images, settings, compute_dtype):
-    """A left-padded batch in the family's own prompt format: its chat template, or for a processor without one
-    (PaliGemma) the raw prompt, in front of which the processor puts the image tokens. Floats in compute_dtype."""
+    """A left-padded batch in the family's own prompt format, floats in compute_dtype."""
     if processor.chat_template:
-        convs = [[{"role": "user", "content": ([{"type": "image", "image": image}] if image is not None else [])
-                   + [{"type": "text", "text": text}]}] for text, image in zip(texts, images)]
-        inputs = processor.apply_chat_template(convs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                               return_tensors="pt",
-                                               processor_kwargs={"padding": True, "padding_side": "left", **settings})
-    else:
+        contents = [([] if image is None else [{"type": "image", "image": image}])
+                    + [{"type": "text", "text": text}] for text, image in zip(texts, images)]
+        convs = [[{"role": "user", "content": content}] for content in contents]
+        inputs = processor.apply_chat_template(
+            convs, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left", **settings})
+    else:  # PaliGemma has no chat template: its processor puts the image tokens before the text
         token = getattr(processor, "image_token", None) or ""
-        prompts = [(token if image is not None else "") + text for text, image in zip(texts, images)]
-        with_images = [image for image in images if image is not None]
-        inputs = processor(text=prompts, images=with_images or None, padding=True, padding_side="left",
-                           return_tensors="pt", **settings)
-    return {k: (v.to(compute_dtype) if torch.is_floating_point(v) else v) for k, v in inputs.items() if k != "labels"}
+        prompts = [("" if image is None else token) + text for text, image in zip(texts, images)]
+        inputs = processor(text=prompts, images=[i for i in images if i is not None] or None,
+                           padding=True, padding_side="left", return_tensors="pt", **settings)
+    return {k: (v.to(compute_dtype) if torch.is_floating_point(v) else v)
+            for k, v in inputs.items() if k != "labels"}
 
 
 def non_text_tokens(processor):
-    """Tokens a caption must not carry: added tokens shaped `<...>` that decoding keeps (PaliGemma's <loc0042>)."""
-    added = [t for t in processor.tokenizer.get_added_vocab() if t.startswith("<") and t.endswith(">")]
-    return re.compile("|".join(map(re.escape, sorted(added, key=len, reverse=True)))) if added else None
+    """Added tokens shaped `<...>` that decoding keeps (PaliGemma's <loc0042>): no caption words."""
+    added = [t for t in processor.tokenizer.get_added_vocab()
+             if t.startswith("<") and t.endswith(">")]
+    longest_first = sorted(added, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, longest_first))) if added else None
 
 
 @torch.inference_mode()
 def generate_texts(model, processor, inputs, gen, strip=None):
-    """Captions of a batch: `inputs` from build_inputs, or its prefix_plan (each image's prefix prefilled once)."""
+    """Captions of a batch: `inputs` from build_inputs, or its prefix_plan."""
     if "prefix" in inputs:
         ids, mask, cache = prefill_prefixes(model, inputs, gen)
-        new_ids = model.generate(input_ids=ids, attention_mask=mask, cache=cache, generation_config=gen)
+        new_ids = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                                 generation_config=gen)
     else:
         inputs = {k: v.to(model.device, non_blocking=True) for k, v in inputs.items()}
         new_ids = model.generate(**inputs, generation_config=gen)
@@ -443,12 +476,18 @@ def generate_texts(model, processor, inputs, gen, strip=None):
     return [(strip.sub("", t) if strip else t).strip() for t in texts]
 
 
+# The vision tower once per image: the P rows of an image (one a prompt) carry the same pixels, so
+# without sharing a batch of whole images runs the tower P times on each image.
+VISION_TOWERS = ("model.vision_tower", "model.vision_model", "vision_tower", "vision_model")
+
+
 def distinct_rows(pixels):
-    """(first row of each distinct image, inverse index) of a batch whose rows repeat images (one row a prompt)."""
+    """(first row of each distinct image, inverse index) of a batch whose rows repeat images."""
     flat = pixels.reshape(len(pixels), -1)
     sums, first, inverse = flat.float().sum(1).tolist(), [], []
-    for i in range(len(flat)):
-        same = [j for j, f in enumerate(first) if sums[f] == sums[i] and torch.equal(flat[f], flat[i])]
+    for i in range(len(flat)):  # torch.equal only where the sums agree
+        same = [j for j, f in enumerate(first)
+                if sums[f] == sums[i] and torch.equal(flat[f], flat[i])]
         inverse.append(same[0] if same else len(first))
         first += [] if same else [i]
     return first, torch.tensor(inverse, device=pixels.device)
@@ -468,13 +507,13 @@ def expand_rows(value, inverse, n):
 
 
 def share_vision_work(model):
-    """Hooks on the vision tower so it runs once per distinct image of a batch: the P rows of one image (one per
-    prompt) carry the same pixels. Families whose tower takes flat patches (Qwen2-VL) run as before."""
+    """Hooks that run the vision tower on a batch's distinct images and repeat its output to their
+    rows, so the model around it sees what it saw before. Qwen2-VL (flat patches) runs as before."""
     names = dict(model.named_modules())
     tower = next((names[n] for n in VISION_TOWERS if n in names), None)
     if tower is None:
         return []
-    state = {}
+    state = {}  # from the pre-hook to the hook of the same call
 
     def before(module, args, kwargs):
         pixels = kwargs.get("pixel_values", args[0] if args else None)
@@ -488,7 +527,8 @@ def share_vision_work(model):
         index = torch.tensor(first, device=pixels.device)
 
         def pick(v):
-            return v.index_select(0, index) if torch.is_tensor(v) and v.dim() and len(v) == len(pixels) else v
+            rows = torch.is_tensor(v) and v.dim() and len(v) == len(pixels)
+            return v.index_select(0, index) if rows else v
         return tuple(pick(a) for a in args), {k: pick(v) for k, v in kwargs.items()}
 
     def after(module, args, kwargs, output):
@@ -497,31 +537,41 @@ def share_vision_work(model):
             tower.register_forward_hook(after, with_kwargs=True)]
 
 
-# --- the image prefix prefilled once per image
-def prefix_cache_path(model, enabled):
-    """Whether this run prefills each image's prefix once (said once, with why): only where that is exact."""
+# The prefix cache. Families (config.model_type) where prefilling an image's prefix once and each
+# prompt after it gives the logits of one pass over the whole prompt: causal attention, positions
+# that only count the tokens before (Qwen2-VL's mrope too: text after the image sits at index + a
+# delta the prefix fixes). Checked in tests/test_caption_families.py.
+PREFIX_CACHE_FAMILIES = ("llava", "llava_next", "idefics3", "qwen2_vl")
+
+
+def use_prefix_cache(model, enabled):
+    """Whether this run prefills each image's prefix once (said once, with why): where exact."""
     family = model.config.model_type
     if not enabled:
         why = "--no-prefix-cache"
-    elif family == "paligemma":
-        why = "PaliGemma attends both ways over image + prompt (prefix-LM), so an image's KV depends on its prompt"
+    elif family == "paligemma":  # the fallback: the whole prompt per caption, exact but slower
+        why = ("PaliGemma attends both ways over image + prompt (prefix-LM), so an image's KV "
+               "depends on its prompt")
     elif family not in PREFIX_CACHE_FAMILIES:
-        why = f"{family} is not among the families checked exact ({', '.join(PREFIX_CACHE_FAMILIES)})"
+        checked = ", ".join(PREFIX_CACHE_FAMILIES)
+        why = f"{family} is not among the families checked exact ({checked})"
     else:
-        say("LM prefill: each image's prefix (template + image tokens) once, its KV cache shared by its prompts")
+        say("LM prefill: each image's prefix (template + image tokens) once, its KV cache shared "
+            "by its prompts")
         return True
     say(f"LM prefill: the whole prompt per caption ({why})")
     return False
 
 
 def placeholder_ids(model):
-    """Token ids the model replaces with image (or video) features: they must all sit in the shared prefix."""
-    names = ("image_token_id", "image_token_index", "video_token_id")
-    return torch.tensor(sorted({v for n in names if isinstance(v := getattr(model.config, n, None), int)}))
+    """Token ids the model replaces with image (or video) features: all must sit in the prefix."""
+    ids = (getattr(model.config, n, None) for n in ("image_token_id", "image_token_index",
+                                                    "video_token_id"))
+    return torch.tensor(sorted({v for v in ids if isinstance(v, int)}))
 
 
 def image_groups(images):
-    """(first row of each image, image of each row): an image's rows (one per prompt) carry the same image object."""
+    """(first row of each image, image of each row): an image's rows carry the same image object."""
     first, inverse, seen = [], [], {}
     for row, image in enumerate(images):
         group = seen.setdefault(id(image), len(first))
@@ -531,8 +581,8 @@ def image_groups(images):
 
 
 def shared_lengths(tokens, first, inverse, placeholders):
-    """Per image, how many tokens all its rows start with, each row keeping one or more of its own for generate to
-    run (it needs an uncached token). None if a row's own part holds image tokens (text before the image)."""
+    """Per image, how many tokens all its rows start with, each row keeping one or more of its own
+    (generate needs an uncached token); None where a row's own part holds image tokens."""
     lengths = []
     for group in range(len(first)):
         members = [tokens[r] for r, g in enumerate(inverse) if g == group]
@@ -551,100 +601,115 @@ def left_pad(values, width, fill):
 
 
 def prefix_plan(inputs, images, placeholders, pad_id):
-    """The batch re-laid for prefill_prefixes, or None where no image has two rows (nothing to share) or the prefix
-    would not hold the image. `prefix`: one left-padded row per image with its pixel inputs. `input_ids` and
-    `attention_mask`: each row as [pads, its image's prefix | pads, its own tokens], the prefix part exactly the prefix
-    row (the cache lines up). The pads between are masked and position ids count unmasked tokens only, so every row
-    sees the same tokens at the same positions as its left-padded row in build_inputs."""
+    """The batch re-laid for prefill_prefixes; None where no image has two rows (nothing to share)
+    or a prefix would not hold its image. `prefix`: a left-padded row per image, with its pixels.
+    `input_ids`, `attention_mask`: each row as [pads, its image's prefix | pads, its own tokens],
+    the prefix part exactly the prefix row, so the copied cache lines up. The pads between are
+    masked and position ids count unmasked tokens: each row keeps its tokens and positions."""
     first, image_of_row = image_groups(images)
     if len(first) == len(images):
         return None
     valid = inputs["attention_mask"].bool()
     unpadded = {key: [v[keep] for v, keep in zip(value, valid)] for key, value in inputs.items()
-                if torch.is_tensor(value) and value.shape == valid.shape}  # ids, mask and any token types
+                if torch.is_tensor(value) and value.shape == valid.shape}  # ids, mask, token types
     cuts = shared_lengths(unpadded["input_ids"], first, image_of_row, placeholders)
     if cuts is None:
         return None
     width = max(cuts)
     own = max(len(ids) - cuts[g] for ids, g in zip(unpadded["input_ids"], image_of_row))
     fill = {key: pad_id if key == "input_ids" else 0 for key in unpadded}
-    prefix = {key: torch.stack([left_pad(rows[r][:cuts[g]], width, fill[key]) for g, r in enumerate(first)])
-              for key, rows in unpadded.items()}
+    prefix = {key: torch.stack([left_pad(rows[r][:cuts[g]], width, fill[key])
+                                for g, r in enumerate(first)]) for key, rows in unpadded.items()}
     plan = {"prefix": {**prefix_images(inputs, first, skip=unpadded), **prefix},
             "image_of_row": torch.tensor(image_of_row)}
-    # A repetition penalty sees every id of a row, masked or not: a row build_inputs did not pad is filled with its
-    # own last token, not the pad id (Qwen2-VL's pad is an end-of-text token, so that would move where captions end).
-    row_fill = [pad_id if not keep.all() else int(ids[-1]) for ids, keep in zip(unpadded["input_ids"], valid)]
+    # A repetition penalty sees every id of a row, masked or not: a row build_inputs did not pad is
+    # filled with its own last token, not the pad id (Qwen2-VL's pad is an end-of-text token).
+    row_fill = [pad_id if not keep.all() else int(ids[-1])
+                for ids, keep in zip(unpadded["input_ids"], valid)]
     for key, fills in (("input_ids", row_fill), ("attention_mask", [0] * len(row_fill))):
-        plan[key] = torch.stack([torch.cat([left_pad(row[:cuts[g]], width, f), left_pad(row[cuts[g]:], own, f)])
+        plan[key] = torch.stack([torch.cat([left_pad(row[:cuts[g]], width, f),
+                                            left_pad(row[cuts[g]:], own, f)])
                                  for row, g, f in zip(unpadded[key], image_of_row, fills)])
     return plan
 
 
 def prefix_images(inputs, first, skip=()):
-    """The pixel inputs of rows `first`: tensors with a row per prompt are indexed; Qwen2-VL's flat patches are cut
-    per image by image_grid_thw."""
+    """The pixel inputs of rows `first`; Qwen2-VL's flat patches cut per image by image_grid_thw."""
     rows, index, picked = len(inputs["input_ids"]), torch.tensor(first), {}
     if "image_grid_thw" in inputs:
         patches = inputs["pixel_values"].split(inputs["image_grid_thw"].prod(-1).tolist())
         picked["pixel_values"] = torch.cat([patches[r] for r in first])
     for key, value in inputs.items():
-        if key not in picked and key not in skip and torch.is_tensor(value) and value.dim() and len(value) == rows:
+        per_row = torch.is_tensor(value) and value.dim() and len(value) == rows
+        if key not in picked and key not in skip and per_row:
             picked[key] = value.index_select(0, index)
     return picked
 
 
 def prefill_prefixes(model, plan, gen):
-    """(input ids, attention mask, KV cache) for generate: each image's prefix is run once, by generate for one token
-    (so its position ids are the family's own, mrope included), and its cache rows are copied to the image's rows."""
-    device = model.device
-    once = copy.deepcopy(gen)
-    once.max_new_tokens, once.min_new_tokens, once.do_sample, once.return_dict_in_generate = 1, 0, False, True
-    once.temperature = once.top_p = once.top_k = None
+    """(ids, mask, KV cache) for generate: each prefix run once, its cache copied to its rows."""
+    device, once = model.device, copy.deepcopy(gen)
+    # generate for one greedy token (thrown away: the cache is what is kept), not a bare forward:
+    # the position ids, mrope included, are then the family's own.
+    once.max_new_tokens, once.min_new_tokens, once.do_sample = 1, 0, False
+    once.return_dict_in_generate, once.temperature, once.top_p, once.top_k = True, None, None, None
     prefix = {k: v.to(device, non_blocking=True) for k, v in plan["prefix"].items()}
     cache = model.generate(**prefix, generation_config=once).cache
     image_of_row = plan["image_of_row"].to(device)
     cache.batch_select_indices(image_of_row)
+    # Qwen2-VL keeps each prefix's mrope offset on the model and adds it to a cached run's text
+    # positions: copied per row like the cache, or a row would take another image's offset.
     inner = getattr(model, "model", None)
-    if torch.is_tensor(deltas := getattr(inner, "rope_deltas", None)):  # Qwen2-VL: each prefix's mrope offset, which
-        inner.rope_deltas = deltas.index_select(0, image_of_row)  # generate adds to a cached run's text positions
+    if torch.is_tensor(deltas := getattr(inner, "rope_deltas", None)):
+        inner.rope_deltas = deltas.index_select(0, image_of_row)
     return plan["input_ids"].to(device), plan["attention_mask"].to(device), cache
 
 
-def preflight(model, processor, settings, compute_dtype, gen, with_image, vlm, placeholders=None):
-    """A two-row test caption before any work, through the run's own path: a template, dtype, device or model failure
-    stops the run here, so a failure later can be laid at one image's door."""
+def preflight(c, with_image, vlm):
+    """A two-row test caption of Captioner c before any work, through the run's own path: a
+    template, dtype, device or model failure stops here, so a later failure is one image's."""
     image = Image.new("RGB", (64, 48), (120, 130, 140)) if with_image else None
     try:
-        inputs = build_inputs(processor, ["Describe this.", "What is shown here, in detail?"], [image, image],
-                              settings, compute_dtype)
-        if placeholders is not None:
-            inputs = prefix_plan(inputs, [image, image], placeholders, processor.tokenizer.pad_token_id) or inputs
-        probe_gen = copy.deepcopy(gen)
+        inputs = build_inputs(c.processor, ["Describe this.", "What is shown here, in detail?"],
+                              [image, image], c.settings, c.dtype)
+        if c.placeholders is not None:
+            pad = c.processor.tokenizer.pad_token_id
+            inputs = prefix_plan(inputs, [image, image], c.placeholders, pad) or inputs
+        probe_gen = copy.deepcopy(c.gen)
         probe_gen.max_new_tokens, probe_gen.min_new_tokens = 1, 0
-        generate_texts(model, processor, inputs, probe_gen)
+        generate_texts(c.model, c.processor, inputs, probe_gen)
     except Exception as err:
-        die(f"a test caption with {vlm} failed before any work, so the model, its prompt format, the settings or "
-            f"the device is at fault, not the data (nothing recorded): {type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}")
+        die(f"a test caption with {vlm} failed before any work, so the model, its prompt format, "
+            f"the settings or the device is at fault, not the data (nothing recorded): "
+            f"{type(err).__name__}: {first_line(err)}")
 
 
-# --- the loop
+# --- the loop: decode ahead, batch whole images, prepare ahead, generate, append
+@dataclass
+class Row:
+    """A caption to make: an image (in class mode a class) and a prompt."""
+    index: int  # the image's line in the split, or the class label
+    prompt: str  # the prompt's id
+    text: str  # the prompt, {name} filled in
+    image: Image.Image | None  # None in class mode
+    path: str = ""  # the image's path in the split
+
+
 def load_image(path):
     try:
         with Image.open(path) as img:
             return rgb_image(img), None  # convert() decodes the whole file: truncation shows here
-    except PermissionError as err:  # the folder's or file's permissions, not the image: stop, record nothing
+    except PermissionError as err:  # the folder's or file's permissions, not the image: stop
         die(f"cannot read {path} ({err.strerror}): make the data readable and rerun (it resumes)")
     except Exception as err:  # any decoder failure is the image's own: recorded and skipped
         return None, f"{type(err).__name__}: {err}"
 
 
 def decoded_images(jobs, root, workers):
-    """(index, relpath, prompts, image, error) in order, decoded `workers` threads ahead of the caller."""
+    """(index, relpath, prompts, image, error) in order, decoded `workers` threads ahead."""
     with ThreadPoolExecutor(max(1, workers)) as pool:
         pending, jobs = deque(), iter(jobs)
-        for job in jobs:
+        for job in jobs:  # a bounded window ahead: memory does not grow with the split
             pending.append((job, pool.submit(load_image, root / job[1])))
             if len(pending) >= 4 * max(1, workers):
                 break
@@ -657,15 +722,14 @@ def decoded_images(jobs, root, workers):
 
 
 def image_batches(decoded, batch_size, bad):
-    """Rows (key, text, image) of whole images, as many as fit in batch_size: all prompts of an image share a batch,
-    so its vision work is done once (an image with more prompts than batch_size is split). Unreadable images go to
-    bad(record)."""
+    """Rows of whole images, as many as fit in batch_size, so an image's vision work is done once
+    (one with more prompts than batch_size is split). Unreadable images go to bad(record)."""
     rows = []
     for index, rel, todo, image, error in decoded:
         if error is not None:
             bad({"index": index, "path": rel, "error": error})
             continue
-        pairs = [((index, pid, rel), text, image) for pid, text in todo]
+        pairs = [Row(index, pid, text, image, rel) for pid, text in todo]
         if rows and len(rows) + len(pairs) > batch_size:
             yield rows
             rows = []
@@ -677,305 +741,373 @@ def image_batches(decoded, batch_size, bad):
         yield rows
 
 
-def prepare_batch(processor, rows, settings, compute_dtype):
-    """(rows kept, inputs, bad records). The preflight proved the prompt format, so an image the processor rejects
-    alone (Qwen2-VL: aspect ratio over 200) is that image's fault; a batch that fails with no such image stops."""
+def batch_inputs(c, rows):
+    texts, images = [r.text for r in rows], [r.image for r in rows]
+    return build_inputs(c.processor, texts, images, c.settings, c.dtype)
+
+
+def prepare_batch(c, rows):
+    """(rows kept, inputs, bad-image records). The preflight proved the prompt format, so an image
+    the processor rejects alone (Qwen2-VL: aspect ratio over 200) is that image's fault; a batch
+    that fails with no such image stops the run."""
     try:
-        return rows, build_inputs(processor, [r[1] for r in rows], [r[2] for r in rows], settings, compute_dtype), []
+        return rows, batch_inputs(c, rows), []
     except Exception as batch_error:
-        why = f"{type(batch_error).__name__}: {str(batch_error).splitlines()[0][:200]}"
-        if rows[0][2] is None:
-            die(f"the processor failed on a text batch (nothing recorded): {why}")
-        bad, tried = {}, set()
-        for key, text, image in rows:
-            if key[0] not in tried:
-                tried.add(key[0])
-                try:
-                    build_inputs(processor, [text], [image], settings, compute_dtype)
-                except Exception as err:
-                    bad[key[0]] = {"index": key[0], "path": key[-1], "error": f"processor: {type(err).__name__}: {err}"}
-        if not bad:
-            die(f"the processor failed on a batch though each of its images passes alone (nothing recorded): {why}")
-        rows = [r for r in rows if r[0][0] not in bad]
-        inputs = build_inputs(processor, [r[1] for r in rows], [r[2] for r in rows], settings, compute_dtype) \
-            if rows else None
-        return rows, inputs, list(bad.values())
+        why = f"{type(batch_error).__name__}: {first_line(batch_error)}"
+    if rows[0].image is None:
+        die(f"the processor failed on a text batch (nothing recorded): {why}")
+    bad, tried = {}, set()
+    for row in rows:
+        if row.index not in tried:
+            tried.add(row.index)
+            try:
+                batch_inputs(c, [row])
+            except Exception as err:
+                bad[row.index] = {"index": row.index, "path": row.path,
+                                  "error": f"processor: {type(err).__name__}: {err}"}
+    if not bad:
+        die(f"the processor failed on a batch though each of its images passes alone (nothing "
+            f"recorded): {why}")
+    rows = [r for r in rows if r.index not in bad]
+    return rows, batch_inputs(c, rows) if rows else None, list(bad.values())
 
 
-def run_batches(model, processor, gen, batches, settings, compute_dtype, write, bad, desc="", total=None,
-                placeholders=None):
-    """Generate for each batch of rows, the next batch prepared on a thread while the model runs on this one.
-    write(rows, texts) per batch; bad(record) per image the processor rejects. A model failure stops the run.
-    With placeholders (the image token ids), each image's prefix is prefilled once (prefix_plan)."""
-    strip = non_text_tokens(processor)
-    batches = iter(batches)
+def prepare_next(c, batches):
+    """The next batch prepared (prepare_batch, then prefix_plan where the cache is on), or None."""
+    rows = next(batches, None)
+    if rows is None:
+        return None
+    rows, inputs, rejected = prepare_batch(c, rows)
+    if rows and c.placeholders is not None:
+        pad = c.processor.tokenizer.pad_token_id
+        inputs = prefix_plan(inputs, [r.image for r in rows], c.placeholders, pad) or inputs
+    return rows, inputs, rejected
 
-    def next_prepared():
-        rows = next(batches, None)
-        if rows is None:
-            return None
-        rows, inputs, rejected = prepare_batch(processor, rows, settings, compute_dtype)
-        if rows and placeholders is not None:
-            inputs = prefix_plan(inputs, [r[2] for r in rows], placeholders, processor.tokenizer.pad_token_id) or inputs
-        return rows, inputs, rejected
 
-    with ThreadPoolExecutor(1) as prep, progress_bar(total, "caption", desc=desc, disable=not desc) as bar:
-        future = prep.submit(next_prepared)
+def run_batches(c, batches, write, bad, desc="", total=None):
+    """Generate for each batch of rows, the next one prepared on a thread while the model runs on
+    this one: write(rows, texts) per batch, bad(record) per image the processor rejects."""
+    strip, batches = non_text_tokens(c.processor), iter(batches)
+    with ThreadPoolExecutor(1) as prep, \
+            progress_bar(total, "caption", desc=desc, disable=not desc) as bar:
+        future = prep.submit(prepare_next, c, batches)
         while (prepared := future.result()) is not None:
-            future = prep.submit(next_prepared)
+            future = prep.submit(prepare_next, c, batches)
             rows, inputs, rejected = prepared
             for record in rejected:
                 bad(record)
-            if not rows:
-                continue
-            try:
-                texts = generate_texts(model, processor, inputs, gen, strip)
-            except torch.OutOfMemoryError:
-                die(f"out of memory on a batch of {len(rows)} (nothing recorded as bad): lower --batch-size and rerun "
-                    "(it resumes)")
-            except Exception as err:
-                die(f"the model failed on a batch, not an image's fault (nothing recorded as bad; a rerun resumes): "
-                    f"{type(err).__name__}: {str(err).splitlines()[0][:200]}")
-            write(rows, texts)
-            bar.update(len(rows))
+            if rows:
+                write(rows, captions_of(c, rows, inputs, strip))
+                bar.update(len(rows))
 
 
-def generation_meta(cfg):
-    gen = {"max_new_tokens": cfg.max_new_tokens, "min_new_tokens": cfg.min_new_tokens, "do_sample": cfg.do_sample,
-           "num_beams": 1}
-    if cfg.do_sample:
-        gen.update(temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed)
-    return gen
+def captions_of(c, rows, inputs, strip):
+    """A batch's captions. Its inputs passed the processor, so a failure here is the model's or the
+    device's: the run stops and no image is recorded bad."""
+    try:
+        return generate_texts(c.model, c.processor, inputs, c.gen, strip)
+    except torch.OutOfMemoryError:
+        die(f"out of memory on a batch of {len(rows)} (nothing recorded as bad): lower "
+            "--batch-size and rerun (it resumes)")
+    except Exception as err:
+        die(f"the model failed on a batch, not an image's fault (nothing recorded as bad; a rerun "
+            f"resumes): {type(err).__name__}: {first_line(err)}")
+
+
+@dataclass
+class Outputs:
+    """A run's records and bad-image files, appended unbuffered (a SIGKILL loses at most the batch
+    in flight), and what this run wrote to them."""
+    records: typing.BinaryIO
+    errors: typing.BinaryIO
+    bad_indices: set  # images in the errors file: a line an image, though each of its prompts fails
+    written: int = 0
+    bad: int = 0
+
+    def write(self, records):
+        lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+        append_lines(self.records, lines)
+        self.written += len(lines)
+
+    def record_bad(self, record):
+        if record["index"] not in self.bad_indices:
+            self.bad_indices.add(record["index"])
+            append_lines(self.errors, [json.dumps(record) + "\n"])
+            self.bad += 1
+
+
+def open_outputs(paths, bad_indices):
+    paths.records.parent.mkdir(parents=True, exist_ok=True)
+    files = (open(p, "ab", buffering=0) for p in (paths.records, paths.errors))
+    return Outputs(*files, bad_indices)
 
 
 def append_lines(file, lines):
-    """Write whole lines or none: a write the disk refuses (full, or past a file size limit) is cut back to where it
-    began, so the file still ends with a whole record and a rerun resumes from it."""
+    """Whole lines or none: a write the disk refuses (full, a file size limit) is cut back to where
+    it began, so the file still ends with a whole record and a rerun resumes after it."""
     data, start = "".join(lines).encode("utf-8"), file.seek(0, os.SEEK_END)
     try:
         view = memoryview(data)
-        while view:
+        while view:  # an unbuffered write may take part of the bytes
             view = view[file.write(view):]
     except OSError as err:
         file.truncate(start)
-        die(f"cannot write {file.name} ({err.strerror}): the disk is full or a file size limit was reached; free "
-            "space and rerun the same command (it resumes after the last whole record)")
+        die(f"cannot write {file.name} ({err.strerror}): the disk is full or a file size limit "
+            "was reached; free space and rerun the same command (it resumes after the last whole "
+            "record)")
 
 
-def open_outputs(out_path, errors_path, bad_indices):
-    """Appenders for records and bad-image records, unbuffered: a SIGKILL loses at most the batch in flight."""
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_file, err_file = open(out_path, "ab", buffering=0), open(errors_path, "ab", buffering=0)
-    counts = {"written": 0, "bad": 0, "items": set()}
-
-    def write(records):
-        append_lines(out_file, [json.dumps(r, ensure_ascii=False) + "\n" for r in records])
-        counts["written"] += len(records)
-
-    def bad(record):
-        if record["index"] not in bad_indices:  # one line an image, though each of its prompts fails
-            bad_indices.add(record["index"])
-            append_lines(err_file, [json.dumps(record) + "\n"])
-            counts["bad"] += 1
-    return write, bad, counts, (out_file, err_file)
-
-
-def image_placeholders(processor):
-    """The spellings by which a processor marks where an image's tokens go (`<image>`, `<|image_pad|>`, ...)."""
-    names = ("image_token", "fake_image_token", "global_image_token", "video_token")
-    tokens = {getattr(processor, name, None) for name in names}
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is not None:
-        tokens |= {t for t in tokenizer.get_added_vocab() if t.startswith("<") and t.endswith(">") and "image" in t}
-    return sorted(t for t in tokens if isinstance(t, str) and t.strip())
-
-
-def check_prompt_placeholders(processor, prompts):
-    """A prompt holding the image placeholder gives the model one image too many: a prompt error, refused before
-    any image is blamed for it."""
-    for prompt in prompts:
-        for token in image_placeholders(processor):
-            if token in prompt["text"]:
-                die(f"prompt file {prompt['file']} holds {token!r}, this model's image placeholder: the processor "
-                    "puts the image in itself; remove it from the prompt (nothing was captioned)")
+# --- a run's start: claim the output, load and test the model, record the meta
+def start_run(cfg, meta, match_keys, paths, prompts, with_image, given):
+    """The run's Captioner, its meta matched to the output's before any work, then written.
+    `given` says what this process does, in the line that also names device, dtype and quant."""
+    device, extra = claim_output(cfg, meta, match_keys, paths, prompts, given)
+    model, processor, meta["revision"], tiny = load_vlm(cfg.vlm, meta["quant"], meta["dtype"],
+                                                        device, cfg.revision)
+    meta["processor"] = processor_settings(processor, cfg.image_size, cfg.image_splitting, extra)
+    check_meta(paths.meta, meta, ("processor",), paths.records)
+    check_prompt_placeholders(processor, prompts)
+    old = json.loads(paths.meta.read_text()) if paths.meta.exists() else {}
+    if old.get("revision") not in (None, meta["revision"]):
+        check_meta(paths.meta, meta, ("revision",), paths.records)
+    if tiny:  # the meta's tiny_random carries it to encode.py, train.py and eval.py's report
+        say(f"WARNING: --vlm {cfg.vlm} is a RANDOM untrained model (tests/tiny.py): its captions "
+            "are noise and only prove the plumbing")
+    gen = generation_config(model, processor, cfg.max_new_tokens, cfg.min_new_tokens,
+                            cfg.do_sample, cfg.temperature, cfg.top_p)
+    dtype = getattr(torch, TORCH_DTYPES[meta["dtype"]])
+    c = Captioner(model, processor, gen, meta["processor"], dtype)
+    if with_image:  # recorded, not matched: both paths give the same captions, a resume may switch
+        meta["prefix_cache"] = use_prefix_cache(model, cfg.prefix_cache)
+        c.placeholders = placeholder_ids(model) if meta["prefix_cache"] else None
+    preflight(c, with_image, cfg.vlm)
+    if not paths.meta.exists():
+        meta.update(model=cfg.vlm, tiny_random=tiny, made=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    versions=versions("torch", "transformers", "bitsandbytes", "accelerate",
+                                      "tokenizers", "pillow"))
+        try:
+            write_json(paths.meta, meta)
+        except OSError as err:
+            die(f"cannot write {paths.meta} ({err.strerror}): free space on its disk and rerun")
+    torch.manual_seed(cfg.seed)
+    return c
 
 
-def start_run(cfg, meta, match_keys, out_path, meta_path, prompts, with_image, given):
-    """Lock the output, check the meta before any work, load the model, test it, write the meta: (model, processor,
-    gen, dtype). `given` says what this process does, in the one line that also names device, dtype and quant."""
-    writable_dir(out_path.parent)  # a bad --out fails now, not after the model is loaded
-    lock_or_die(out_path.with_name(f".{out_path.name}.lock"), str(out_path))  # two runs would duplicate records
-    extra = parse_processor_kwargs(cfg.processor_kwargs)
-    device = pick_device(cfg.device)
+def claim_output(cfg, meta, match_keys, paths, prompts, given):
+    """Before the model loads: --out writable and locked, device, dtype and quant chosen and said,
+    the meta matched but for the processor's part. (device, more processor options)."""
+    writable_dir(paths.records.parent)  # a bad --out fails now, not after the model is loaded
+    # Held for the life of the process: two runs appending to one output would duplicate records.
+    lock_or_die(paths.records.with_name(f".{paths.records.name}.lock"), str(paths.records))
+    extra, device = parse_processor_kwargs(cfg.processor_kwargs), pick_device(cfg.device)
     dtype, meta["dtype_chosen_by"] = resolve_dtype(cfg.dtype, device)
     quant, quant_why = resolve_quant(cfg.quant, device)
-    say(f"{given}; {cfg.vlm} on {device}, dtype {dtype} ({meta['dtype_chosen_by']}), quant {quant} ({quant_why}), "
-        f"batch size {cfg.batch_size} -> {out_path}")
-    meta.update(quant=quant, dtype=dtype, prompts=[{k: v for k, v in p.items() if k != "file"} for p in prompts],
-                generation=generation_meta(cfg), batch_size=cfg.batch_size)
-    meta["processor"] = None  # known once the processor is loaded; checked again then
-    check_meta(meta_path, meta, [k for k in match_keys if k != "processor"], out_path)
-    model, processor, meta["revision"], tiny = load_vlm(cfg.vlm, meta["quant"], dtype, device, cfg.revision,
-                                                        cfg.tiny_dir)
-    meta["processor"] = processor_settings(processor, cfg.image_size, cfg.image_splitting, extra)
-    check_meta(meta_path, meta, ("processor",), out_path)
-    check_prompt_placeholders(processor, prompts)
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("revision") not in (None, meta["revision"]):
-        check_meta(meta_path, meta, ("revision",), out_path)
-    if tiny:
-        say("WARNING: --vlm tiny is a RANDOM untrained model: its captions are noise and only prove the plumbing")
-    gen = generation_config(model, processor, cfg.max_new_tokens, cfg.min_new_tokens, cfg.do_sample, cfg.temperature,
-                            cfg.top_p)
-    compute_dtype = getattr(torch, TORCH_DTYPES[dtype])
-    if with_image:  # recorded, not matched: both paths give the same captions, so a resume may switch
-        meta["prefix_cache"] = prefix_cache_path(model, cfg.prefix_cache)
-    preflight(model, processor, meta["processor"], compute_dtype, gen, with_image, cfg.vlm,
-              placeholder_ids(model) if meta.get("prefix_cache") else None)
-    if not meta_path.exists():
-        meta.update(model=cfg.vlm, tiny_random=tiny, made=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                    versions=versions("torch", "transformers", "bitsandbytes", "accelerate", "tokenizers", "pillow"))
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            write_json(meta_path, meta)
-        except OSError as err:
-            die(f"cannot write {meta_path} ({err.strerror}): free space on its disk and rerun")
-    torch.manual_seed(cfg.seed)
-    return model, processor, gen, compute_dtype
+    say(f"{given}; {cfg.vlm} on {device}, dtype {dtype} ({meta['dtype_chosen_by']}), quant "
+        f"{quant} ({quant_why}), batch size {cfg.batch_size} -> {paths.records}")
+    prompts = [{k: v for k, v in p.items() if k != "file"} for p in prompts]
+    meta.update(quant=quant, dtype=dtype, prompts=prompts, generation=generation_meta(cfg),
+                batch_size=cfg.batch_size)
+    meta["processor"] = None  # known once the processor is loaded; checked then
+    check_meta(paths.meta, meta, [k for k in match_keys if k != "processor"], paths.records)
+    return device, extra
 
 
-# --- the two modes
-def describe_classes(cfg):
-    """Class mode: one description per class name, text only; rank 0 does them all (a handful of classes)."""
-    if not is_main_process():
-        return
-    out_path, meta_path, errors_path = artifact_paths(cfg.out or "runs/class_descriptions.jsonl")
-    names = read_classes(cfg.classes)
-    prompt_file = cfg.class_prompt or str(find_prompts_dir(cfg.prompts.split(",")[0]) / f"{CLASS_PROMPT}.txt")
-    if not Path(prompt_file).is_file():
-        die(f"class prompt {prompt_file} not found: pass --class-prompt FILE (may use {{name}})")
-    prompt = prompt_record(prompt_file)
-    meta = {"model": cfg.vlm, "classes": cfg.classes, "classes_sha256": sha256_file(cfg.classes),
-            "num_classes": len(names)}
-    keys = ("model", "quant", "dtype", "prompts", "generation", "processor", "classes_sha256")
-    model, processor, gen, compute_dtype = start_run(cfg, meta, keys, out_path, meta_path, [prompt], False,
-                                                     f"describing the {len(names)} classes of {cfg.classes}")
-    done = done_bitmap(out_path, len(names), lambda r: r["class"], ("class", "text"))
-    todo = [c for c in range(len(names)) if not done[c]]
-    rows = [((c, prompt["id"]), prompt["text"].replace("{name}", names[c]), None) for c in todo]
-    batches = (rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size))
-    write, bad, counts, files = open_outputs(out_path, errors_path, set())
-    with files[0], files[1]:
-        run_batches(model, processor, gen, batches, meta["processor"], compute_dtype,
-                    lambda rows, texts: write([{"class": k[0], "name": names[k[0]], "text": t}
-                                               for (k, _, _), t in zip(rows, texts)]),
-                    bad, "describing classes", len(todo))
-    say(f"{counts['written']} of {len(todo)} descriptions written to {out_path} ({sum(done)} done before)")
+# --- image mode: every (image, prompt) of this process's share
+@dataclass
+class ImageRun:
+    items: list  # (relative path, label) per split line
+    root: Path
+    prompts: list  # prompt records, `general` first
+    shard: tuple | None  # (rank, world) where this process captions a share of the split
+    paths: Artifacts
+    meta: dict
+    names: list | None  # class names for {name}, with --name-hint
+    indices: list  # the images of this share, of the split's first --limit
 
 
-def name_hints(cfg, items, prompts, meta):
-    """Class names for {name} in prompts with --name-hint, else None (and no prompt may use {name})."""
-    if not cfg.name_hint:
-        for p in prompts:
-            if "{name}" in p["text"]:
-                die(f"prompt {p['id']} uses {{name}}: pass --name-hint (class names from --classes) or remove it")
-        return None
-    classes = cfg.classes or str(Path(cfg.split).parent / "classes.txt")
-    names = read_classes(classes)
-    meta["classes_sha256"] = sha256_file(classes)
-    read_split(cfg.split, len(names))  # labels beyond the classes are refused with file:line
-    return names
-
-
-def image_jobs(items, prompts, done, bad_indices, indices, names):
-    """(index, relpath, [(prompt id, text)] still to do) per image of this run, lazily."""
-    for i in indices:
-        todo = [(p["id"], p["text"].replace("{name}", names[items[i][1]]) if names else p["text"])
-                for k, p in enumerate(prompts) if not done[i * len(prompts) + k]]
-        if todo and i not in bad_indices:
-            yield i, items[i][0], todo
-
-
-def check_root(root, items, indices, split):
-    """The folder the split's paths are relative to, checked before any work: under a wrong root every image would
-    be recorded as unreadable. Some images of the split missing is theirs to record; all of a first sample is the
-    root's."""
-    how = "pass --root, the folder the split's paths are relative to (default: the split file's folder)"
-    if not root.is_dir():
-        die(f"data root {root} is {'a file, not a folder' if root.exists() else 'not found'}: {how}")
-    sample = [items[i][0] for i in indices[:64]]
-    for rel in sample:
-        try:
-            os.stat(root / rel)
-            return
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        except OSError as err:  # a folder on the way cannot be searched: its permissions, not the image
-            die(f"cannot look into {root / rel} ({err.strerror}): make the data folder readable and rerun")
-    if sample:
-        die(f"none of the first {len(sample)} images of {split} is under {root} (e.g. {root / sample[0]} is not "
-            f"there): wrong data root? {how}; nothing was recorded")
-
-
-def caption_images(cfg):
-    """Image mode: every (image, prompt) of this shard not yet written, whole images a batch."""
+def plan_images(cfg):
+    """What image mode checks before the model loads."""
     items = read_split(cfg.split)
     root = Path(cfg.root) if cfg.root else Path(cfg.split).parent
     prompts = load_prompts(cfg.prompts.split(","))
     rank, world = parse_shard(cfg.shard)
     shard = (rank, world) if world > 1 else None
     global VERBOSE
-    VERBOSE = shard is None or rank == 0 or bool(cfg.shard)  # hand-started shards are separate jobs: all report
-    out_path, meta_path, errors_path = artifact_paths(cfg.out or "runs/captions.jsonl", shard)
-    meta = {"model": cfg.vlm, "split": cfg.split, "split_sha256": sha256_file(cfg.split), "root": str(root),
-            "num_images": len(items), "name_hint": cfg.name_hint, "shard": list(shard) if shard else None}
-    names = name_hints(cfg, items, prompts, meta)
-    indices = [i for i in range(min(cfg.limit or len(items), len(items))) if shard is None or i % world == rank]
+    VERBOSE = shard is None or rank == 0 or bool(cfg.shard)  # hand-started shards: separate jobs
+    paths = artifact_paths(cfg.out or "runs/captions.jsonl", shard)
+    meta = {"model": cfg.vlm, "split": cfg.split, "split_sha256": sha256_file(cfg.split),
+            "root": str(root), "num_images": len(items), "name_hint": cfg.name_hint,
+            "shard": list(shard) if shard else None}
+    names = name_hints(cfg, prompts, meta)
+    indices = [i for i in range(min(cfg.limit or len(items), len(items)))
+               if shard is None or i % world == rank]
     check_root(root, items, indices, cfg.split)
-    given = f"captioning {len(indices)} images x {len(prompts)} prompts of {cfg.split}, {launch_text(shard, cfg.shard)}"
-    model, processor, gen, compute_dtype = start_run(cfg, meta, MATCH_KEYS, out_path, meta_path, prompts, True, given)
-    share_vision_work(model)
-    placeholders = placeholder_ids(model) if meta["prefix_cache"] else None
-    order = {p["id"]: k for k, p in enumerate(prompts)}
-    done = done_bitmap(out_path, len(items) * len(prompts),
-                       lambda r: r["index"] * len(prompts) + order[r["prompt"]] if r["prompt"] in order else None,
-                       ("index", "prompt", "text"))
-    bad_indices = {checked_record(errors_path, n, r, "index")["index"]
-                   for n, r in scan_jsonl(errors_path, repair=True)}
-    if cfg.retry_bad and bad_indices:
-        say(f"--retry-bad: trying the {len(bad_indices)} images of {errors_path.name} again")
-        tmp = errors_path.with_name(f".{errors_path.name}.{os.getpid()}.tmp")
-        tmp.write_text("")
-        os.replace(tmp, errors_path)  # emptied at once; whatever fails again is written again
-        bad_indices = set()
-    skipped = sum(i in bad_indices for i in indices)
+    return ImageRun(items, root, prompts, shard, paths, meta, names, indices)
+
+
+def launch_text(shard, by_flag):
+    """How this process came to do its share: alone, a hand-started shard, or a launcher's rank."""
+    if shard is None:
+        return "1 process"
+    how = "(--shard)" if by_flag else f"(rank {shard[0]} of {shard[1]} processes)"
+    return f"shard {shard[0]}/{shard[1]} {how}"
+
+
+def caption_images(cfg):
+    """Image mode: every (image, prompt) of this share not yet written, whole images a batch."""
+    run = plan_images(cfg)
+    given = (f"captioning {len(run.indices)} images x {len(run.prompts)} prompts of {cfg.split}, "
+             f"{launch_text(run.shard, cfg.shard)}")
+    c = start_run(cfg, run.meta, MATCH_KEYS, run.paths, run.prompts, True, given)
+    share_vision_work(c.model)
+    order = {p["id"]: k for k, p in enumerate(run.prompts)}
+    done = done_bitmap(run.paths.records, len(run.items) * len(order),
+                       lambda r: r["index"] * len(order) + order[r["prompt"]]
+                       if r["prompt"] in order else None, ("index", "prompt", "text"))
+    bad_indices = known_bad_images(run.paths.errors, cfg.retry_bad)
+    skipped = sum(i in bad_indices for i in run.indices)
     if skipped:
-        say(f"skipping the {skipped} images recorded as unreadable in {errors_path} (--retry-bad tries them again)")
-    total = sum(len(todo) for _, _, todo in image_jobs(items, prompts, done, bad_indices, indices, names))
-    jobs = image_jobs(items, prompts, done, bad_indices, indices, names)
-    write, bad, counts, files = open_outputs(out_path, errors_path, bad_indices)
-    start = time.time()
-    with files[0], files[1]:
-        decoded = decoded_images(jobs, root, cfg.workers)
-        run_batches(model, processor, gen, image_batches(decoded, cfg.batch_size, bad), meta["processor"],
-                    compute_dtype, lambda rows, out: write([{"index": k[0], "prompt": k[1], "text": t, "path": k[2]}
-                                                            for (k, _, _), t in zip(rows, out)]),
-                    bad, "captioning" if VERBOSE else "", total, placeholders)
-    seconds = max(time.time() - start, 1e-9)
-    done_here = sum(done[i * len(prompts) + k] for i in indices for k in range(len(prompts)))
-    say(f"{counts['written']} of {total} captions written to {out_path} ({counts['written'] / seconds:.2f} captions/s,"
-        f" {sum(done)} done before), {counts['bad']} bad images" + (f" (see {errors_path})" if counts["bad"] else "")
-        + (f"; {skipped} unreadable images skipped (--retry-bad tries them again)" if skipped else "")
-        + ("; nothing was left to do" if indices and not total else ""))
-    if indices and not counts["written"] and not done_here:  # an empty output is no success, however it came about
-        die(f"none of the {len(indices)} images of this run could be captioned: all are unreadable (listed in "
-            f"{errors_path}); fix them and rerun with --retry-bad")
+        say(f"skipping the {skipped} images recorded as unreadable in {run.paths.errors} "
+            "(--retry-bad tries them again)")
+    total = sum(len(todo) for _, _, todo in image_jobs(run, done, bad_indices))
+    outputs, start = open_outputs(run.paths, bad_indices), time.time()
+    with outputs.records, outputs.errors:
+        decoded = decoded_images(image_jobs(run, done, bad_indices), run.root, cfg.workers)
+        run_batches(c, image_batches(decoded, cfg.batch_size, outputs.record_bad),
+                    lambda rows, texts: outputs.write(
+                        {"index": r.index, "prompt": r.prompt, "text": t, "path": r.path}
+                        for r, t in zip(rows, texts)),
+                    outputs.record_bad, "captioning" if VERBOSE else "", total)
+    report_images(run, done, outputs, total, skipped, max(time.time() - start, 1e-9))
 
 
-# --- merge
+def known_bad_images(errors_path, retry_bad):
+    """The images recorded unreadable: skipped, or with --retry-bad tried again."""
+    bad = {checked_record(errors_path, n, r, "index")["index"]
+           for n, r in scan_jsonl(errors_path, repair=True)}
+    if not (retry_bad and bad):
+        return bad
+    say(f"--retry-bad: trying the {len(bad)} images of {errors_path.name} again")
+    tmp = errors_path.with_name(f".{errors_path.name}.{os.getpid()}.tmp")
+    tmp.write_text("")
+    os.replace(tmp, errors_path)  # emptied at once; whatever fails again is written again
+    return set()
+
+
+def image_jobs(run, done, bad_indices):
+    """(index, relpath, [(prompt id, text)] still to do) per image of this run, lazily."""
+    for i in run.indices:
+        name = run.names[run.items[i][1]] if run.names else None
+        todo = [(p["id"], p["text"].replace("{name}", name) if name is not None else p["text"])
+                for k, p in enumerate(run.prompts) if not done[i * len(run.prompts) + k]]
+        if todo and i not in bad_indices:
+            yield i, run.items[i][0], todo
+
+
+def report_images(run, done, outputs, total, skipped, seconds):
+    """The run's last line; a run that captioned none of its images stops instead."""
+    errors, per_image = run.paths.errors, len(run.prompts)
+    say(f"{outputs.written} of {total} captions written to {run.paths.records} "
+        f"({outputs.written / seconds:.2f} captions/s, {sum(done)} done before), {outputs.bad} "
+        "bad images" + (f" (see {errors})" if outputs.bad else "")
+        + (f"; {skipped} unreadable images skipped (--retry-bad tries them again)" if skipped
+           else "") + ("; nothing was left to do" if run.indices and not total else ""))
+    done_here = sum(done[i * per_image + k] for i in run.indices for k in range(per_image))
+    if run.indices and not outputs.written and not done_here:  # an empty output is no success
+        die(f"none of the {len(run.indices)} images of this run could be captioned: all are "
+            f"unreadable (listed in {errors}); fix them and rerun with --retry-bad")
+
+
+# --- class mode: one description per class name, text only
+def describe_classes(cfg):
+    if not is_main_process():  # rank 0 does them all: a handful of classes
+        return
+    paths = artifact_paths(cfg.out or "runs/class_descriptions.jsonl")
+    names, prompt = read_classes(cfg.classes), class_prompt(cfg)
+    meta = {"model": cfg.vlm, "classes": cfg.classes, "classes_sha256": sha256_file(cfg.classes),
+            "num_classes": len(names)}
+    keys = ("model", "quant", "dtype", "prompts", "generation", "processor", "classes_sha256")
+    c = start_run(cfg, meta, keys, paths, [prompt], False,
+                  f"describing the {len(names)} classes of {cfg.classes}")
+    done = done_bitmap(paths.records, len(names), lambda r: r["class"], ("class", "text"))
+    todo = [k for k in range(len(names)) if not done[k]]
+    rows = [Row(k, prompt["id"], prompt["text"].replace("{name}", names[k]), None) for k in todo]
+    outputs = open_outputs(paths, set())
+    with outputs.records, outputs.errors:
+        run_batches(c, (rows[i:i + cfg.batch_size] for i in range(0, len(rows), cfg.batch_size)),
+                    lambda rows, texts: outputs.write(
+                        {"class": r.index, "name": names[r.index], "text": t}
+                        for r, t in zip(rows, texts)),
+                    outputs.record_bad, "describing classes", len(todo))
+    say(f"{outputs.written} of {len(todo)} descriptions written to {paths.records} ({sum(done)} "
+        "done before)")
+
+
+# --- merge: the shard files into one, in caption order
+@dataclass
+class Merged:
+    seen: bytearray  # a byte per (image, prompt) slot of the meta's images x prompts
+    written: int = 0
+    clashes: list = field(default_factory=list)  # file:line of duplicates with another text
+
+
+def merge(out):
+    """Join the shard files of --out into --out in (index, prompt order) by a k-way merge of their
+    sorted stretches (memory does not grow with the records); report gaps and clashes."""
+    paths = artifact_paths(out)
+    shards, meta, bad = claim_shards(paths.records)
+    sort_key = caption_order(meta["prompts"])
+    streams, total = [], 0
+    for _, _, path in shards:
+        stretches, count = shard_runs(path, sort_key)
+        streams, total = streams + [read_run(path, *s, sort_key) for s in stretches], total + count
+    merged = write_merged(paths, heapq.merge(*streams, key=lambda item: item[0]), total, meta, bad)
+    write_json(paths.meta, {**meta, "shard": None, "merged_from": [p.name for _, _, p in shards]})
+    report_merge(paths.records, shards, meta, merged, bad)
+
+
+def claim_shards(out_path):
+    """(rank, world, path) of each shard file of --out, their common meta, {index: bad-image
+    record}. --out is locked (one merge or run into it at once), then each shard: one still
+    captioning is not merged."""
+    stem = re.escape(out_path.name[: -len(".jsonl")])
+    pattern = re.compile(stem + r"\.shard-(\d+)-of-(\d+)\.jsonl$")
+    shards = sorted((int(m.group(1)), int(m.group(2)), p) for p in out_path.parent.glob("*.jsonl")
+                    if (m := pattern.match(p.name)))
+    if not shards:
+        die(f"no shard files {out_path.stem}.shard-I-of-N.jsonl next to {out_path}: run "
+            "caption.py --shard i/n first")
+    if len({n for _, n, _ in shards}) != 1:
+        die(f"shard files of different counts ({sorted({n for _, n, _ in shards})}) next to "
+            f"{out_path}: delete the stale ones")
+    lock_or_die(out_path.with_name(f".{out_path.name}.lock"), str(out_path))
+    metas, bad = [], {}
+    for rank, world, path in shards:
+        lock_or_die(path.with_name(f".{path.name}.lock"), str(path))
+        sidecars = artifact_paths(out_path, (rank, world))
+        if not sidecars.meta.exists():
+            die(f"{path} has no {sidecars.meta.name}")
+        metas.append((sidecars.meta, json.loads(sidecars.meta.read_text())))
+        for n, r in scan_jsonl(sidecars.errors):
+            bad.setdefault(checked_record(sidecars.errors, n, r, "index")["index"], r)
+    for path, other in metas[1:]:
+        for key in MATCH_KEYS + ("revision", "num_images"):
+            if other.get(key) != metas[0][1].get(key):
+                die(f"{path.name} and {metas[0][0].name} differ in `{key}`: the shards were made "
+                    "with other settings")
+    return shards, metas[0][1], bad
+
+
+def caption_order(prompts):
+    """A record's sort key: (image, its prompt's place in the meta, a prompt not there last)."""
+    order = {p["id"]: k for k, p in enumerate(prompts)}
+    return lambda record: (record["index"], order.get(record["prompt"], len(prompts)))
+
+
 def shard_runs(path, sort_key):
-    """(first offset, first line) of each stretch of a shard file already in caption order: one for a run never
-    restarted, one more per resume that filled in earlier images; and the number of records. Every record is
-    checked here, so the merge that reads them again meets none it cannot sort."""
+    """(first offset, first line, end offset) of each stretch of a shard file already in caption
+    order (one, plus one per resume that filled in earlier images), and the number of records.
+    Each record is checked here, so the merge meets none it cannot sort."""
     runs, previous, offset, count = [], None, 0, 0
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
@@ -983,13 +1115,15 @@ def shard_runs(path, sort_key):
                 try:
                     record = json.loads(line)
                 except ValueError:  # not JSON, or not UTF-8 (a kill cut a character in two)
-                    die(f"{path}:{n}: not valid JSON; rerun that shard with the same command (it repairs the file)")
+                    die(f"{path}:{n}: not valid JSON; rerun that shard with the same command (it "
+                        "repairs the file)")
                 key = sort_key(checked_record(path, n, record, "index", "prompt", "text"))
                 if previous is None or key < previous:
                     runs.append((offset, n))
                 previous, count = key, count + 1
             offset += len(line)
-    return [(start, n, runs[k + 1][0] if k + 1 < len(runs) else offset) for k, (start, n) in enumerate(runs)], count
+    ends = [start for start, _ in runs[1:]] + [offset]
+    return [(start, n, end) for (start, n), end in zip(runs, ends)], count
 
 
 def read_run(path, start, first_line, end, sort_key):
@@ -999,100 +1133,78 @@ def read_run(path, start, first_line, end, sort_key):
         n = first_line
         while f.tell() < end and (line := f.readline()):
             if line.strip():
+                whole = line if line.endswith(b"\n") else line + b"\n"
                 record = json.loads(line)
-                yield sort_key(record), str(path), n, line if line.endswith(b"\n") else line + b"\n", record
+                yield sort_key(record), str(path), n, whole, record
             n += 1
 
 
-def merge(out):
-    """Join captions.shard-i-of-n.jsonl files into --out in (index, prompt order), by a k-way merge of their sorted
-    stretches: memory does not grow with the records. Reports gaps, and duplicates that disagree."""
-    out_path, meta_path, errors_path = artifact_paths(out)
-    pattern = re.compile(re.escape(out_path.name[: -len(".jsonl")]) + r"\.shard-(\d+)-of-(\d+)\.jsonl$")
-    shards = sorted((int(m.group(1)), int(m.group(2)), p) for p in out_path.parent.glob("*.jsonl")
-                    if (m := pattern.match(p.name)))
-    if not shards:
-        die(f"no shard files {out_path.stem}.shard-I-of-N.jsonl next to {out_path}: run caption.py --shard i/n first")
-    if len({n for _, n, _ in shards}) != 1:
-        die(f"shard files of different counts ({sorted({n for _, n, _ in shards})}) next to {out_path}: "
-            "delete the stale ones")
-    world, metas, bad = shards[0][1], [], {}
-    lock_or_die(out_path.with_name(f".{out_path.name}.lock"), str(out_path))  # one merge (or run) into --out at once
-    for rank, _, path in shards:
-        lock_or_die(path.with_name(f".{path.name}.lock"), str(path))  # a shard still captioning is not merged
-        _, shard_meta, shard_errors = artifact_paths(out_path, (rank, world))
-        if not shard_meta.exists():
-            die(f"{path} has no {shard_meta.name}")
-        metas.append((shard_meta, json.loads(shard_meta.read_text())))
-        for n, r in scan_jsonl(shard_errors):
-            bad.setdefault(checked_record(shard_errors, n, r, "index")["index"], r)  # a few bad images
-    (first_path, meta), num_prompts = metas[0], len(metas[0][1]["prompts"])
-    for path, other in metas[1:]:
-        for key in MATCH_KEYS + ("revision", "num_images"):
-            if other.get(key) != meta.get(key):
-                die(f"{path.name} and {first_path.name} differ in `{key}`: the shards were made with other settings")
-    order = {p["id"]: k for k, p in enumerate(meta["prompts"])}
-
-    def sort_key(record):
-        return record["index"], order.get(record["prompt"], num_prompts)
-    streams, total = [], 0
-    for _, _, path in shards:
-        runs, count = shard_runs(path, sort_key)
-        streams, total = streams + [read_run(path, *run, sort_key) for run in runs], total + count
-    seen, written, clashes, previous = bytearray(meta["num_images"] * num_prompts), 0, [], None
-    # Temporary names of this process: two merges never share one, and a failed one leaves nothing half-written.
-    tmp, errors_tmp = (p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in (out_path, errors_path))
+def write_merged(paths, stream, total, meta, bad):
+    """The first record of each (image, prompt) of the sorted stream (a later one with another text
+    is a clash) and the bad images, under temporary names of this process (two merges never share
+    one, and a failed one leaves nothing half-written), then renamed into place."""
+    num_prompts, previous = len(meta["prompts"]), None
+    merged = Merged(bytearray(meta["num_images"] * num_prompts))
+    tmp, errors_tmp = (p.with_name(f".{p.name}.{os.getpid()}.tmp")
+                       for p in (paths.records, paths.errors))
     try:
         with open(tmp, "wb") as f:
-            merged = heapq.merge(*streams, key=lambda item: item[0])
-            for key, path, n, line, record in progress_bar(total, "caption", desc="merging", iterable=merged):
+            for key, path, n, line, record in progress_bar(total, "caption", desc="merging",
+                                                           iterable=stream):
                 if previous is not None and key == previous[0]:
                     if record["text"] != previous[1]:
-                        clashes.append(f"{path}:{n}")
+                        merged.clashes.append(f"{path}:{n}")
                     continue
                 f.write(line)
-                previous, written = (key, record["text"]), written + 1
+                previous, merged.written = (key, record["text"]), merged.written + 1
                 if key[1] < num_prompts and key[0] < meta["num_images"]:
-                    seen[key[0] * num_prompts + key[1]] = 1
+                    merged.seen[key[0] * num_prompts + key[1]] = 1
         with open(errors_tmp, "w", encoding="utf-8") as f:
             f.writelines(json.dumps(bad[index]) + "\n" for index in sorted(bad))
-        os.replace(tmp, out_path)
-        os.replace(errors_tmp, errors_path)
+        os.replace(tmp, paths.records)
+        os.replace(errors_tmp, paths.errors)
     except OSError as err:
         tmp.unlink(missing_ok=True)
         errors_tmp.unlink(missing_ok=True)
-        die(f"merging into {out_path} failed ({err.strerror}: {err.filename}): free space on its disk and rerun the "
-            "merge")
-    write_json(meta_path, {**meta, "shard": None, "merged_from": [p.name for _, _, p in shards]})
-    if clashes:
-        warn(f"{len(clashes)} duplicate (image, prompt) records with another text than the first, e.g. {clashes[0]}: "
-             "the first was kept")
-    missing = [(k // num_prompts, meta["prompts"][k % num_prompts]["id"]) for k in range(len(seen))
-               if not seen[k] and k // num_prompts not in bad]
-    absent = sorted(set(range(world)) - {r for r, _, _ in shards})
-    summary = (f"merged {len(shards)} of {world} shards into {out_path}: {written} captions, "
-               f"{meta['num_images']} images x {num_prompts} prompts, {len(bad)} bad images")
+        die(f"merging into {paths.records} failed ({err.strerror}: {err.filename}): free space on "
+            "its disk and rerun the merge")
+    return merged
+
+
+def report_merge(out_path, shards, meta, merged, bad):
+    """The merge's line; gaps (a pair neither captioned nor bad, a shard absent) stop it instead."""
+    if merged.clashes:
+        warn(f"{len(merged.clashes)} duplicate (image, prompt) records with another text than the "
+             f"first, e.g. {merged.clashes[0]}: the first was kept")
+    num_prompts, world = len(meta["prompts"]), shards[0][1]
+    missing = [(k // num_prompts, meta["prompts"][k % num_prompts]["id"])
+               for k, seen in enumerate(merged.seen) if not seen and k // num_prompts not in bad]
+    absent = sorted(set(range(world)) - {rank for rank, _, _ in shards})
+    summary = (f"merged {len(shards)} of {world} shards into {out_path}: {merged.written} "
+               f"captions, {meta['num_images']} images x {num_prompts} prompts, {len(bad)} bad "
+               "images")
     if missing or absent:
         die(summary + f"; GAPS: {len(missing)} (image, prompt) pairs missing, first {missing[:3]}"
-            + (f", shards {absent} absent" if absent else "") + ": rerun the shards with the same command to fill them")
+            + (f", shards {absent} absent" if absent else "")
+            + ": rerun the shards with the same command to fill them")
     print(f"caption.py: {summary}; no gaps", flush=True)
 
 
+# --- main
 def check_config(cfg):
-    """Numbers that would fail late (an IndexError after a batch), or silently do nothing, refused before the model
-    loads."""
+    """Numbers that would fail late (an IndexError after a batch), or silently do nothing."""
     checks = [(cfg.limit >= 0, "--limit", "0 (all) or a count of images"),
               (cfg.batch_size >= 1, "--batch-size", "at least 1"),
               (cfg.max_new_tokens >= 1, "--max-new-tokens", "at least 1"),
-              (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min-new-tokens", "0 to --max-new-tokens"),
+              (0 <= cfg.min_new_tokens <= cfg.max_new_tokens, "--min-new-tokens",
+               "0 to --max-new-tokens"),
               (0 <= cfg.workers <= 256, "--workers", "0 to 256 threads"),
               (cfg.temperature > 0, "--temperature", "above 0"),
               (0 < cfg.top_p <= 1, "--top-p", "in (0, 1]"),
               (cfg.image_size >= 0, "--image-size", "0 (the processor's own) or a size in pixels")]
     for ok, flag, allowed in checks:
         if not ok:
-            value = getattr(cfg, flag[2:].replace("-", "_"))
-            die(f"{flag} {value}: expected {allowed}")
+            die(f"{flag} {getattr(cfg, flag[2:].replace('-', '_'))}: expected {allowed}")
 
 
 def main(argv=None):
@@ -1107,7 +1219,8 @@ def main(argv=None):
             return caption_images(cfg)
         if cfg.classes:
             return describe_classes(cfg)
-        die("pass --split DATA/train.txt (images to caption) or --classes DATA/classes.txt (class descriptions)")
+        die("pass --split DATA/train.txt (images to caption) or --classes DATA/classes.txt (class "
+            "descriptions)")
     finally:  # main() run again in one process (tests, a notebook) must not meet this run's locks
         while len(LOCKS) > held:
             LOCKS.pop().close()

@@ -41,8 +41,10 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import caption  # noqa: E402  (the bench measures the stage's own functions)
 from caption import opt  # noqa: E402
+from tiny import build_tiny_llava  # noqa: E402  (the tiny random LLaVA of the tests and `make demo VLM=tiny`)
 
 PROMPT = (
     "Describe the shape of the main object in this image and its parts: its outline, proportions and the pieces "
@@ -53,7 +55,7 @@ PROMPT = (
 @dataclass
 class BenchConfig:
     config: Literal["tiny", "smolvlm-256m", "llava-1.5-7b", "qwen2-vl-2b", "llava-next"] = opt(
-        "tiny", "tiny (caption.py --vlm tiny) or a published architecture with random weights"
+        "tiny", "tiny (tests/tiny.py llava, as --vlm DIR) or a published architecture with random weights"
     )
     compare: Literal["prefix-cache", "per-pair"] = opt(
         "prefix-cache", "with several prompts an image: prefix cache off vs on, or the tower per pair vs per image"
@@ -144,7 +146,7 @@ def build_random(name, tiny_dir, num_layers, dtype, device):
         Qwen2VLVideoProcessor,
     )
 
-    tiny = AutoProcessor.from_pretrained(caption.build_tiny_llava(tiny_dir))
+    tiny = AutoProcessor.from_pretrained(build_tiny_llava(tiny_dir))
     tokenizer = tiny.tokenizer
     if name == "llava-1.5-7b":  # CLIP ViT-L/14-336 + Vicuna-7B (llava-hf/llava-1.5-7b-hf config.json)
         vision = CLIPVisionConfig(
@@ -390,21 +392,22 @@ def count_prefill(model):
 def run_side(
     model, processor, rows, batch_size, per_image, new_tokens, compute_dtype, device, repeats, prefix=False, warm=True
 ):
-    """Fastest of `repeats` timed passes over rows [(key, text, image)], after one warm-up batch (if warm). per_image:
+    """Fastest of `repeats` timed passes over rows [caption.Row], after one warm-up batch (if warm). per_image:
     whole images a batch and the vision tower once per image; else batch_size pairs in order, the tower per pair.
     prefix: each image's prefix prefilled once (caption.py --prefix-cache), else every row's whole prompt."""
     gen = caption.generation_config(model, processor, new_tokens, new_tokens)
     settings = caption.processor_settings(processor)
     hooks = caption.share_vision_work(model) if per_image else []
     placeholders = caption.placeholder_ids(model) if prefix else None
+    captioner = caption.Captioner(model, processor, gen, settings, compute_dtype, placeholders)
     counter, undo = count_prefill(model)
     texts = []
 
     def batches():
         if per_image:
             by_image = {}
-            for key, text, image in rows:
-                by_image.setdefault(key[0], (key[0], "x", [], image, None))[2].append((key[1], text))
+            for row in rows:
+                by_image.setdefault(row.index, (row.index, "x", [], row.image, None))[2].append((row.prompt, row.text))
             return caption.image_batches(by_image.values(), batch_size, None)
         return (rows[i : i + batch_size] for i in range(0, len(rows), batch_size))
 
@@ -412,9 +415,7 @@ def run_side(
         texts.extend(batch_texts)
 
     if warm:
-        caption.run_batches(
-            model, processor, gen, [rows[:batch_size]], settings, compute_dtype, write, None, placeholders=placeholders
-        )
+        caption.run_batches(captioner, [rows[:batch_size]], write, None)
     passes = []
     for _ in range(repeats):
         texts.clear()
@@ -422,9 +423,7 @@ def run_side(
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        caption.run_batches(
-            model, processor, gen, batches(), settings, compute_dtype, write, None, placeholders=placeholders
-        )
+        caption.run_batches(captioner, batches(), write, None)
         if device.type == "cuda":
             torch.cuda.synchronize()
         passes.append(time.perf_counter() - start)
@@ -499,14 +498,14 @@ def main():
     width, height = (size, size) if cfg.image_px or not next_ else (500, 375)
     images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)) for _ in range(num_images)]
     rows = [
-        ((i, f"p{k}"), text, image)
+        caption.Row(i, f"p{k}", text, image)
         for i, image in enumerate(images)
         for k, text in enumerate(prompt_texts(num_prompts))
     ]
     results = []
     for quant in cfg.quant.split(","):
         if cfg.config == "tiny":
-            model, processor, _, _ = caption.load_vlm("tiny", quant, cfg.dtype, device, tiny_dir=cfg.tiny_dir)
+            model, processor, _, _ = caption.load_vlm(str(build_tiny_llava(cfg.tiny_dir)), quant, cfg.dtype, device)
         else:
             model, processor, _ = build_random(cfg.config, cfg.tiny_dir, cfg.num_layers, compute_dtype, device)
             if quant != "none":

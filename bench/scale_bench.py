@@ -46,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from shared_helpers import die, opt, parse_config, sha256_file, sidecar_digest, write_json  # noqa: E402
+from tiny import build_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 INAT = 437_513
@@ -215,12 +216,13 @@ def run_size(n, cfg, repo, stages, results):
               + ("" if ok else f"  FAILED rc={result['rc']}: {result['tail']}"), flush=True)
         return ok
 
-    caption = [py, repo / "caption.py", "--split", data / "train.txt", "--root", data, "--vlm", "tiny",
+    captioned = "caption" in stages or "encode" in stages  # train / eval alone: synthetic text.npy
+    vlm = build_tiny_llava(Path(cfg.work) / "tiny-llava") if captioned else None  # the tests' random LLaVA
+    caption = [py, repo / "caption.py", "--split", data / "train.txt", "--root", data, "--vlm", vlm,
                "--prompts", repo / "prompts", "--max-new-tokens", "4"]
     # Each shard's meta as caption.py writes it (one image captioned), then N images of records behind it.
     prompt_ids = sorted((p.stem for p in (repo / "prompts").glob("*.txt") if p.stem != "class_description"),
                         key=lambda stem: (stem != "general", stem))
-    captioned = "caption" in stages or "encode" in stages  # train / eval alone: synthetic text.npy
     for rank in range(2 if captioned else 0):
         captioned = captioned and step(f"setup: caption shard {rank}/2", caption + [
             "--shard", f"{rank}/2", "--limit", rank + 1, "--out", caps / "captions.jsonl"])

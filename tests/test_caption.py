@@ -1,4 +1,5 @@
-"""caption.py run as a user runs it, on a tiny random LLaVA built from configs (no download)."""
+"""caption.py run as a user runs it, on a tiny random LLaVA built from configs (no download) by
+`python tests/tiny.py llava DIR`, as `make demo VLM=tiny` builds it."""
 import importlib.util
 import json
 import os
@@ -73,14 +74,17 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    return tmp_path_factory.mktemp("tiny") / "tiny-llava"
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-llava"
+    subprocess.run([sys.executable, str(REPO / "tests" / "tiny.py"), "llava", str(folder)], env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    return folder
 
 
 def caption_args(data, tiny, out, *extra):
     # float32: batched and one-at-a-time logits then agree to ~1e-5 (padding, mask and positions are right), while
     # bf16 rounding (1 ulp ~ 0.03 at these logit sizes) flips a random model's near-ties between batch shapes.
     # The device stated too: with a GPU, --quant auto would be 4bit.
-    return ["--split", data / "train.txt", "--vlm", "tiny", "--tiny-dir", tiny, "--prompts", REPO / "prompts",
+    return ["--split", data / "train.txt", "--vlm", tiny, "--prompts", REPO / "prompts",
             "--max-new-tokens", TOKENS, "--dtype", "fp32", "--device", "cpu", "--out", out, *extra]
 
 
@@ -105,7 +109,7 @@ def module():
     sys.argv[0] = argv0
 
 
-def test_baseline_records_meta_and_bad_images(baseline, data):
+def test_baseline_records_meta_and_bad_images(baseline, data, tiny):
     out, proc = baseline
     recs = records(out)
     good = [i for i in range(NUM_IMAGES) if i not in BAD]
@@ -117,7 +121,7 @@ def test_baseline_records_meta_and_bad_images(baseline, data):
     assert "2 bad images" in proc.stdout and "RANDOM" in proc.stdout
     assert "quant none" in proc.stdout  # --device cpu and no --quant: no bitsandbytes
     meta = json.loads(out.with_name("captions.meta.json").read_text())
-    assert meta["model"] == "tiny" and meta["tiny_random"] is True and meta["quant"] == "none"
+    assert meta["model"] == str(tiny) and meta["tiny_random"] is True and meta["quant"] == "none"
     assert meta["dtype"] == "fp32" and meta["dtype_chosen_by"] == "--dtype" and meta["processor"] == {}
     assert [p["id"] for p in meta["prompts"]] == PROMPTS and all(len(p["sha256"]) == 64 for p in meta["prompts"])
     import hashlib
@@ -209,7 +213,7 @@ def test_4bit_with_name_hint(data, tiny, tmp_path, module):
     (prompts / "general.txt").write_text("Describe this image.\n")
     (prompts / "named.txt").write_text("What tells this {name} apart from other clothes?\n")
     out = tmp_path / "captions.jsonl"
-    module.main(list(map(str, ["--split", data / "train.txt", "--vlm", "tiny", "--tiny-dir", tiny, "--prompts", prompts,
+    module.main(list(map(str, ["--split", data / "train.txt", "--vlm", tiny, "--prompts", prompts,
                                "--max-new-tokens", "4", "--out", out, "--quant", "4bit", "--limit", "3", "--name-hint",
                                "--classes", data / "classes.txt"])))
     meta = json.loads(out.with_name("captions.meta.json").read_text())
@@ -219,7 +223,7 @@ def test_4bit_with_name_hint(data, tiny, tmp_path, module):
 
 def test_class_descriptions_resume(data, tiny, tmp_path, module, capsys):
     out = tmp_path / "class_descriptions.jsonl"
-    args = ["--classes", data / "classes.txt", "--vlm", "tiny", "--tiny-dir", tiny, "--max-new-tokens", "6",
+    args = ["--classes", data / "classes.txt", "--vlm", tiny, "--max-new-tokens", "6",
             "--dtype", "fp32", "--out", out]
     run(*args)
     first = records(out)
@@ -307,7 +311,7 @@ def test_offline_fails_fast_with_download_hint(data, tmp_path, module, monkeypat
                          "--out", str(tmp_path / "c.jsonl")])
         seconds, line = time.time() - start, str(exc.value)
         assert "offline" in line and "hf download llava-hf/no-such-model-here --local-dir DIR" in line
-        assert "--vlm /local/dir" in line and "--vlm tiny" in line and "\n" not in line
+        assert "--vlm /local/dir" in line and "tests/tiny.py llava DIR" in line and "\n" not in line
         assert calls == [], "from_pretrained was asked to reach an unreachable hub"
         print(f"offline failure after {seconds:.2f} s ({'HF_HUB_OFFLINE' if offline else 'hub unreachable'})")
     assert not out_exists(tmp_path)
@@ -331,18 +335,20 @@ def test_scan_jsonl_repairs_only_the_last_line(tmp_path, module):
 
 def test_vision_tower_runs_once_per_image(data, tiny, tmp_path, module):
     """5 prompts of an image share a batch; the tower sees each image once, and captions are unchanged."""
-    model, processor, _, _ = module.load_vlm("tiny", "none", "fp32", "cpu", tiny_dir=str(tiny))
+    model, processor, _, tiny_random = module.load_vlm(str(tiny), "none", "fp32", "cpu")
+    assert tiny_random  # tests/tiny.py's marker file
     seen = []  # rows the tower's patch embedding sees (inside the tower, so after the sharing hook)
     model.model.vision_tower.embeddings.register_forward_pre_hook(lambda m, a: seen.append(len(a[0])))
     images = [Image.open(data / f"img/{n:02d}.png").convert("RGB") for n in (0, 1)]
     texts, rows = ["Describe it.", "What colour?", "Shape?"], []
-    rows = [((i, t, "x"), t, image) for i, image in enumerate(images) for t in texts]
+    rows = [module.Row(i, t, t, image, "x") for i, image in enumerate(images) for t in texts]
     gen = module.generation_config(model, processor, 6)
 
     def captions(share):
         hooks = module.share_vision_work(model) if share else []
         out = []
-        module.run_batches(model, processor, gen, [rows], {}, torch.float32, lambda r, t: out.extend(t), None)
+        captioner = module.Captioner(model, processor, gen, {}, torch.float32)
+        module.run_batches(captioner, [rows], lambda r, t: out.extend(t), None)
         for h in hooks:
             h.remove()
         return out
@@ -607,7 +613,7 @@ def test_16_bit_grayscale_reaches_the_vlm_unclipped(tiny, tmp_path, module):
     import numpy as np
     import torch
     from transformers import AutoProcessor
-    processor = AutoProcessor.from_pretrained(module.build_tiny_llava(tiny))
+    processor = AutoProcessor.from_pretrained(tiny)
     images = []
     for level in (16000, 48000, 65535):
         path = tmp_path / f"grey-{level}.png"

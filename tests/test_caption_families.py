@@ -14,6 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tiny import build_tiny_llava  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "caption.py"
 FAMILIES = ["llava_next", "qwen2_vl", "idefics3", "paligemma"]
@@ -165,14 +168,14 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(module, tmp_path_factory):
-    """family -> its tiny model's folder, each built once for the module (LLaVA by caption.py's own builder)."""
+    """family -> its tiny model's folder, each built once for the module (LLaVA by tests/tiny.py, as the demo's)."""
     folders = {}
 
     def get(family):
         if family not in folders:
             torch.manual_seed(0)
             folder = tmp_path_factory.mktemp(family) / "model"
-            folders[family] = module.build_tiny_llava(folder) if family == "llava" else build(family, folder)
+            folders[family] = build_tiny_llava(folder) if family == "llava" else build(family, folder)
         return folders[family]
     return get
 
@@ -197,6 +200,7 @@ def test_family_batched_bad_image_resume_4bit(vlm, data, module, tmp_path):
     errors = [json.loads(line) for line in (tmp_path / "b/captions.errors.jsonl").read_text().splitlines()]
     assert [e["index"] for e in errors] == [BAD]
     meta = json.loads((tmp_path / "b/captions.meta.json").read_text())
+    assert meta["tiny_random"] is False  # a stand-in only by tests/tiny.py's marker, not by being small
     if family == "idefics3":  # one tile, not 4 x 4 tiles + a global image, unless asked
         assert meta["processor"] == {"do_image_splitting": False, "size": {"longest_edge": 32}}
     if family == "paligemma":  # the raw answers carry <locNNNN> tokens; the captions do not

@@ -20,12 +20,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_prepare_formats import write_cifar  # noqa: E402
-from tiny import build_tiny_clip  # noqa: E402
+from tiny import build_tiny_clip, build_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("prepare.py", "caption.py", "encode.py", "train.py", "eval.py", "prompts")
 
-TINY_VLM = "--vlm tiny --tiny-dir {tmp}/tiny-llava --max-new-tokens 8 --dtype fp32"
+TINY_VLM = "--vlm {tmp}/tiny-llava --max-new-tokens 8 --dtype fp32"  # built by run_block, as `make demo VLM=tiny`
 LI_SMALL = "--arch resnet20 --res 32 --max-res 32 --batch-size 8 --epochs 2 --precision fp32"
 SUBSTITUTIONS = {
     "Quick start": [
@@ -85,6 +85,8 @@ def argv_of(line):
 def run_block(heading, work):
     lines = readme_block(heading)
     joined = "\n".join(lines)
+    if any(replacement == TINY_VLM for _, replacement in SUBSTITUTIONS[heading]):
+        build_tiny_llava(work / "tiny-llava")
     for pattern, replacement in SUBSTITUTIONS[heading]:
         assert re.search(pattern, joined), f"README block {heading!r} no longer has {pattern!r}: update SUBSTITUTIONS"
         joined = re.sub(pattern, replacement.replace("{tmp}", str(work)), joined)
