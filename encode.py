@@ -330,7 +330,8 @@ def start_job(cfg, kind, rows, rank, world, what, **identity):
     """Lock the output, find the model, pick the device and dtype (said in one line: `what`, the
     model, the process's share, the output). None when the output is up to date: decided from
     `identity`, hashes of the inputs, before any of them is parsed or the model loaded."""
-    out, stem = Path(cfg.out), shard_stem(cfg.name or kind, rank, world)
+    out, stem = Path(cfg.out), cfg.name or kind
+    stem = f"{stem}.shard-{rank}-of-{world}" if world > 1 else stem
     # One process at a time writes NAME.npy (.partial, progress, sidecar): a second would die on
     # the first's files.
     lock_or_die(out / f".{stem}.lock", f"{out / stem}.npy")
@@ -650,6 +651,7 @@ def encode_images(cfg, job, encoder, load, items, root):
     bar = progress_bar(len(job.rows), "img", writer.rows_done)
     with open(errors_path, "a") as errors_file:
         for start in range(writer.rows_done, len(job.rows), cfg.chunk):
+            # Decoded two batches ahead: the model does not wait on PIL, memory holds no more.
             chunk = list(prefetched(load, job.rows[start:start + cfg.chunk], cfg.workers,
                                     2 * cfg.batch_size))
             for row, _, error in chunk:
@@ -834,10 +836,6 @@ def read_json(path):
 
 def identity_hash(**identity):
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-
-
-def shard_stem(stem, rank, world):
-    return f"{stem}.shard-{rank}-of-{world}" if world > 1 else stem
 
 
 # --- shared helpers: byte-identical copies of tests/shared_helpers.py (tests/test_shared.py, --sync)

@@ -4,8 +4,9 @@
     python probe.py --text runs/x/text/text.npy --split data/x/train.txt --no-pixel-baseline
 
 A k-fold logistic regression predicts the class from each prompt's features, from all prompts
-concatenated, and from a random projection of the images' pixels; accuracy overall, per class group
-(many / medium / few) and per class is printed and written to `text.probe.json` beside --text.
+concatenated, and from a random projection of the images' pixels: captions that score no higher
+than the pixels may only restate the image. Accuracy overall, per class group (many / medium / few)
+and per class is printed and written to `text.probe.json` beside --text.
 """
 import argparse
 import hashlib
@@ -63,14 +64,18 @@ class Sample:
 
 
 def load_sample(cfg):
+    """text.npy, checked against --split, and the rows to probe: those with captions, at most
+    --max-images of them."""
     feats, sidecar = load_artifact(cfg.text, "text")  # refuses an edited array or sidecar, NaN rows
     items, split_sha = read_split(cfg.split), sha256_file(cfg.split)
     if sidecar.get("split_sha256") != split_sha:
         die(f"{cfg.text} was made from another split: its split_sha256 "
-            f"{str(sidecar.get('split_sha256'))[:12]}... != sha256 of {cfg.split} {split_sha[:12]}...")
+            f"{str(sidecar.get('split_sha256'))[:12]}... != sha256 of {cfg.split} "
+            f"{split_sha[:12]}...")
     labels = np.array([label for _, label in items])
     if feats.ndim != 3 or feats.shape[0] != len(labels):
-        die(f"{cfg.text}: shape {list(feats.shape)}, expected [{len(labels)}, P, D] for {cfg.split}")
+        die(f"{cfg.text}: shape {list(feats.shape)}, expected [{len(labels)}, P, D] for "
+            f"{cfg.split}")
     counts = np.bincount(labels)
     # Rows without any caption hold zeros: the probe would learn which images had none.
     missing = np.asarray(sidecar.get("missing_rows", []), dtype=np.int64)
@@ -100,7 +105,7 @@ def pixel_features(items, root, rows, width, seed, workers):
         pixels[k] = values
     rng = np.random.default_rng(seed)
     projection = rng.standard_normal((pixels.shape[1], width)).astype(np.float32)
-    return pixels @ projection / np.sqrt(pixels.shape[1])  # the scale of one unit-variance input
+    return pixels @ projection / np.sqrt(pixels.shape[1])  # on the scale of the pixels themselves
 
 
 def feature_sets(cfg, sample):
@@ -159,7 +164,8 @@ def report_of(cfg, sample, cv, results):
             "chance": 1.0 / len(sample.counts),
             "majority": float(np.bincount(sample.y).max() / len(sample.y)),
             "groups": {g: int((sample.group_of[sample.counts > 0] == g).sum()) for g in GROUPS},
-            "results": results, "config": asdict(cfg), "versions": versions("numpy", "scikit-learn")}
+            "results": results, "config": asdict(cfg),
+            "versions": versions("numpy", "scikit-learn")}
 
 
 def print_table(report):
@@ -171,9 +177,9 @@ def print_table(report):
         say(f"{name[:15]:<16}  {pct(row['overall'])} {pct(row['many'])}  {pct(row['medium'])} "
             f"{pct(row['few'])}      {pct(row['mean_per_class'])}")
     if "pixels" in report["results"]:
-        say("pixels: a random projection of the images' pixels. Text that scores no higher than it "
-            "may only restate the image (a random VLM's captions do): it is no evidence that the VLM "
-            "knows the class.")
+        say("pixels: a random projection of the images' pixels. Text that scores no higher than "
+            "it may only restate the image (a random VLM's captions do): it is no evidence that "
+            "the VLM knows the class.")
 
 
 # --- main
