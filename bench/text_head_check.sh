@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Does the text head learn what the captions say? Class-derived captions vs the same captions shuffled across
-# images, on fashion-mnist-lt, with the real all-MiniLM-L6-v2: caption probe (encode.py --probe) and zero-shot
+# images, on fashion-mnist-lt, with the real all-MiniLM-L6-v2: caption probe (probe.py) and zero-shot
 # accuracy through the kept text head (eval.py --class-text), same seed and budget for both.
 #
 #     bash bench/text_head_check.sh [OUT] [EPOCHS]      # ~15 min on 2 CPU cores at 30 epochs
@@ -38,7 +38,7 @@ EOF
 $PY encode.py --classes "$DATA/classes.txt" --model minilm --out "$OUT/text"
 for name in aligned shuffled; do
   $PY encode.py --captions "$OUT/$name.jsonl" --split "$DATA/train.txt" --model minilm --out "$OUT/text" --name "$name"
-  $PY encode.py --probe --text "$OUT/text/$name.npy" --split "$DATA/train.txt"
+  $PY probe.py --text "$OUT/text/$name.npy" --split "$DATA/train.txt"
   $PY train.py --data "$DATA" --loss la --epochs "$EPOCHS" --text "$OUT/text/$name.npy" --overwrite --out "$OUT/$name"
 done
 $PY eval.py "$OUT/aligned/final.pt" "$OUT/shuffled/final.pt" --data "$DATA" --split test \

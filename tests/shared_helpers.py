@@ -4,7 +4,8 @@ Each stage imports nothing of ours (a stage is copied alone into other projects)
 need is repeated in each of them. tests/test_shared.py pins every copy byte-identical to the function of the same
 name here: change a helper here, then paste it into every stage that carries it (`python tests/test_shared.py
 --sync` does the pasting). Imports used below: argparse, dataclasses (field, fields), hashlib, json, os, shutil,
-re, sys, typing, urllib.error, urllib.request, pathlib.Path, importlib.metadata as pkg_metadata, numpy as np.
+re, sys, typing, urllib.error, urllib.request, pathlib.Path, importlib.metadata as pkg_metadata, numpy as np,
+collections.deque, concurrent.futures.ThreadPoolExecutor.
 """
 import argparse
 import hashlib
@@ -16,6 +17,8 @@ import sys
 import typing
 import urllib.error
 import urllib.request
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import field, fields
 from importlib import metadata as pkg_metadata
 from pathlib import Path
@@ -234,6 +237,33 @@ def rgb_image(image):
         scaled = numpy.asarray(image, dtype=numpy.float64) / 257.0
         image = Image.fromarray(numpy.clip(numpy.rint(scaled), 0, 255).astype(numpy.uint8), "L")
     return image.convert("RGB")
+
+
+def prefetched(load, items, workers, ahead):
+    """load(item) for each item in order, decoded by a thread pool at most `ahead` items ahead."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending = deque()
+        for item in items:
+            pending.append(pool.submit(load, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def image_loader(root, items, transform):
+    """load(row) -> (row, transform(RGB image) or None, error or None), for line `row` of a split's
+    (path, label) `items` under `root`: a bad image is the caller's to record or refuse."""
+    from PIL import Image
+
+    def load(row):
+        try:
+            with Image.open(root / items[row][0]) as image:
+                return row, transform(rgb_image(image)), None
+        except Exception as e:  # whatever PIL raises for a bad file: never a crash mid-run
+            first_line = str(e).splitlines()[0][:200] if str(e) else ""
+            return row, None, f"{type(e).__name__}: {first_line}"
+    return load
 
 
 def sha256_file(path):

@@ -1,5 +1,6 @@
-"""encode.py run as a user runs it: the real all-MiniLM-L6-v2 (offline package), a tiny CLIP saved with
-save_pretrained, captions files written in caption.py's format, kill-and-resume, shards, probes, refusals."""
+"""encode.py (and probe.py on its output) run as a user runs them: the real all-MiniLM-L6-v2 (offline package), a
+tiny CLIP saved with save_pretrained, captions files written in caption.py's format, kill-and-resume, shards,
+probes, refusals."""
 import hashlib
 import importlib.util
 import json
@@ -20,6 +21,7 @@ from tiny import build_tiny_clip  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "encode.py"
+PROBE = REPO / "probe.py"
 ENV = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
 ENV.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
 
@@ -30,21 +32,25 @@ NOISE = ["window", "river", "seven", "quiet", "paper", "orbit", "violin", "grani
          "copper"]
 
 
-def run(*args, check=True, env=None):
-    proc = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True,
+def run(*args, check=True, env=None, script=SCRIPT):
+    proc = subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
                           env=env or ENV, cwd=REPO, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
 
 
-def refused(*args, env=None):
+def refused(*args, env=None, script=SCRIPT):
     """The last stderr line of a refused run: one line, prefixed like argparse errors."""
-    proc = run(*args, check=False, env=env)
+    proc = run(*args, check=False, env=env, script=script)
     assert proc.returncode != 0, proc.stdout[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("encode.py: error:"), proc.stderr[-3000:]
+    assert last.startswith(f"{script.name}: error:"), proc.stderr[-3000:]
     return last
+
+
+def probe(*args, check=True):
+    return run(*args, check=check, script=PROBE)
 
 
 def sha256(path):
@@ -264,7 +270,7 @@ def test_li_chatgpt_descriptions_and_their_template(tmp_path):
 
 def test_probe_high_for_class_texts_near_chance_for_noise(lm):
     text = lm["out"] / "text.npy"
-    proc = run("--probe", "--text", text, "--split", lm["split"], "--no-pixel-baseline")  # no images here
+    proc = probe("--text", text, "--split", lm["split"], "--no-pixel-baseline")  # no images here
     report = json.loads((lm["out"] / "text.probe.json").read_text())
     results = report["results"]
     assert set(results) == {"describe", "noise", "all"} and report["folds"] == 5 and report["rows"] == len(lm["labels"])
@@ -275,11 +281,11 @@ def test_probe_high_for_class_texts_near_chance_for_noise(lm):
     assert results["describe"]["many"] is None and results["describe"]["few"] is not None
     assert "describe" in proc.stdout and "noise" in proc.stdout
     # A capped subsample still probes every slot.
-    run("--probe", "--text", text, "--split", lm["split"], "--probe-max", 30, "--probe-folds", 3, "--no-pixel-baseline")
+    probe("--text", text, "--split", lm["split"], "--max-images", 30, "--folds", 3, "--no-pixel-baseline")
     assert json.loads((lm["out"] / "text.probe.json").read_text())["rows"] == 30
 
     other = write_split(lm["root"] / "other" / "train.txt", lm["labels"][::-1])
-    assert "another split" in refused("--probe", "--text", text, "--split", other, "--no-pixel-baseline")
+    assert "another split" in refused("--text", text, "--split", other, "--no-pixel-baseline", script=PROBE)
 
 
 # ------------------------------------------------------------------------------------------- tiny CLIP
@@ -419,7 +425,11 @@ def test_refusals(tmp_path, clip):
     line = refused("--captions", good, "--split", split, *common, "--dtype", "bf16")
     assert "--overwrite" in line and "text.json" in line
     assert "exactly one" in refused("--captions", good, "--images", "--split", split, *common)
-    assert "--probe-folds" in run("--help").stdout
+    # The probe is its own stage: an old `encode.py --probe` command is told the probe.py one, flags renamed.
+    line = refused("--probe", "--text", "t.npy", "--split", split, "--probe-folds=3", "--probe-max", 9)
+    assert line.endswith(f"--probe is its own stage now: python probe.py --text t.npy --split {split} "
+                         f"--folds=3 --max-images 9")
+    assert "--probe" not in run("--help").stdout and "--folds" in probe("--help").stdout
     assert "CLIP-family" in refused("--images", "--split", split, "--model", "minilm", "--out", tmp_path / "o2")
 
 

@@ -1,6 +1,7 @@
-"""encode.py attacked as a user's bad day would: edited sidecars and arrays, a full disk, bad --out, bad probe inputs,
-mixed caption runs, split paths leaving the root, an offline machine; plus missing_rows, the up-to-date check and the
-probe's pixel baseline. Each test runs the script as a user would (subprocess, tiny data, real file formats)."""
+"""encode.py and probe.py attacked as a user's bad day would: edited sidecars and arrays, a full disk, bad --out,
+bad probe inputs, mixed caption runs, split paths leaving the root, an offline machine; plus missing_rows, the
+up-to-date check and the probe's pixel baseline. Each test runs the script as a user would (subprocess, tiny
+data, real file formats)."""
 import cProfile  # noqa: F401  (the up-to-date test runs `python -m cProfile`)
 import json
 import os
@@ -20,8 +21,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shared_helpers import sidecar_digest  # noqa: E402
-from test_encode import (COUNTS, ENV, REPO, SCRIPT, refused, run, sha256, write_captions, write_images,  # noqa: E402
-                         write_split)
+from test_encode import (COUNTS, ENV, PROBE, REPO, SCRIPT, probe, refused, run, sha256, write_captions,  # noqa: E402
+                         write_images, write_split)
 from tiny import build_tiny_clip  # noqa: E402
 
 
@@ -55,18 +56,18 @@ def test_sidecar_sha256_catches_an_edited_sidecar_or_array(tmp_path, clip):
     run(*args)
     side = json.loads((out / "text.json").read_text())
     assert side["sha256"] == sidecar_digest(out / "text.npy", side)
-    probe = ["--probe", "--text", out / "text.npy", "--split", split, "--no-pixel-baseline", "--probe-folds", 2]
-    run(*probe)  # the untouched artifact is accepted
+    probe_args = ["--text", out / "text.npy", "--split", split, "--no-pixel-baseline", "--folds", 2]
+    probe(*probe_args)  # the untouched artifact is accepted
 
     # Slots reordered by hand: a consumer would train on t4 while recording `general`.
     (out / "text.json").write_text(json.dumps(dict(side, prompts=["t4", "general"])))
-    assert "do not match (sha256)" in refused(*probe)
+    assert "do not match (sha256)" in refused(*probe_args, script=PROBE)
     assert "does not match its sidecar" in refused(*args)  # a rerun does not call it up to date either
     (out / "text.json").write_text(json.dumps(side))
     array = np.load(out / "text.npy")
     array[0, 0, 0] += 0.5
     np.save(out / "text.npy", array)
-    assert "do not match (sha256)" in refused(*probe)
+    assert "do not match (sha256)" in refused(*probe_args, script=PROBE)
 
 
 # ------------------------------------------------------------------------------------------- full disk, bad --out
@@ -130,14 +131,14 @@ def test_probe_negative_label_and_nan_rows_are_one_line(tmp_path):
     split = tmp_path / "train.txt"
     split.write_text("images/0.png 0\nimages/1.png 1\nimages/2.png -1\nimages/3.png 1\n")
     text = write_text_artifact(tmp_path / "neg", np.eye(4, 8)[:, None], split, ["general"])
-    line = refused("--probe", "--text", text, "--split", split, "--no-pixel-baseline")
+    line = refused("--text", text, "--split", split, "--no-pixel-baseline", script=PROBE)
     assert "train.txt:3:" in line and "integer label >= 0" in line
 
     split = write_split(tmp_path / "ok" / "train.txt", [0, 1] * 6)
     array = np.tile(np.eye(2, 8)[[0, 1] * 6][:, None], (1, 2, 1))
     array[7, 1, 3] = np.nan
     text = write_text_artifact(tmp_path / "nan", array, split, ["general", "t1"])
-    line = refused("--probe", "--text", text, "--split", split, "--no-pixel-baseline")
+    line = refused("--text", text, "--split", split, "--no-pixel-baseline", script=PROBE)
     assert line.endswith("text.npy: row 7 holds NaN or inf")
 
 
@@ -255,7 +256,7 @@ def test_probe_reports_the_pixel_baseline_next_to_image_derived_text(tmp_path):
         records.append((i, "general", " ".join(f"{words[min(4, int(b // 40))]}{k}" for k, b in enumerate(blocks))))
     caps = write_captions(tmp_path / "captions.jsonl", split, {"general": "Describe."}, records, len(labels))
     run("--captions", caps, "--split", split, "--model", "minilm", "--out", tmp_path / "text")
-    proc = run("--probe", "--text", tmp_path / "text" / "text.npy", "--split", split)
+    proc = probe("--text", tmp_path / "text" / "text.npy", "--split", split)
     report = json.loads((tmp_path / "text" / "text.probe.json").read_text())
     pixels, text = report["results"]["pixels"], report["results"]["general"]
     assert set(report["results"]) == {"general", "pixels"} and report["pixels"].startswith("random projection")

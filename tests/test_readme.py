@@ -23,7 +23,7 @@ from test_prepare_formats import write_cifar  # noqa: E402
 from tiny import build_tiny_clip, build_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("prepare.py", "caption.py", "encode.py", "train.py", "eval.py", "prompts")
+STAGES = ("prepare.py", "caption.py", "encode.py", "probe.py", "train.py", "eval.py", "prompts")
 
 TINY_VLM = "--vlm {tmp}/tiny-llava --max-new-tokens 8 --dtype fp32"  # built by run_block, as `make demo VLM=tiny`
 LI_SMALL = "--arch resnet20 --res 32 --max-res 32 --batch-size 8 --epochs 2 --precision fp32"
