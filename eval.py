@@ -2,9 +2,9 @@
 k-shot accuracy of open-vocabulary students (ID / OOD classes), a table and plots for several runs.
 
     python eval.py runs/ce/final.pt runs/vlmkd/final.pt --data data/fmnist-lt --out runs/report
-    python eval.py runs/vlmkd/final.pt --data data/fmnist-lt --class-text runs/text/classes.npy \
+    python eval.py runs/vlmkd/final.pt --data data/fmnist-lt --class-text runs/text/classes.npy \\
         --out runs/zs                                      # zero-shot through the text head
-    python eval.py runs/food/li/final.pt --data data/food-ood --split id_val,ood_val --few-shot 5 \
+    python eval.py runs/food/li/final.pt --data data/food-ood --split id_val,ood_val --few-shot 5 \\
         --class-text runs/food/clip/classes.npy --out runs/food/report   # ID / OOD, 5-shot probe
     python eval.py runs/food/li5/final.pt --data data/food-ood --split li_ood_test --out runs/li5
         # Li et al.'s 5-shot: a student finetuned on li_train.txt, scored within the OOD classes
@@ -312,7 +312,7 @@ def caption_source(ckpt):
             "encoder": head.get("encoder"), "prompts": head.get("prompts")}
 
 
-# --- model code shared with train.py: byte-identical copies of tests/shared_models.py (tests/test_shared.py)
+# --- model code shared with train.py: byte-identical copies of tests/shared_models.py (--sync)
 
 class BasicBlock(nn.Module):
     def __init__(self, c_in, c_out, stride):
@@ -445,7 +445,7 @@ class Tally:
 
     def add(self, scores, labels):
         """scores [B, num_classes] and labels [B] on one device."""
-        if self.allowed is not None:  # the other classes can be neither the label nor the guess
+        if self.allowed is not None:  # an image competes only with its own half's classes
             allowed = self.allowed.to(scores.device)
             keep = allowed[labels]
             scores, labels = scores[keep].masked_fill(~allowed, float("-inf")), labels[keep]
@@ -536,6 +536,7 @@ def batches(student, root, items, preprocess, cfg, device, desc):
     """Yields (features, logits, labels, rows, decoded, errors) per batch on `device`, averaged
     with the flipped image's under --tta; errors: {index, path, error} of undecodable images."""
     workers = cfg.workers if cfg.workers >= 0 else min(8, os.cpu_count() or 1)
+    # One batch (the k-shot images) is decoded sooner in this process than by starting workers.
     loader = torch.utils.data.DataLoader(SplitImages(root, items, preprocess),
                                          batch_size=cfg.batch_size,
                                          num_workers=workers if len(items) > cfg.batch_size else 0,
@@ -622,7 +623,7 @@ def evaluate(path, name, ckpt, student, cfg, inputs, device):
     if train_split.is_file() and trained_on not in (None, sha256_file(train_split)):
         warn(f"{path} was trained on another {train_split.name} than {train_split}: its test "
              f"images may overlap its training images")
-    student.to(device)
+    student.to(device)  # one checkpoint on the device at a time; back to the CPU at the end
     scorer, route = None, None
     if inputs.class_text is not None:
         scorer, route = zero_shot_scorer(inputs.class_text, inputs.text_encoder, ckpt, student,
@@ -1150,6 +1151,8 @@ def draw_tsne(ax, run, inputs, cmap, seed):
     from sklearn.manifold import TSNE
     rows, feats = run["tsne"]
     labels = inputs.labels[rows]
+    # Perplexity must stay well below the number of points (30, sklearn's default, where there are
+    # enough); exact t-SNE is affordable for a few hundred points and more faithful than Barnes-Hut.
     points = TSNE(2, perplexity=max(2.0, min(30.0, (len(feats) - 1) / 3)), init="pca",
                   random_state=seed, method="exact" if len(feats) <= 500 else "barnes_hut"
                   ).fit_transform(feats.numpy())
@@ -1272,7 +1275,7 @@ def main(argv=None):
               f"folder>) for numbers that mean something.", flush=True)
 
 
-# --- shared helpers: byte-identical copies of tests/shared_helpers.py (tests/test_shared.py, --sync)
+# --- shared helpers: byte-identical copies of tests/shared_helpers.py (test_shared.py --sync)
 
 GROUPS = ("many", "medium", "few")
 

@@ -7,7 +7,7 @@ found next to the published ones.
     python prepare.py imagenet-lt --lists ImageNet_LT/ --root /data/imagenet --out data/imagenet-lt
     python prepare.py places-lt --lists Places_LT/ --root /data/places365 --out data/places-lt
     python prepare.py food101 --source /data/food101 --out data/food101-ood    # ID/OOD class halves
-    python prepare.py cub --source /data/cub --protocol li \
+    python prepare.py cub --source /data/cub --protocol li \\
         --li-lists large_vlm_distillation_ood/data/CaltechBirds --out data/cub-li
     python prepare.py folder --root photos/ --out data/photos --imbalance 50
 
@@ -88,6 +88,15 @@ class Config:
                            "moved to li_train.txt")
 
 
+@dataclass
+class Prepared:
+    """What preparing a dataset hands to main: class names, split lines, what the report adds."""
+    names: list[str]
+    lines: dict[str, list[str]]  # split name -> its `relative/path label` lines
+    notes: list[str] = field(default_factory=list)  # printed under the statistics
+    facts: dict = field(default_factory=dict)  # into prepare.json: missing images, ID / OOD classes
+
+
 def check_flags(cfg):
     """One line for a bad combination of flags, before any image is read."""
     if cfg.imbalance < 1 or cfg.max_per_class < 0 or cfg.test_per_class < 0 or cfg.li_shots < 0:
@@ -139,7 +148,7 @@ def prepare_long_tail(cfg, out):
     lines = {"train": write_pngs(out, "train", tr_x, tr_y, train),
              "val": write_pngs(out, "train", tr_x, tr_y, val),
              "test": write_pngs(out, "test", te_x, te_y, test)}
-    return names, lines, {"notes": notes}
+    return Prepared(names, lines, notes)
 
 
 def lt_counts(num_classes, max_per_class, imbalance):
@@ -329,7 +338,7 @@ def prepare_lists(cfg, out):
                  f"out, e.g. {sorted(gone)[:3]}")
         lines[split] = [f"images/{p} {y}" for p, y in split_items if p not in gone]
         missing[split] = len(gone)
-    return names[:used], lines, {"missing": missing, "notes": notes}
+    return Prepared(names[:used], lines, notes, {"missing": missing})
 
 
 def list_class_names(cfg, required=True):
@@ -458,7 +467,8 @@ def prepare_ood(cfg, out):
     all_names = [names[c] for c in id_cls + ood_cls]
     write_lines(out / "id_classes.txt", all_names[: len(id_cls)])
     write_lines(out / "ood_classes.txt", all_names[len(id_cls):])
-    return all_names, lines, {"id_classes": len(id_cls), "ood_classes": len(ood_cls)}
+    return Prepared(all_names, lines,
+                    facts={"id_classes": len(id_cls), "ood_classes": len(ood_cls)})
 
 
 def li_parts(cfg, names, train, test, id_cls, ood_cls, rng):
@@ -489,7 +499,7 @@ def load_ood(cfg):
         return (load_cub if cfg.dataset == "cub" else load_flowers)(Path(cfg.source))
     from torchvision import datasets
     try:
-        if cfg.dataset == "sun397":  # one pool: a seeded 80/20 split per image
+        if cfg.dataset == "sun397":  # torchvision's SUN397 has no split: a seeded 80/20 one
             ds = datasets.SUN397(cfg.source)
             pool = torchvision_items(ds)
             test_mask = np.random.default_rng(cfg.seed).random(len(pool)) < 0.2
@@ -632,7 +642,7 @@ def prepare_folder(cfg, out):
             parts["train"] = parts["train"][:counts[rank]]
         for split, fs in parts.items():
             lines[split].extend(f"images/{f} {c}" for f in sorted(fs))
-    return names, lines, {}
+    return Prepared(names, lines)
 
 
 # --- statistics: what was written, next to the published benchmark
@@ -655,7 +665,8 @@ def published_for(cfg):
     """The published statistics this run should reproduce: CIFAR's only with the published IF 100
     and n_max."""
     n_max = {"cifar10-lt": 5000, "cifar100-lt": 500}.get(cfg.dataset)
-    if n_max and (cfg.imbalance != 100 or cfg.max_per_class not in (0, n_max) or cfg.test_per_class):
+    if n_max and (cfg.imbalance != 100 or cfg.max_per_class not in (0, n_max)
+                  or cfg.test_per_class):
         return {}
     return PUBLISHED.get(cfg.dataset, {})
 
@@ -700,13 +711,14 @@ def main():
     check_flags(cfg)
     out = writable_dir(cfg.out)
     if cfg.dataset in LT_SETS:
-        names, lines, info = prepare_long_tail(cfg, out)
+        prepared = prepare_long_tail(cfg, out)
     elif cfg.dataset in LIST_SETS:
-        names, lines, info = prepare_lists(cfg, out)
+        prepared = prepare_lists(cfg, out)
     elif cfg.dataset in OOD_SETS:
-        names, lines, info = prepare_ood(cfg, out)
+        prepared = prepare_ood(cfg, out)
     else:
-        names, lines, info = prepare_folder(cfg, out)
+        prepared = prepare_folder(cfg, out)
+    names, lines = prepared.names, prepared.lines
     if cfg.class_names:
         given = [n.strip() for n in Path(cfg.class_names).read_text(encoding="utf-8").splitlines()
                  if n.strip()]
@@ -727,11 +739,11 @@ def main():
         "train_class_counts": per_class,
         "groups": dict(zip(GROUPS, map(int, found["many/medium/few"].split("/")))),
         "published": published, "versions": versions("numpy", "pillow", "torchvision"),
-        **{k: v for k, v in info.items() if k != "notes"}})
-    print_report(cfg, out, names, train_key, per_class, found, published, info.get("notes", []))
+        **prepared.facts})
+    print_report(cfg, out, names, train_key, per_class, found, published, prepared.notes)
 
 
-# --- shared helpers: byte-identical copies of tests/shared_helpers.py (tests/test_shared.py, --sync)
+# --- shared helpers: byte-identical copies of tests/shared_helpers.py (test_shared.py --sync)
 
 GROUPS = ("many", "medium", "few")
 
