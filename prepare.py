@@ -66,24 +66,21 @@ class Config:
     test_per_class: int = opt(0, "cap on test images per class (0: the whole official test set)")
     val_frac: float = opt(0.1, "folder: fraction of each class for val")
     test_frac: float = opt(0.1, "folder: fraction of each class for test")
-    source: str = opt("", "local copy of the dataset: the fashion-mnist IDX folder; the folder "
-                          "holding cifar-10-batches-py / cifar-100-python (without it CIFAR is "
-                          "downloaded to data/cifar-download); an OOD set's root in torchvision's "
-                          "layout", heading="Sources")
+    source: str = opt("", "local copy: fashion-mnist's IDX folder; the folder of CIFAR's python "
+                          "version (else downloaded to data/cifar-download); an OOD set's root in "
+                          "torchvision's layout", heading="Sources")
     lists: str = opt("", "folder with the published split lists (imagenet-lt, places-lt, inat2018)")
     root: str = opt("", "image root the published lists are relative to; folder: one subfolder of "
                         "images per class")
-    categories: str = opt("", "class names: places-lt categories_places365.txt (for labels without "
-                              "a training image: the others are named by its folder), inat2018 "
-                              "categories.json (default: that file inside --lists)")
+    categories: str = opt("", "class names: places-lt's categories_places365.txt, inat2018's "
+                              "categories.json (default: that file in --lists)")
     class_names: str = opt("", "optional file, one class name a line, replacing the names found")
     protocol: Literal["ours", "li"] = opt(
         "ours", "OOD sets: ours = official train/test split of each class half; li = Li et al. "
                 "2023 (ID pooled 70/30, all OOD images, 5-shot files)",
         heading="OOD protocol (flowers102, food101, stanford-cars, sun397, cub)")
-    li_lists: str = opt("", "--protocol li: Li et al.'s data/<Dataset> folder (train_data.txt, "
-                            "val_on_train_data.txt, val_data.txt): their class halves and images; "
-                            "without it a seeded half and 70/30 split")
+    li_lists: str = opt("", "--protocol li: Li et al.'s data/<Dataset> folder, their class halves "
+                            "and images; without it a seeded half and 70/30 split")
     li_shots: int = opt(5, "--protocol li: images of each OOD class (the first in sorted order) "
                            "moved to li_train.txt")
 
