@@ -221,19 +221,20 @@ def test_help_shows_each_flag_once_with_its_help(capsys, monkeypatch):
 
 
 def test_several_checkpoints_are_positionals_anywhere():
-    cfg, paths = ev.read_command_line(["a/final.pt", "--workers", "-1", "b/final.pt", "--tta", "--data", "d"])
-    assert paths == ["a/final.pt", "b/final.pt"] and cfg.workers == -1 and cfg.tta and cfg.data == "d"
-    assert ev.read_command_line(["--checkpoints", "a.pt,b.pt"])[1] == ["a.pt", "b.pt"]
+    cfg = ev.read_command_line(["a/final.pt", "--workers", "-1", "b/final.pt", "--tta", "--data", "d"])
+    assert cfg.checkpoints == ["a/final.pt", "b/final.pt"] and cfg.workers == -1 and cfg.tta and cfg.data == "d"
+    assert ev.read_command_line(["--checkpoints", "a.pt,b.pt"]).checkpoints == ["a.pt", "b.pt"]
 
 
 def test_a_positional_is_a_whole_path_and_checkpoints_may_be_repeated(monkeypatch):
     """Issue 21: `runs/lr=0.1,wd=5e-4/final.pt` given as a positional was split at its comma and refused. A positional
-    is one path; --checkpoints is comma-separated and may be repeated (a path with a comma goes as a positional)."""
+    is one path; --checkpoints is comma-separated and may be repeated (a path with a comma goes as a positional).
+    Issue 23: one parser (the shared parse_config) reads both, the paths of --checkpoints first."""
     monkeypatch.setattr(sys, "argv", ["eval.py"])
     comma = "runs/lr=0.1,wd=5e-4/final.pt"
-    assert ev.read_command_line([comma, "--data", "d"])[1] == [comma]
-    cfg, paths = ev.read_command_line(["--checkpoints", "a.pt,b.pt", comma, "--checkpoints=c.pt", "--tta"])
-    assert paths == ["a.pt", "b.pt", comma, "c.pt"] and cfg.tta
+    assert ev.read_command_line([comma, "--data", "d"]).checkpoints == [comma]
+    cfg = ev.read_command_line(["--checkpoints", "a.pt,b.pt", comma, "--checkpoints=c.pt", "--tta"])
+    assert cfg.checkpoints == ["a.pt", "b.pt", "c.pt", comma] and cfg.tta
     for argv in (["--checkpoints", "a.pt,,b.pt"], ["--checkpoints", "a.pt,"]):
         with pytest.raises(SystemExit, match="names an empty path"):
             ev.read_command_line(argv)
