@@ -221,10 +221,12 @@ GROUPS = ("many", "medium", "few")
 
 
 def parse_config(config_cls, argv=None, positional=(), defaults=None):
-    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default; a Literal
-    field only takes its listed values; a bool is `--flag` / `--no-flag`. Fields in `positional` are positional.
-    `defaults(namespace of a first pass) -> {field: value}` replaces dataclass defaults (a named recipe's values):
-    flags given on the command line still win, and --help shows the replaced defaults."""
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default;
+    a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list is `--name
+    A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a list one takes
+    any number of whole words (commas kept) after its flag's values. `defaults(namespace of a first
+    pass) -> {field: value}` replaces dataclass defaults (a named recipe's values): flags given on the
+    command line still win, and --help shows the replaced defaults."""
     parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
@@ -232,16 +234,22 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
         kind, meta = hints[f.name], f.metadata
         if meta.get("heading"):
             group = parser.add_argument_group(meta["heading"])
-        names = [f.name] if f.name in positional else ["--" + f.name.replace("_", "-")]
-        kwargs = {"help": meta.get("help", "")}
+        flag = "--" + f.name.replace("_", "-")
+        names, kwargs = [f.name] if f.name in positional else [flag], {"help": meta.get("help", "")}
         if typing.get_origin(kind) is typing.Literal:
             choices = typing.get_args(kind)
-            kwargs |= {"choices": choices, "type": type(choices[0]), "metavar": "{" + ",".join(map(str, choices)) + "}"}
+            kwargs |= {"choices": choices, "type": type(choices[0]),
+                       "metavar": "{" + ",".join(map(str, choices)) + "}"}
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is list:  # both extend one list: the flag's values, then the words
+            if f.name in positional:
+                group.add_argument(f.name, nargs="*", action="extend", help=kwargs["help"])
+                names, kwargs["help"] = [flag], f"{f.name} as a flag: comma-separated, repeatable"
+            kwargs |= {"action": "extend", "type": lambda value: value.split(","), "metavar": "A,B"}
         else:
             kwargs |= {"type": kind, "metavar": kind.__name__.upper()}
-        if f.name not in positional:
+        if names == [flag]:
             kwargs["default"] = f.default
         group.add_argument(*names, **kwargs)
     for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
@@ -250,7 +258,7 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
     if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
         parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
         parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
-    return config_cls(**vars(parser.parse_args(argv)))
+    return config_cls(**vars(parser.parse_intermixed_args(argv)))
 
 
 def die(msg):
