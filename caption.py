@@ -1226,19 +1226,21 @@ def main(argv=None):
             LOCKS.pop().close()
 
 
-# --- shared helpers: byte-identical copies of tests/shared_helpers.py (tests/test_shared.py, --sync)
+# --- shared helpers: byte-identical copies of tests/shared_helpers.py (test_shared.py --sync)
 
-TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # one spelling of a dtype in every stage
+# one spelling of a dtype in every stage
+TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def parse_config(config_cls, argv=None, positional=(), defaults=None):
-    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default;
-    a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list is `--name
-    A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a list one takes
-    any number of whole words (commas kept) after its flag's values. `defaults(namespace of a first
-    pass) -> {field: value}` replaces dataclass defaults (a named recipe's values): flags given on the
-    command line still win, and --help shows the replaced defaults."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and
+    default; a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list
+    is `--name A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a
+    list one takes any number of whole words (commas kept) after its flag's values. `defaults(first
+    pass's namespace) -> {field: value}` replaces dataclass defaults (a recipe's values): flags on
+    the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -1253,7 +1255,7 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
                        "metavar": "{" + ",".join(map(str, choices)) + "}"}
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is list:  # both extend one list: the flag's values, then the words
+        elif typing.get_origin(kind) is list:  # both extend one list: flag's values, then the words
             if f.name in positional:
                 group.add_argument(f.name, nargs="*", action="extend", help=kwargs["help"])
                 names, kwargs["help"] = [flag], f"{f.name} as a flag: comma-separated, repeatable"
@@ -1263,17 +1265,18 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
         if names == [flag]:
             kwargs["default"] = f.default
         group.add_argument(*names, **kwargs)
-    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
-        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+    for action in parser._actions:  # defaults once, whatever a Python's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" \
+                and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
-    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+    if defaults is not None:  # the first pass has no -h, so `--recipe X --help` shows its defaults
         parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
         parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_intermixed_args(argv)))
 
 
 def die(msg):
-    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    """One line naming the stage, then exit 1: a user's mistake is a sentence, not a traceback."""
     sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
 
 
@@ -1282,25 +1285,26 @@ def warn(msg):
 
 
 def is_main_process():
-    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    """Only rank 0 of a torchrun / accelerate launch run prints and writes shared files."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 def pick_device(choice="auto"):
-    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else the CPU."""
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else CPU."""
     import torch
     if choice != "auto":
         if choice.startswith("cuda") and not torch.cuda.is_available():
             die(f"--device {choice}, but torch sees no CUDA device (use --device cpu)")
         return torch.device(choice)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cuda",
+                            int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
 def has_native_bf16(device, cpuinfo="/proc/cpuinfo"):
-    """Whether the device computes bf16 in hardware: a GPU since Ampere, a CPU with avx512_bf16 or AMX. Elsewhere
-    torch emulates bf16, and a bf16 VLM ran 3.1x slower than fp32 on such a CPU."""
+    """Whether the device computes bf16 in hardware: a GPU since Ampere, a CPU with avx512_bf16 or
+    AMX. Elsewhere torch emulates bf16, and a bf16 VLM ran 3.1x slower than fp32 on such a CPU."""
     if device.type == "cuda":
         import torch
         return torch.cuda.is_bf16_supported(including_emulation=False)
@@ -1312,17 +1316,19 @@ def has_native_bf16(device, cpuinfo="/proc/cpuinfo"):
 
 
 def auto_dtype(device_type, native_bf16):
-    """`--dtype auto`: (dtype, why). bf16 where the hardware computes it; else fp16 on a GPU (same speed, needs
-    no bf16 units) and fp32 on a CPU (fp16 is emulated there too)."""
+    """`--dtype auto`: (dtype, why). bf16 where the hardware computes it; else fp16 on a GPU (same
+    speed, needs no bf16 units) and fp32 on a CPU (fp16 is emulated there too)."""
     where = "GPU" if device_type == "cuda" else "CPU"
     if native_bf16:
         return "bf16", f"this {where} computes bf16 natively"
-    return ("fp16" if device_type == "cuda" else "fp32"), f"this {where} has no native bf16 (it would be emulated)"
+    return ("fp16" if device_type == "cuda" else "fp32"), \
+        f"this {where} has no native bf16 (it would be emulated)"
 
 
 def hub_unreachable(repo_id, timeout=8.0):
-    """Why the hub cannot serve `repo_id` now (HF_HUB_OFFLINE, or no answer to one request in `timeout` s), else
-    None. Asked before from_pretrained, whose client retries a dead connection for minutes before a useful line."""
+    """Why the hub cannot serve `repo_id` now (HF_HUB_OFFLINE, or no answer to one request in
+    `timeout` s), else None. Asked before from_pretrained, whose client retries a dead connection
+    for minutes before a useful line."""
     from huggingface_hub import constants
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
@@ -1337,7 +1343,7 @@ def hub_unreachable(repo_id, timeout=8.0):
 
 
 class LineProgress:
-    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+    """tqdm's output off a terminal (a log, a pipe, `make`): each refresh a line, not a '\\r'."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -1351,13 +1357,13 @@ class LineProgress:
 
 
 def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
-    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
-    Rank 0 alone draws it."""
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows
+    progress too. Rank 0 alone draws it."""
     from tqdm import tqdm
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
                 disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
-                maxinterval=10 if tty else 30,  # tqdm's monitor would otherwise force a line every 10 s
+                maxinterval=10 if tty else 30,  # else tqdm's monitor forces a line every 10 s
                 file=sys.stderr if tty else LineProgress(sys.stderr))
 
 
@@ -1365,8 +1371,9 @@ LOCKS = []
 
 
 def lock_or_die(path, what):
-    """Hold an exclusive lock on `path` (a hidden lock file) for the life of this process, or stop with one line:
-    two processes appending to one output interleave or duplicate it. A killed process leaves no stale lock."""
+    """Hold an exclusive lock on `path` (a hidden lock file) while this process lives, or stop with
+    one line: two processes appending to one output interleave or duplicate it. A killed process
+    leaves no stale lock."""
     import fcntl
     path = Path(path)
     handle = open(path, "a+", encoding="utf-8")
@@ -1386,9 +1393,9 @@ def lock_or_die(path, what):
 
 
 def rgb_image(image):
-    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
-    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
-    truncated image fails here, where the caller records it."""
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole
+    file, so a truncated image fails here, where the caller records it."""
     if image.mode.startswith("I"):
         import numpy
         from PIL import Image
@@ -1398,32 +1405,59 @@ def rgb_image(image):
 
 
 def launch_check(world_size=None, launcher_argv=None):
-    """Warn (rank 0) when the launcher asked for more processes than this run has; return the count it asked for, or
-    None where that cannot be seen. `accelerate launch --num_processes 2` starts ONE process unless it goes multi-GPU
-    (never on a machine without GPUs, or with --cpu), and no variable in the environment it passes names the count
-    asked for: it is read from the launcher's own command line (/proc/<parent>/cmdline, Linux), `--num_processes N`,
-    else `num_processes` of the accelerate config file it read. Not seen: a script started through a shell or with
-    `-m`, systems without /proc, launchers other than accelerate (torchrun sets WORLD_SIZE to the count asked for)."""
+    """Warn (rank 0) when the launcher asked for more processes than this run has; return the count
+    it asked for, or None where that cannot be seen. `accelerate launch --num_processes 2` starts
+    ONE process unless it goes multi-GPU (never without GPUs, or with --cpu), and no variable in the
+    environment it passes names the count asked for (torchrun sets WORLD_SIZE to it): it is read
+    from the launcher's own command line (accelerate_launch_words, asked_num_processes)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    head = accelerate_launch_words(launcher_argv)
+    asked = None if head is None else asked_num_processes(head)
+    if not (asked or "").isdigit():
+        return None
+    if int(asked) > world_size and is_main_process():
+        script = Path(sys.argv[0]).name
+        warn(f"accelerate launch asked for {asked} processes, but this run has world size "
+             f"{world_size}: accelerate starts a single process unless it goes multi-GPU (it does "
+             f"not without GPUs or with --cpu); for {asked} CPU processes run "
+             f"`torchrun --nproc_per_node {asked} {script} ...`")
+    return int(asked)
+
+
+def accelerate_launch_words(launcher_argv=None):
+    """The words of the `accelerate launch` command line that started this script, up to the script
+    (default: /proc/<parent>/cmdline, Linux), else None. Not seen: a script started through a shell
+    or with `-m`, systems without /proc, launchers other than accelerate."""
     if launcher_argv is None:
         try:
-            launcher_argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            launcher_argv = (Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+                             .decode(errors="replace").split("\0"))
         except OSError:
             return None
-    if sys.argv[0] not in launcher_argv:  # not started by this command line itself (a shell, make, ...)
+    if sys.argv[0] not in launcher_argv:  # not started by this command line (a shell, make, ...)
         return None
-    head = launcher_argv[:launcher_argv.index(sys.argv[0])]  # the launcher's own words, before the script
-    if not any(Path(w).name in ("accelerate", "accelerate-launch") or w.startswith("accelerate.") for w in head):
+    head = launcher_argv[:launcher_argv.index(sys.argv[0])]  # the launcher's own words
+    if not any(Path(w).name in ("accelerate", "accelerate-launch") or w.startswith("accelerate.")
+               for w in head):
         return None
+    return head
+
+
+def asked_num_processes(head):
+    """The process count (a string) the `accelerate launch` words `head` ask for: `--num_processes
+    N`, else `num_processes` of the accelerate config file it reads; None where neither says."""
     options = {}
     for i, word in enumerate(head):
         name, eq, value = word.partition("=")
         if name.startswith("--"):
-            options[name[2:].replace("-", "_")] = value if eq else (head[i + 1] if i + 1 < len(head) else "")
+            options[name[2:].replace("-", "_")] = value if eq else \
+                (head[i + 1] if i + 1 < len(head) else "")
     asked = options.get("num_processes")
     config = options.get("config_file")
-    if asked is None and config is None and "cpu" not in options:  # accelerate skips its default file under --cpu
-        home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    # accelerate skips its default file under --cpu
+    if asked is None and config is None and "cpu" not in options:
+        home = os.environ.get("HF_HOME") or \
+            Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
         config = Path(home).expanduser() / "accelerate" / "default_config.yaml"
     if asked is None and config:
         try:
@@ -1434,14 +1468,7 @@ def launch_check(world_size=None, launcher_argv=None):
             key, _, value = line.partition(":")
             if key.strip().strip('"') == "num_processes":
                 asked = value.strip().rstrip(",")
-    if not (asked or "").isdigit():
-        return None
-    if int(asked) > world_size and is_main_process():
-        script = Path(sys.argv[0]).name
-        warn(f"accelerate launch asked for {asked} processes, but this run has world size {world_size}: accelerate "
-             f"starts a single process unless it goes multi-GPU (it does not without GPUs or with --cpu); for "
-             f"{asked} CPU processes run `torchrun --nproc_per_node {asked} {script} ...`")
-    return int(asked)
+    return asked
 
 
 def sha256_file(path):
@@ -1454,9 +1481,9 @@ def sha256_file(path):
 
 
 def read_split(path, num_classes=None):
-    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
-    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
-    out of the data root with `..` (a split only ever names files under its root)."""
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is
+    refused with `file:line`: no label, a label not an integer in [0, num_classes), or a path that
+    is absolute or leaves the data root with `..` (a split only names files under its root)."""
     path = Path(path)
     if not path.is_file():
         die(f"split file {path} not found (prepare.py writes it)")
@@ -1464,7 +1491,8 @@ def read_split(path, num_classes=None):
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
-            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, "
+                f"got {line[:80]!r}")
         rel, label = parts[0], int(parts[1])
         if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
             die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
@@ -1486,8 +1514,9 @@ def read_classes(path):
     for n, name in enumerate(names, 1):
         if not name.strip():
             die(f"{path}:{n}: empty class name")
-        if first.setdefault(name, n) != n:  # two labels, one class text: zero-shot could not tell them apart
-            die(f"{path}:{n}: {name!r} also names line {first[name]}: each class needs its own name")
+        if first.setdefault(name, n) != n:  # two labels, one text: zero-shot cannot tell them apart
+            die(f"{path}:{n}: {name!r} also names line {first[name]}: "
+                "each class needs its own name")
     if not names:
         die(f"classes file {path} is empty")
     return names

@@ -323,7 +323,8 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -336,7 +337,8 @@ class CifarResNet(nn.Module):
     def __init__(self, depth):
         super().__init__()
         n = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
         layers, c_in = [], 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
             for b in range(n):
@@ -355,24 +357,28 @@ def build_timm(name, res):
     """A timm model from scratch without its classifier: its output is the pooled pre-logits."""
     import timm
     if not timm.is_model(name):
-        die(f"unknown --arch timm:{name}; `python -c 'import timm; print(timm.list_models())'` lists them")
+        die(f"unknown --arch timm:{name}; "
+            "`python -c 'import timm; print(timm.list_models())'` lists them")
     try:  # ViT-like models are built for the training resolution; others take no img_size
-        net, kwargs = timm.create_model(name, pretrained=False, num_classes=0, img_size=res), {"img_size": res}
+        net, kwargs = (timm.create_model(name, pretrained=False, num_classes=0, img_size=res),
+                       {"img_size": res})
     except TypeError:
         net, kwargs = timm.create_model(name, pretrained=False, num_classes=0), {}
-    net.classifier_name, net.constructor_kwargs = net.pretrained_cfg.get("classifier", "head"), kwargs
+    net.classifier_name, net.constructor_kwargs = (net.pretrained_cfg.get("classifier", "head"),
+                                                   kwargs)
     return net, getattr(net, "head_hidden_size", None) or net.num_features
 
 
 def build_backbone(arch, res):
-    """(module mapping images to features, feature width). torchvision models lose their last Linear, whose name
-    (`classifier_name`) and constructor arguments (`constructor_kwargs`) the export needs to put it back."""
+    """(module mapping images to features, feature width). torchvision models lose their last
+    Linear; the export puts it back from `classifier_name` and `constructor_kwargs`."""
     if arch in CIFAR_ARCHS:
         return CifarResNet(CIFAR_ARCHS[arch]), 64
     if arch.startswith("timm:"):
         return build_timm(arch.removeprefix("timm:"), res)
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        known = sorted(CIFAR_ARCHS) + sorted(torchvision.models.list_models(module=torchvision.models))
+        known = sorted(CIFAR_ARCHS) + \
+            sorted(torchvision.models.list_models(module=torchvision.models))
         die(f"unknown --arch {arch!r}; known: {', '.join(known)}, or timm:<name>")
     kwargs = {"image_size": res} if arch.startswith("vit_") else {}
     net = torchvision.models.get_model(arch, weights=None, **kwargs)
@@ -387,10 +393,12 @@ def build_backbone(arch, res):
 
 
 class Student(nn.Module):
-    """Backbone + classifier. head='linear': a Linear; head='cosine': cosine similarity of clip_proj(feature)
-    to fixed class-text embeddings over tau (Li et al.). clip_proj also serves imitation and alignment."""
+    """Backbone + classifier. head='linear': a Linear; head='cosine': cosine similarity of
+    clip_proj(feature) to fixed class-text embeddings over tau (Li et al.). clip_proj also serves
+    imitation and alignment."""
 
-    def __init__(self, arch, num_classes, res, head="linear", clip_dim=0, class_text=None, tau=0.07):
+    def __init__(self, arch, num_classes, res, head="linear", clip_dim=0, class_text=None,
+                 tau=0.07):
         super().__init__()
         self.backbone, self.feat_dim = build_backbone(arch, res)
         self.head = nn.Linear(self.feat_dim, num_classes) if head == "linear" else None
@@ -409,12 +417,13 @@ class Student(nn.Module):
 
 
 class TextHead(nn.Module):
-    """VLM-KD's image projection and text adaptor into a shared space; thrown away for deployment."""
+    """VLM-KD's image projection and text adaptor into a shared space; dropped for deployment."""
 
     def __init__(self, feat_dim, text_dim, embed_dim, hidden, temp, learn_temp):
         super().__init__()
         self.proj = nn.Linear(feat_dim, embed_dim)
-        self.adaptor = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(), nn.Linear(hidden, embed_dim))
+        self.adaptor = nn.Sequential(nn.Linear(text_dim, hidden), nn.GELU(),
+                                     nn.Linear(hidden, embed_dim))
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / temp)), requires_grad=learn_temp)
 
 
@@ -1281,13 +1290,14 @@ GROUPS = ("many", "medium", "few")
 
 
 def parse_config(config_cls, argv=None, positional=(), defaults=None):
-    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default;
-    a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list is `--name
-    A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a list one takes
-    any number of whole words (commas kept) after its flag's values. `defaults(namespace of a first
-    pass) -> {field: value}` replaces dataclass defaults (a named recipe's values): flags given on the
-    command line still win, and --help shows the replaced defaults."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and
+    default; a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list
+    is `--name A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a
+    list one takes any number of whole words (commas kept) after its flag's values. `defaults(first
+    pass's namespace) -> {field: value}` replaces dataclass defaults (a recipe's values): flags on
+    the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -1302,7 +1312,7 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
                        "metavar": "{" + ",".join(map(str, choices)) + "}"}
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is list:  # both extend one list: the flag's values, then the words
+        elif typing.get_origin(kind) is list:  # both extend one list: flag's values, then the words
             if f.name in positional:
                 group.add_argument(f.name, nargs="*", action="extend", help=kwargs["help"])
                 names, kwargs["help"] = [flag], f"{f.name} as a flag: comma-separated, repeatable"
@@ -1312,17 +1322,18 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
         if names == [flag]:
             kwargs["default"] = f.default
         group.add_argument(*names, **kwargs)
-    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
-        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+    for action in parser._actions:  # defaults once, whatever a Python's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" \
+                and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
-    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+    if defaults is not None:  # the first pass has no -h, so `--recipe X --help` shows its defaults
         parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
         parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_intermixed_args(argv)))
 
 
 def die(msg):
-    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    """One line naming the stage, then exit 1: a user's mistake is a sentence, not a traceback."""
     sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
 
 
@@ -1331,24 +1342,25 @@ def warn(msg):
 
 
 def pick_device(choice="auto"):
-    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else the CPU."""
+    """auto: this process's GPU (cuda:LOCAL_RANK under torchrun or accelerate launch), else CPU."""
     import torch
     if choice != "auto":
         if choice.startswith("cuda") and not torch.cuda.is_available():
             die(f"--device {choice}, but torch sees no CUDA device (use --device cpu)")
         return torch.device(choice)
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cuda",
+                            int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return torch.device("cpu")
 
 
 def is_main_process():
-    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    """Only rank 0 of a torchrun / accelerate launch run prints and writes shared files."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 class LineProgress:
-    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+    """tqdm's output off a terminal (a log, a pipe, `make`): each refresh a line, not a '\\r'."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -1362,20 +1374,20 @@ class LineProgress:
 
 
 def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
-    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
-    Rank 0 alone draws it."""
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows
+    progress too. Rank 0 alone draws it."""
     from tqdm import tqdm
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
                 disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
-                maxinterval=10 if tty else 30,  # tqdm's monitor would otherwise force a line every 10 s
+                maxinterval=10 if tty else 30,  # else tqdm's monitor forces a line every 10 s
                 file=sys.stderr if tty else LineProgress(sys.stderr))
 
 
 def rgb_image(image):
-    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
-    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
-    truncated image fails here, where the caller records it."""
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole
+    file, so a truncated image fails here, where the caller records it."""
     if image.mode.startswith("I"):
         import numpy
         from PIL import Image
@@ -1385,32 +1397,59 @@ def rgb_image(image):
 
 
 def launch_check(world_size=None, launcher_argv=None):
-    """Warn (rank 0) when the launcher asked for more processes than this run has; return the count it asked for, or
-    None where that cannot be seen. `accelerate launch --num_processes 2` starts ONE process unless it goes multi-GPU
-    (never on a machine without GPUs, or with --cpu), and no variable in the environment it passes names the count
-    asked for: it is read from the launcher's own command line (/proc/<parent>/cmdline, Linux), `--num_processes N`,
-    else `num_processes` of the accelerate config file it read. Not seen: a script started through a shell or with
-    `-m`, systems without /proc, launchers other than accelerate (torchrun sets WORLD_SIZE to the count asked for)."""
+    """Warn (rank 0) when the launcher asked for more processes than this run has; return the count
+    it asked for, or None where that cannot be seen. `accelerate launch --num_processes 2` starts
+    ONE process unless it goes multi-GPU (never without GPUs, or with --cpu), and no variable in the
+    environment it passes names the count asked for (torchrun sets WORLD_SIZE to it): it is read
+    from the launcher's own command line (accelerate_launch_words, asked_num_processes)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    head = accelerate_launch_words(launcher_argv)
+    asked = None if head is None else asked_num_processes(head)
+    if not (asked or "").isdigit():
+        return None
+    if int(asked) > world_size and is_main_process():
+        script = Path(sys.argv[0]).name
+        warn(f"accelerate launch asked for {asked} processes, but this run has world size "
+             f"{world_size}: accelerate starts a single process unless it goes multi-GPU (it does "
+             f"not without GPUs or with --cpu); for {asked} CPU processes run "
+             f"`torchrun --nproc_per_node {asked} {script} ...`")
+    return int(asked)
+
+
+def accelerate_launch_words(launcher_argv=None):
+    """The words of the `accelerate launch` command line that started this script, up to the script
+    (default: /proc/<parent>/cmdline, Linux), else None. Not seen: a script started through a shell
+    or with `-m`, systems without /proc, launchers other than accelerate."""
     if launcher_argv is None:
         try:
-            launcher_argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            launcher_argv = (Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+                             .decode(errors="replace").split("\0"))
         except OSError:
             return None
-    if sys.argv[0] not in launcher_argv:  # not started by this command line itself (a shell, make, ...)
+    if sys.argv[0] not in launcher_argv:  # not started by this command line (a shell, make, ...)
         return None
-    head = launcher_argv[:launcher_argv.index(sys.argv[0])]  # the launcher's own words, before the script
-    if not any(Path(w).name in ("accelerate", "accelerate-launch") or w.startswith("accelerate.") for w in head):
+    head = launcher_argv[:launcher_argv.index(sys.argv[0])]  # the launcher's own words
+    if not any(Path(w).name in ("accelerate", "accelerate-launch") or w.startswith("accelerate.")
+               for w in head):
         return None
+    return head
+
+
+def asked_num_processes(head):
+    """The process count (a string) the `accelerate launch` words `head` ask for: `--num_processes
+    N`, else `num_processes` of the accelerate config file it reads; None where neither says."""
     options = {}
     for i, word in enumerate(head):
         name, eq, value = word.partition("=")
         if name.startswith("--"):
-            options[name[2:].replace("-", "_")] = value if eq else (head[i + 1] if i + 1 < len(head) else "")
+            options[name[2:].replace("-", "_")] = value if eq else \
+                (head[i + 1] if i + 1 < len(head) else "")
     asked = options.get("num_processes")
     config = options.get("config_file")
-    if asked is None and config is None and "cpu" not in options:  # accelerate skips its default file under --cpu
-        home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
+    # accelerate skips its default file under --cpu
+    if asked is None and config is None and "cpu" not in options:
+        home = os.environ.get("HF_HOME") or \
+            Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
         config = Path(home).expanduser() / "accelerate" / "default_config.yaml"
     if asked is None and config:
         try:
@@ -1421,14 +1460,7 @@ def launch_check(world_size=None, launcher_argv=None):
             key, _, value = line.partition(":")
             if key.strip().strip('"') == "num_processes":
                 asked = value.strip().rstrip(",")
-    if not (asked or "").isdigit():
-        return None
-    if int(asked) > world_size and is_main_process():
-        script = Path(sys.argv[0]).name
-        warn(f"accelerate launch asked for {asked} processes, but this run has world size {world_size}: accelerate "
-             f"starts a single process unless it goes multi-GPU (it does not without GPUs or with --cpu); for "
-             f"{asked} CPU processes run `torchrun --nproc_per_node {asked} {script} ...`")
-    return int(asked)
+    return asked
 
 
 def sha256_file(path):
@@ -1441,9 +1473,9 @@ def sha256_file(path):
 
 
 def read_split(path, num_classes=None):
-    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
-    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
-    out of the data root with `..` (a split only ever names files under its root)."""
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is
+    refused with `file:line`: no label, a label not an integer in [0, num_classes), or a path that
+    is absolute or leaves the data root with `..` (a split only names files under its root)."""
     path = Path(path)
     if not path.is_file():
         die(f"split file {path} not found (prepare.py writes it)")
@@ -1451,7 +1483,8 @@ def read_split(path, num_classes=None):
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
-            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, "
+                f"got {line[:80]!r}")
         rel, label = parts[0], int(parts[1])
         if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
             die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
@@ -1473,15 +1506,16 @@ def read_classes(path):
     for n, name in enumerate(names, 1):
         if not name.strip():
             die(f"{path}:{n}: empty class name")
-        if first.setdefault(name, n) != n:  # two labels, one class text: zero-shot could not tell them apart
-            die(f"{path}:{n}: {name!r} also names line {first[name]}: each class needs its own name")
+        if first.setdefault(name, n) != n:  # two labels, one text: zero-shot cannot tell them apart
+            die(f"{path}:{n}: {name!r} also names line {first[name]}: "
+                "each class needs its own name")
     if not names:
         die(f"classes file {path} is empty")
     return names
 
 
 def class_group(count):
-    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
+    """OLTR's groups by training images: many > 100, medium 20-100, few 1-19; none: unseen (OOD)."""
     return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
 
 
@@ -1520,15 +1554,16 @@ def writable_dir(path):
 
 
 def sidecar_digest(array_path, sidecar):
-    """sha256 of an array's bytes and of every other field of its sidecar: editing either by hand is caught."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in sidecar.items() if k != "sha256"}, sort_keys=True).encode())
+    """sha256 of an array's bytes and its sidecar's other fields: an edit to either is caught."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in sidecar.items() if k != "sha256"},
+                                       sort_keys=True).encode())
     digest.update(sha256_file(array_path).encode())
     return digest.hexdigest()
 
 
 def load_artifact(path, kind):
-    """(array opened as a memmap, sidecar) of an encode.py artifact. Refused with one line unless the sidecar is
-    there, names this kind and matches the array (sidecar_digest), and every row is finite."""
+    """(array opened as a memmap, sidecar) of an encode.py artifact. Refused in one line unless the
+    sidecar is there, names this kind and matches the array (sidecar_digest), every row finite."""
     path, sidecar_path = Path(path), Path(path).with_suffix(".json")
     for p in (path, sidecar_path):
         if not p.is_file():
@@ -1541,7 +1576,8 @@ def load_artifact(path, kind):
     if sidecar.get("kind") != kind:
         die(f"{sidecar_path}: kind is {sidecar.get('kind')!r}, expected {kind!r}")
     if sidecar.get("sha256") != sidecar_digest(path, sidecar):
-        die(f"{path} and {sidecar_path.name} do not match (sha256): one was changed after encode.py wrote them")
+        die(f"{path} and {sidecar_path.name} do not match (sha256): "
+            "one was changed after encode.py wrote them")
     for start in range(0, len(array), 8192):
         chunk = np.asarray(array[start:start + 8192])
         finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)

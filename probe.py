@@ -215,19 +215,20 @@ def say(msg):
         print(msg, flush=True)
 
 
-# --- shared helpers: byte-identical copies of tests/shared_helpers.py (tests/test_shared.py, --sync)
+# --- shared helpers: byte-identical copies of tests/shared_helpers.py (test_shared.py --sync)
 
 GROUPS = ("many", "medium", "few")
 
 
 def parse_config(config_cls, argv=None, positional=(), defaults=None):
-    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and default;
-    a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list is `--name
-    A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a list one takes
-    any number of whole words (commas kept) after its flag's values. `defaults(namespace of a first
-    pass) -> {field: value}` replaces dataclass defaults (a named recipe's values): flags given on the
-    command line still win, and --help shows the replaced defaults."""
-    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__, add_help=defaults is None,
+    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and
+    default; a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list
+    is `--name A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a
+    list one takes any number of whole words (commas kept) after its flag's values. `defaults(first
+    pass's namespace) -> {field: value}` replaces dataclass defaults (a recipe's values): flags on
+    the command line still win, and --help shows the replaced defaults."""
+    parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
+                                     add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     group, hints = parser, typing.get_type_hints(config_cls)
     for f in fields(config_cls):
@@ -242,7 +243,7 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
                        "metavar": "{" + ",".join(map(str, choices)) + "}"}
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(kind) is list:  # both extend one list: the flag's values, then the words
+        elif typing.get_origin(kind) is list:  # both extend one list: flag's values, then the words
             if f.name in positional:
                 group.add_argument(f.name, nargs="*", action="extend", help=kwargs["help"])
                 names, kwargs["help"] = [flag], f"{f.name} as a flag: comma-separated, repeatable"
@@ -252,27 +253,28 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
         if names == [flag]:
             kwargs["default"] = f.default
         group.add_argument(*names, **kwargs)
-    for action in parser._actions:  # defaults once, whatever the Python version's BooleanOptionalAction adds
-        if action.help and action.default is not None and action.dest != "help" and "%(default)" not in action.help:
+    for action in parser._actions:  # defaults once, whatever a Python's BooleanOptionalAction adds
+        if action.help and action.default is not None and action.dest != "help" \
+                and "%(default)" not in action.help:
             action.help += " (default: %(default)r)"
-    if defaults is not None:  # the first pass runs without -h, so `--recipe X --help` shows the recipe's defaults
+    if defaults is not None:  # the first pass has no -h, so `--recipe X --help` shows its defaults
         parser.set_defaults(**defaults(parser.parse_known_args(argv)[0]))
         parser.add_argument("-h", "--help", action="help", help="show this help message and exit")
     return config_cls(**vars(parser.parse_intermixed_args(argv)))
 
 
 def die(msg):
-    """One line naming the stage, then a non-zero exit: a user's mistake is a sentence, not a traceback."""
+    """One line naming the stage, then exit 1: a user's mistake is a sentence, not a traceback."""
     sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
 
 
 def is_main_process():
-    """torchrun and accelerate launch start one copy per process: only rank 0 prints and writes shared files."""
+    """Only rank 0 of a torchrun / accelerate launch run prints and writes shared files."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
 class LineProgress:
-    """tqdm's output where it is not a terminal (a log, a pipe, `make`): each refresh its own line, not a '\\r'."""
+    """tqdm's output off a terminal (a log, a pipe, `make`): each refresh a line, not a '\\r'."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -286,20 +288,20 @@ class LineProgress:
 
 
 def progress_bar(total, unit, initial=0, desc="", disable=False, iterable=None):
-    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows progress too.
-    Rank 0 alone draws it."""
+    """A tqdm bar with rate and ETA on a terminal; elsewhere a line every 30 s, so a job log shows
+    progress too. Rank 0 alone draws it."""
     from tqdm import tqdm
     tty = sys.stderr.isatty()
     return tqdm(iterable, total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=tty,
                 disable=disable or not is_main_process(), mininterval=0.1 if tty else 30,
-                maxinterval=10 if tty else 30,  # tqdm's monitor would otherwise force a line every 10 s
+                maxinterval=10 if tty else 30,  # else tqdm's monitor forces a line every 10 s
                 file=sys.stderr if tty else LineProgress(sys.stderr))
 
 
 def rgb_image(image):
-    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled down to 8 bits first:
-    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole file, so a
-    truncated image fails here, where the caller records it."""
+    """An opened PIL image as 8-bit RGB. 16-bit grayscale (mode I;16 / I) is scaled to 8 bits first:
+    convert("RGB") clips it, turning a 16-bit PNG almost white. convert() also decodes the whole
+    file, so a truncated image fails here, where the caller records it."""
     if image.mode.startswith("I"):
         import numpy
         from PIL import Image
@@ -345,9 +347,9 @@ def sha256_file(path):
 
 
 def read_split(path, num_classes=None):
-    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is refused with
-    `file:line`: no label, a label that is not an integer in [0, num_classes), or a path that is absolute or climbs
-    out of the data root with `..` (a split only ever names files under its root)."""
+    """[(relative path, label)] from a split file's `relative/path label` lines. A bad line is
+    refused with `file:line`: no label, a label not an integer in [0, num_classes), or a path that
+    is absolute or leaves the data root with `..` (a split only names files under its root)."""
     path = Path(path)
     if not path.is_file():
         die(f"split file {path} not found (prepare.py writes it)")
@@ -355,7 +357,8 @@ def read_split(path, num_classes=None):
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         parts = line.rsplit(maxsplit=1)
         if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
-            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, got {line[:80]!r}")
+            die(f"{path}:{n}: expected `relative/path label` with an integer label >= 0, "
+                f"got {line[:80]!r}")
         rel, label = parts[0], int(parts[1])
         if rel.startswith(("/", "\\")) or ".." in rel.replace("\\", "/").split("/"):
             die(f"{path}:{n}: {rel!r} leaves the data root: split paths are relative, without `..`")
@@ -368,7 +371,7 @@ def read_split(path, num_classes=None):
 
 
 def class_group(count):
-    """OLTR's class groups by training images: many > 100, medium 20-100, few 1-19; 0 images: unseen (OOD)."""
+    """OLTR's groups by training images: many > 100, medium 20-100, few 1-19; none: unseen (OOD)."""
     return "many" if count > 100 else "medium" if count >= 20 else "few" if count > 0 else "unseen"
 
 
@@ -407,15 +410,16 @@ def writable_dir(path):
 
 
 def sidecar_digest(array_path, sidecar):
-    """sha256 of an array's bytes and of every other field of its sidecar: editing either by hand is caught."""
-    digest = hashlib.sha256(json.dumps({k: v for k, v in sidecar.items() if k != "sha256"}, sort_keys=True).encode())
+    """sha256 of an array's bytes and its sidecar's other fields: an edit to either is caught."""
+    digest = hashlib.sha256(json.dumps({k: v for k, v in sidecar.items() if k != "sha256"},
+                                       sort_keys=True).encode())
     digest.update(sha256_file(array_path).encode())
     return digest.hexdigest()
 
 
 def load_artifact(path, kind):
-    """(array opened as a memmap, sidecar) of an encode.py artifact. Refused with one line unless the sidecar is
-    there, names this kind and matches the array (sidecar_digest), and every row is finite."""
+    """(array opened as a memmap, sidecar) of an encode.py artifact. Refused in one line unless the
+    sidecar is there, names this kind and matches the array (sidecar_digest), every row finite."""
     path, sidecar_path = Path(path), Path(path).with_suffix(".json")
     for p in (path, sidecar_path):
         if not p.is_file():
@@ -428,7 +432,8 @@ def load_artifact(path, kind):
     if sidecar.get("kind") != kind:
         die(f"{sidecar_path}: kind is {sidecar.get('kind')!r}, expected {kind!r}")
     if sidecar.get("sha256") != sidecar_digest(path, sidecar):
-        die(f"{path} and {sidecar_path.name} do not match (sha256): one was changed after encode.py wrote them")
+        die(f"{path} and {sidecar_path.name} do not match (sha256): "
+            "one was changed after encode.py wrote them")
     for start in range(0, len(array), 8192):
         chunk = np.asarray(array[start:start + 8192])
         finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
