@@ -1,17 +1,20 @@
-"""encode.py's text path against a plain SentenceTransformer.encode loop, on the same sentences, in one process.
+"""encode.py's text path against a plain SentenceTransformer.encode loop, on the same sentences, in
+one process.
 
-    .venv/bin/python bench/encode_bench.py                              # all-MiniLM-L6-v2 (offline package)
+    .venv/bin/python bench/encode_bench.py    # all-MiniLM-L6-v2 (offline package)
     .venv/bin/python bench/encode_bench.py --sentences 4000 --rounds 5 --batch-size 128
 
-Sentences imitate VLM captions (per image one long general answer and four short targeted ones) and are all
-distinct, so encode.py's de-duplication of repeated captions gains nothing here. The baseline encodes the
-sentences chunk by chunk with `model.encode(chunk)` at its defaults (fp32, batch 32, its own length sort);
-encode.py's path is `Encoder.texts` (length-sorted batches, weights in bf16 where the CPU has native bf16).
-Rounds alternate the two so that a busy machine slows both alike; the medians are printed.
+Sentences imitate VLM captions (per image one long general answer and four short targeted ones) and
+are all distinct, so encode.py's de-duplication of repeated captions gains nothing here. The
+baseline encodes the sentences chunk by chunk with `model.encode(chunk)` at its defaults (fp32,
+batch 32, its own length sort); encode.py's path is `Encoder.texts` (length-sorted batches, weights
+in bf16 where the CPU has native bf16). Rounds alternate the two so that a busy machine slows both
+alike; the medians are printed.
 """
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub reads it: the offline MiniLM package
+# before huggingface_hub reads it: the offline MiniLM package
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import importlib.util
 import random
 import statistics
@@ -28,10 +31,11 @@ _spec = importlib.util.spec_from_file_location("encode", REPO / "encode.py")
 encode = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(encode)  # the stage's own Encoder and its typed command line
 opt = encode.opt
-WORDS = ("the a an of with and on in its small large long short dark light grey white black striped plain soft "
-         "shirt dress coat bag boot sandal sneaker trouser pullover sleeve collar button strap heel sole zipper "
-         "pocket hood lace fabric cotton leather wool pattern print logo shape edge front back side left right "
-         "shows image photo item worn casual formal summer winter simple classic modern loose tight fitted").split()
+WORDS = ("the a an of with and on in its small large long short dark light grey white black "
+         "striped plain soft shirt dress coat bag boot sandal sneaker trouser pullover sleeve "
+         "collar button strap heel sole zipper pocket hood lace fabric cotton leather wool pattern "
+         "print logo shape edge front back side left right shows image photo item worn casual "
+         "formal summer winter simple classic modern loose tight fitted").split()
 
 
 @dataclass
@@ -46,7 +50,8 @@ class Config:
 
 
 def captions(count, seed):
-    """Distinct caption-like sentences in file order: per image 1 general (25-70 words) + 4 targeted (4-20)."""
+    """Distinct caption-like sentences in file order: per image 1 general (25-70 words) + 4 targeted
+    (4-20)."""
     rng, seen, out = random.Random(seed), set(), []
     while len(out) < count:
         low, high = (25, 70) if len(out) % 5 == 0 else (4, 20)
@@ -68,7 +73,8 @@ def main():
         sys.exit("encode_bench.py: error: the baseline is SentenceTransformer.encode: "
                  "pass a sentence-transformers --model")
     from sentence_transformers import SentenceTransformer
-    plain = SentenceTransformer(path, device=device)  # its own fp32 copy: encode.py casts its weights
+    # its own fp32 copy: encode.py casts its weights
+    plain = SentenceTransformer(path, device=device)
     sentences = captions(cfg.sentences, cfg.seed)
     chunks = [sentences[i:i + cfg.chunk] for i in range(0, len(sentences), cfg.chunk)]
 
@@ -80,29 +86,37 @@ def main():
 
     print(f"{len(sentences)} distinct sentences, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; "
-          f"encode.py: {dtype}, batch {cfg.batch_size}; baseline: SentenceTransformer.encode defaults", flush=True)
+          f"encode.py: {dtype}, batch {cfg.batch_size}; baseline: SentenceTransformer.encode "
+          "defaults", flush=True)
     plain.encode(sentences[:64]), ours.texts(sentences[:64], cfg.batch_size)  # warm-up
-    # Wall-clock rates are what a user waits for; CPU-time rates (process_time, all threads) are steadier when other
-    # jobs share the cores. Both are printed.
+    # Wall-clock rates are what a user waits for; CPU-time rates (process_time, all threads) are
+    # steadier when other jobs share the cores. Both are printed.
     wall, cpu = {"baseline": [], "encode.py": []}, {"baseline": [], "encode.py": []}
     feats = {}
     for r in range(cfg.rounds):
-        for name, fn in (("baseline", baseline), ("encode.py", encode_py))[:: 1 if r % 2 == 0 else -1]:
+        for name, fn in (("baseline", baseline),
+                         ("encode.py", encode_py))[:: 1 if r % 2 == 0 else -1]:
             start, start_cpu = time.perf_counter(), time.process_time()
             feats[name] = fn()
             wall[name].append(len(sentences) / (time.perf_counter() - start))
             cpu[name].append(len(sentences) / (time.process_time() - start_cpu))
         print(f"round {r + 1}: baseline {wall['baseline'][-1]:7.1f} sent/s   "
               f"encode.py {wall['encode.py'][-1]:7.1f} sent/s"
-              f"   (per CPU-second: {cpu['baseline'][-1]:.1f} vs {cpu['encode.py'][-1]:.1f})", flush=True)
+              f"   (per CPU-second: {cpu['baseline'][-1]:.1f} vs {cpu['encode.py'][-1]:.1f})",
+              flush=True)
     reference = feats["baseline"] / np.linalg.norm(feats["baseline"], axis=1, keepdims=True)
     cosine = (reference * feats["encode.py"]).sum(1)
     median = statistics.median
-    print(f"agreement with the fp32 baseline: cosine min {cosine.min():.4f}, mean {cosine.mean():.5f}")
-    print(f"baseline (SentenceTransformer.encode loop, defaults): {median(wall['baseline']):8.1f} sentences/s")
-    print(f"encode.py path:                                       {median(wall['encode.py']):8.1f} sentences/s")
-    print(f"ratio encode.py / baseline: {median(wall['encode.py']) / median(wall['baseline']):.2f}x wall-clock, "
-          f"{median(cpu['encode.py']) / median(cpu['baseline']):.2f}x per CPU-second (medians of {cfg.rounds} rounds)")
+    print(f"agreement with the fp32 baseline: cosine min {cosine.min():.4f}, mean "
+          f"{cosine.mean():.5f}")
+    print(f"baseline (SentenceTransformer.encode loop, defaults): {median(wall['baseline']):8.1f} "
+          "sentences/s")
+    print(f"encode.py path:                                       {median(wall['encode.py']):8.1f} "
+          "sentences/s")
+    print("ratio encode.py / baseline: "
+          f"{median(wall['encode.py']) / median(wall['baseline']):.2f}x wall-clock, "
+          f"{median(cpu['encode.py']) / median(cpu['baseline']):.2f}x per CPU-second (medians of "
+          f"{cfg.rounds} rounds)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The hardware the suite runs on, in one line: `make test` prints it first, so a failure report carries it.
+"""The hardware the suite runs on, in one line: `make test` prints it first, so a failure report
+carries it.
 
     python tests/hardware.py
 """
@@ -9,11 +10,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_helpers import auto_dtype  # noqa: E402  (the stages' own decision, byte-identical in each)
+from shared_helpers import auto_dtype  # noqa: E402  (the stages' own decision, byte-identical)
 
 
 def describe():
-    """CPU model, cores, the CPU flags that change a default (--dtype / --precision auto), GPU or not."""
+    """CPU model, cores, the CPU flags that change a default (--dtype / --precision auto), GPU or
+    not."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -28,9 +30,11 @@ def describe():
             gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
     except ImportError:
         gpu = "unknown (no torch)"
-    return (f"hardware: {model.group(1).strip() if model else platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores; CPU flags {' '.join(flags) or 'none of avx2/avx512'}; native bf16 on the CPU: "
-            f"{'yes' if native else 'no'} (--dtype auto = {auto_dtype('cpu', native)[0]}); GPU: {gpu}")
+    return ("hardware: "
+            f"{model.group(1).strip() if model else platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} cores; CPU flags {' '.join(flags) or 'none of avx2/avx512'}; "
+            f"native bf16 on the CPU: {'yes' if native else 'no'} "
+            f"(--dtype auto = {auto_dtype('cpu', native)[0]}); GPU: {gpu}")
 
 
 if __name__ == "__main__":

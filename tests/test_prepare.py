@@ -1,4 +1,5 @@
-"""prepare.py run as a user runs it: profiles, disjoint splits, determinism, bad lists, missing images."""
+"""prepare.py run as a user runs it: profiles, disjoint splits, determinism, bad lists, missing
+images."""
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ ENV = dict(os.environ, HF_HUB_OFFLINE="1")
 
 
 def prepare(*args, check=True, cwd=None):
-    proc = subprocess.run([sys.executable, REPO / "prepare.py", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=cwd, timeout=900)
+    proc = subprocess.run([sys.executable, REPO / "prepare.py", *map(str, args)],
+                          capture_output=True, text=True, env=ENV, cwd=cwd, timeout=900)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -26,7 +27,8 @@ def lines(path):
 
 
 def per_class(split_lines, num_classes):
-    return np.bincount([int(line.rsplit(maxsplit=1)[1]) for line in split_lines], minlength=num_classes).tolist()
+    return np.bincount([int(line.rsplit(maxsplit=1)[1]) for line in split_lines],
+                       minlength=num_classes).tolist()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def test_fashion_profile_is_exact(fmnist):
     assert lines(out / "classes.txt")[0] == "T-shirt/top" and len(lines(out / "classes.txt")) == 10
     assert "  many/medium/few      4/3/3" in stdout
     sidecar = json.loads((out / "prepare.json").read_text())
-    assert sidecar["splits"]["train"]["lines"] == 1236 and sidecar["groups"] == {"many": 4, "medium": 3, "few": 3}
+    assert sidecar["splits"]["train"]["lines"] == 1236 \
+        and sidecar["groups"] == {"many": 4, "medium": 3, "few": 3}
     first = lines(out / "train.txt")[0].rsplit(maxsplit=1)[0]
     image = Image.open(out / first)
     assert image.size == (28, 28)
@@ -53,8 +56,10 @@ def test_fashion_profile_is_exact(fmnist):
 
 def test_splits_are_disjoint(fmnist):
     out, _ = fmnist
-    splits = {s: {line.rsplit(maxsplit=1)[0] for line in lines(out / f"{s}.txt")} for s in ("train", "val", "test")}
-    assert sum(map(len, splits.values())) == 1236 + 1000 + 10000  # no duplicate inside a split either
+    splits = {s: {line.rsplit(maxsplit=1)[0] for line in lines(out / f"{s}.txt")}
+              for s in ("train", "val", "test")}
+    # no duplicate inside a split either
+    assert sum(map(len, splits.values())) == 1236 + 1000 + 10000
     assert not splits["train"] & splits["val"] and not splits["train"] & splits["test"]
     assert not splits["val"] & splits["test"]
 
@@ -98,17 +103,20 @@ def test_list_dataset_missing_and_malformed(tmp_path):
     assert "1 of 4 test images missing" in proc.stderr and "gone.JPEG" in proc.stderr
     assert per_class(lines(out / "train.txt"), 3) == [4, 3, 2]
     assert len(lines(out / "test.txt")) == 3
-    assert lines(out / "classes.txt") == ["tench", "goldfish", "great white shark"]  # torchvision's names
+    # torchvision's names
+    assert lines(out / "classes.txt") == ["tench", "goldfish", "great white shark"]
     assert (out / lines(out / "train.txt")[0].rsplit(maxsplit=1)[0]).is_file()
     (lists / "ImageNet_LT_val.txt").write_text("val/n00/v0.JPEG 0\nval/n01/v1.JPEG one\n")
     proc = prepare("imagenet-lt", "--lists", lists, "--root", root, "--out", out, check=False)
     assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1].startswith(f"prepare.py: error: {lists / 'ImageNet_LT_val.txt'}:2:")
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"prepare.py: error: {lists / 'ImageNet_LT_val.txt'}:2:")
 
 
 def test_folder_long_tail(tmp_path):
     root = tmp_path / "photos"
-    make_images(root, [f"{name}/{i}.png" for name, n in (("cat", 30), ("dog", 20), ("emu", 10)) for i in range(n)])
+    make_images(root, [f"{name}/{i}.png" for name, n in (("cat", 30), ("dog", 20), ("emu", 10))
+                       for i in range(n)])
     out = tmp_path / "folder"
     prepare("folder", "--root", root, "--out", out, "--max-per-class", "20", "--imbalance", "4")
     assert lines(out / "classes.txt") == ["cat", "dog", "emu"]
@@ -117,7 +125,8 @@ def test_folder_long_tail(tmp_path):
 
 
 def test_cifar_offline_names_source(tmp_path):
-    proc = prepare("cifar100-lt", "--out", tmp_path / "c", "--source", tmp_path / "nothing-here", check=False)
+    proc = prepare("cifar100-lt", "--out", tmp_path / "c", "--source", tmp_path / "nothing-here",
+                   check=False)
     assert proc.returncode != 0 and "--source" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -127,8 +136,10 @@ def test_ood_halves_from_cub(tmp_path):
     paths = [f"{n}/img_{i}.jpg" for n in names for i in range(3)]
     make_images(base / "images", paths)
     (base / "images.txt").write_text("".join(f"{i + 1} {p}\n" for i, p in enumerate(paths)))
-    (base / "image_class_labels.txt").write_text("".join(f"{i + 1} {i // 3 + 1}\n" for i in range(len(paths))))
-    (base / "train_test_split.txt").write_text("".join(f"{i + 1} {int(i % 3 != 0)}\n" for i in range(len(paths))))
+    (base / "image_class_labels.txt").write_text("".join(f"{i + 1} {i // 3 + 1}\n"
+                                                         for i in range(len(paths))))
+    (base / "train_test_split.txt").write_text("".join(f"{i + 1} {int(i % 3 != 0)}\n"
+                                                       for i in range(len(paths))))
     (base / "classes.txt").write_text("".join(f"{k + 1} {n}\n" for k, n in enumerate(names)))
     out = tmp_path / "cub"
     prepare("cub", "--source", tmp_path, "--out", out)
