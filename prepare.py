@@ -703,25 +703,29 @@ def write_lines(path, lines):
     os.replace(tmp, path)
 
 
-def main():
-    cfg = parse_config(Config, positional=("dataset",))
-    check_flags(cfg)
-    out = writable_dir(cfg.out)
+def prepared_dataset(cfg, out):
+    """The dataset's class names, split lines, notes and facts, by the family it belongs to."""
     if cfg.dataset in LT_SETS:
-        prepared = prepare_long_tail(cfg, out)
-    elif cfg.dataset in LIST_SETS:
-        prepared = prepare_lists(cfg, out)
-    elif cfg.dataset in OOD_SETS:
-        prepared = prepare_ood(cfg, out)
-    else:
-        prepared = prepare_folder(cfg, out)
-    names, lines = prepared.names, prepared.lines
-    if cfg.class_names:
-        given = [n.strip() for n in Path(cfg.class_names).read_text(encoding="utf-8").splitlines()
-                 if n.strip()]
-        if len(given) != len(names):
-            die(f"{cfg.class_names} names {len(given)} classes, {cfg.dataset} has {len(names)}")
-        names = given
+        return prepare_long_tail(cfg, out)
+    if cfg.dataset in LIST_SETS:
+        return prepare_lists(cfg, out)
+    if cfg.dataset in OOD_SETS:
+        return prepare_ood(cfg, out)
+    return prepare_folder(cfg, out)
+
+
+def given_class_names(cfg, names):
+    """--class-names: one name a line replacing the names found, one for every class."""
+    given = [n.strip() for n in Path(cfg.class_names).read_text(encoding="utf-8").splitlines()
+             if n.strip()]
+    if len(given) != len(names):
+        die(f"{cfg.class_names} names {len(given)} classes, {cfg.dataset} has {len(names)}")
+    return given
+
+
+def write_prepared(cfg, out, names, prepared):
+    """classes.txt, one file a split, and prepare.json; returns what the report prints."""
+    lines = prepared.lines
     write_lines(out / "classes.txt", names)
     for split, split_lines in lines.items():
         write_lines(out / f"{split}.txt", split_lines)
@@ -737,6 +741,16 @@ def main():
         "groups": dict(zip(GROUPS, map(int, found["many/medium/few"].split("/")))),
         "published": published, "versions": versions("numpy", "pillow", "torchvision"),
         **prepared.facts})
+    return train_key, per_class, found, published
+
+
+def main():
+    cfg = parse_config(Config, positional=("dataset",))
+    check_flags(cfg)
+    out = writable_dir(cfg.out)
+    prepared = prepared_dataset(cfg, out)
+    names = given_class_names(cfg, prepared.names) if cfg.class_names else prepared.names
+    train_key, per_class, found, published = write_prepared(cfg, out, names, prepared)
     print_report(cfg, out, names, train_key, per_class, found, published, prepared.notes)
 
 
