@@ -1233,12 +1233,11 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def parse_config(config_cls, argv=None, positional=(), defaults=None):
-    """Typed command line from a dataclass: each field is one `--dashed-name` with its help and
-    default; a Literal field only takes its listed values; a bool is `--flag` / `--no-flag`; a list
-    is `--name A,B`, repeatable. Fields in `positional` are positional, anywhere among the flags; a
-    list one takes any number of whole words (commas kept) after its flag's values. `defaults(first
-    pass's namespace) -> {field: value}` replaces dataclass defaults (a recipe's values): flags on
-    the command line still win, and --help shows the replaced defaults."""
+    """Typed command line from a dataclass: a field is one `--dashed-name` with help and default; a
+    Literal takes its listed values only; a bool is `--flag` / `--no-flag`; a list is `--name A,B`,
+    repeatable. `positional` fields go anywhere among the flags (a list one: whole words, commas
+    kept). `defaults(first pass's namespace) -> {field: value}` replaces dataclass defaults (a
+    recipe's): flags given still win, and --help shows the replaced defaults."""
     parser = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__,
                                      add_help=defaults is None,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
