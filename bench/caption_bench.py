@@ -141,12 +141,19 @@ def quantize_in_memory(model, quant, compute_dtype, device):
     return model
 
 
+def clip_l14_336(layers):
+    """CLIP ViT-L/14 at 336 px, the vision tower of LLaVA-1.5 and LLaVA-NeXT (their config.json)."""
+    from transformers import CLIPVisionConfig
+    return CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=layers,
+                            num_attention_heads=16, image_size=336, patch_size=14,
+                            projection_dim=768)
+
+
 def build_random(name, tiny_dir, num_layers, dtype, device):
     """(model, processor, image side or (width, height)): a published architecture, random init."""
     from transformers import (
         AutoProcessor,
         CLIPImageProcessor,
-        CLIPVisionConfig,
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
@@ -167,15 +174,7 @@ def build_random(name, tiny_dir, num_layers, dtype, device):
     tokenizer = tiny.tokenizer
     # CLIP ViT-L/14-336 + Vicuna-7B (llava-hf/llava-1.5-7b-hf config.json)
     if name == "llava-1.5-7b":
-        vision = CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=num_layers or 24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        )
+        vision = clip_l14_336(num_layers or 24)
         text = LlamaConfig(
             vocab_size=32064,
             hidden_size=4096,
@@ -329,15 +328,7 @@ def build_random(name, tiny_dir, num_layers, dtype, device):
     # llava-hf/llava-v1.6-mistral-7b-hf: CLIP ViT-L/14-336 + Mistral-7B, anyres tiles
     elif name == "llava-next":
         layers = num_layers or 2  # few layers, so the 2,400-token prefills run on a CPU in minutes
-        vision = CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=layers,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        )
+        vision = clip_l14_336(layers)
         # Mistral-7B at a quarter of its width: 8 heads of 128 (2 KV heads), 3.5x MLP
         text = MistralConfig(
             vocab_size=32064,
