@@ -317,13 +317,16 @@ class Job:
     out: Path
     stem: str  # output file stem: NAME, or NAME.shard-i-of-n
     rows: np.ndarray  # lines of the split (or classes) this process encodes, in output order
-    rank: int
-    world: int
+    model: str  # --model as given: the name the encoder is known by
     model_path: str  # folder or hub id to load
     model_config: dict
     device: str
     dtype: str
     key: str  # identity_hash of the inputs and settings: the sidecar's config_hash
+
+    def encoder(self):
+        """The model, loaded now: only once the output is known not to be up to date."""
+        return Encoder(self.model, self.model_path, self.model_config, self.device, self.dtype)
 
 
 def start_job(cfg, kind, rows, rank, world, what, **identity):
@@ -345,7 +348,7 @@ def start_job(cfg, kind, rows, rank, world, what, **identity):
     key = identity_hash(kind=kind, encoder=model_path, dtype=dtype, **identity)
     if check_done(out, stem, key, cfg.overwrite):
         return None
-    return Job(out, stem, rows, rank, world, model_path, model_config, device, dtype, key)
+    return Job(out, stem, rows, cfg.model, model_path, model_config, device, dtype, key)
 
 
 class ResumableArray:
@@ -433,7 +436,7 @@ def run_text(cfg):
         return
     offsets, empty = scan_captions(cfg.captions, prompt_ids, len(items))
     missing_rows, filled = fill_missing(offsets, rows, prompt_ids, cfg.allow_missing, cfg.captions)
-    encoder = Encoder(cfg.model, job.model_path, job.model_config, job.device, job.dtype)
+    encoder = job.encoder()
     writer = encode_captions(cfg, job, encoder, offsets)
     empty_count = int((empty[rows] & (offsets[rows] >= 0)).sum())
     sidecar = common_sidecar(cfg, "text", encoder, writer.shape, job.key)
@@ -545,8 +548,8 @@ def class_texts(names, descriptions, template):
 
 
 def is_jsonl(path):
-    first = next((line for line in Path(path).read_text(encoding="utf-8").splitlines()
-                  if line.strip()), "")
+    with open(path, encoding="utf-8") as lines:  # the first non-empty line tells
+        first = next((line for line in lines if line.strip()), "")
     return first.lstrip().startswith("{")
 
 
@@ -589,7 +592,7 @@ def run_classes(cfg):
                     descriptions_sha256=record["descriptions_sha256"], **li_only)
     if job is None:
         return
-    encoder = Encoder(cfg.model, job.model_path, job.model_config, job.device, job.dtype)
+    encoder = job.encoder()
     bar = progress_bar(len(flat), "sent")
     feats = encoder.texts(flat, cfg.batch_size, bar)
     bar.close()
@@ -615,7 +618,7 @@ def run_images(cfg):
     if job is None:
         return
     from transformers import AutoImageProcessor
-    encoder = Encoder(cfg.model, job.model_path, job.model_config, job.device, job.dtype)
+    encoder = job.encoder()
     processor = AutoImageProcessor.from_pretrained(job.model_path)
     def pixel_values(image):
         return processor(images=image, return_tensors="pt")["pixel_values"][0]
@@ -1032,8 +1035,8 @@ def image_loader(root, items, transform):
             with Image.open(root / items[row][0]) as image:
                 return row, transform(rgb_image(image)), None
         except Exception as e:  # whatever PIL raises for a bad file: never a crash mid-run
-            first_line = str(e).splitlines()[0][:200] if str(e) else ""
-            return row, None, f"{type(e).__name__}: {first_line}"
+            message = str(e).splitlines()[0][:200] if str(e) else ""
+            return row, None, f"{type(e).__name__}: {message}"
     return load
 
 

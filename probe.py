@@ -154,10 +154,11 @@ def probe_accuracy(x, y, group_of, cv, cfg):
 
 
 def report_of(cfg, sample, cv, results):
+    from sklearn.model_selection import StratifiedKFold
     return {"made_by": "probe.py", "kind": "probe", "text": cfg.text,
             "text_sha256": sample.sidecar["sha256"], "encoder": sample.sidecar.get("encoder"),
             "split": cfg.split, "split_sha256": sample.split_sha, "rows": len(sample.rows),
-            "folds": cv.n_splits, "stratified": type(cv).__name__ == "StratifiedKFold",
+            "folds": cv.n_splits, "stratified": isinstance(cv, StratifiedKFold),
             "all": "concatenated prompt features",
             "pixels": "random projection of 32x32 RGB pixels to the text width"
                       if cfg.pixel_baseline else None,
@@ -205,9 +206,10 @@ def main(argv=None):
                for name in progress_bar(len(subsets), "probe", desc=f"{cv.n_splits}-fold probes",
                                         iterable=list(subsets))}
     report = report_of(cfg, sample, cv, results)
-    write_json(Path(cfg.text).with_suffix(".probe.json"), report)
+    report_path = Path(cfg.text).with_suffix(".probe.json")
+    write_json(report_path, report)
     print_table(report)
-    say(f"wrote {Path(cfg.text).with_suffix('.probe.json')}")
+    say(f"wrote {report_path}")
 
 
 def say(msg):
@@ -331,8 +333,8 @@ def image_loader(root, items, transform):
             with Image.open(root / items[row][0]) as image:
                 return row, transform(rgb_image(image)), None
         except Exception as e:  # whatever PIL raises for a bad file: never a crash mid-run
-            first_line = str(e).splitlines()[0][:200] if str(e) else ""
-            return row, None, f"{type(e).__name__}: {first_line}"
+            message = str(e).splitlines()[0][:200] if str(e) else ""
+            return row, None, f"{type(e).__name__}: {message}"
     return load
 
 
