@@ -325,10 +325,6 @@ def load_vlm(vlm, quant="none", dtype="bf16", device="cpu", revision=""):
     return model, processor, hub_revision(vlm, revision, source), tiny
 
 
-def first_line(err):
-    return str(err).splitlines()[0][:200]
-
-
 def vlm_source(vlm, revision):
     """A local folder, or a hub id: one the hub cannot serve now is loaded from the cache offline
     (from_pretrained's client would retry a dead connection for minutes)."""
@@ -415,8 +411,9 @@ def check_prompt_placeholders(processor, prompts):
     tokens = {getattr(processor, name, None) for name in names}
     tokens |= {t for t in processor.tokenizer.get_added_vocab()
                if t.startswith("<") and t.endswith(">") and "image" in t}
+    tokens = sorted(t for t in tokens if isinstance(t, str) and t.strip())
     for prompt in prompts:
-        for token in sorted(t for t in tokens if isinstance(t, str) and t.strip()):
+        for token in tokens:
             if token in prompt["text"]:
                 die(f"prompt file {prompt['file']} holds {token!r}, this model's image "
                     "placeholder: the processor puts the image in itself; remove it from the "
@@ -665,6 +662,15 @@ def prefill_prefixes(model, plan, gen):
     return plan["input_ids"].to(device), plan["attention_mask"].to(device), cache
 
 
+def planned(c, inputs, images):
+    """The inputs laid out for the prefix cache (prefix_plan) where it is on and applies: the
+    preflight and the batches take the same path."""
+    if c.placeholders is None:
+        return inputs
+    pad = c.processor.tokenizer.pad_token_id
+    return prefix_plan(inputs, images, c.placeholders, pad) or inputs
+
+
 def preflight(c, with_image, vlm):
     """A two-row test caption of Captioner c before any work, through the run's own path: a
     template, dtype, device or model failure stops here, so a later failure is one image's."""
@@ -672,9 +678,7 @@ def preflight(c, with_image, vlm):
     try:
         inputs = build_inputs(c.processor, ["Describe this.", "What is shown here, in detail?"],
                               [image, image], c.settings, c.dtype)
-        if c.placeholders is not None:
-            pad = c.processor.tokenizer.pad_token_id
-            inputs = prefix_plan(inputs, [image, image], c.placeholders, pad) or inputs
+        inputs = planned(c, inputs, [image, image])
         probe_gen = copy.deepcopy(c.gen)
         probe_gen.max_new_tokens, probe_gen.min_new_tokens = 1, 0
         generate_texts(c.model, c.processor, inputs, probe_gen)
@@ -778,9 +782,8 @@ def prepare_next(c, batches):
     if rows is None:
         return None
     rows, inputs, rejected = prepare_batch(c, rows)
-    if rows and c.placeholders is not None:
-        pad = c.processor.tokenizer.pad_token_id
-        inputs = prefix_plan(inputs, [r.image for r in rows], c.placeholders, pad) or inputs
+    if rows:
+        inputs = planned(c, inputs, [r.image for r in rows])
     return rows, inputs, rejected
 
 
@@ -837,7 +840,7 @@ class Outputs:
 
 
 def open_outputs(paths, bad_indices):
-    paths.records.parent.mkdir(parents=True, exist_ok=True)
+    # start_run made the folder (claim_output's writable_dir)
     files = (open(p, "ab", buffering=0) for p in (paths.records, paths.errors))
     return Outputs(*files, bad_indices)
 
@@ -1277,6 +1280,11 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
 def die(msg):
     """One line naming the stage, then exit 1: a user's mistake is a sentence, not a traceback."""
     sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def first_line(error):
+    """An exception's message as one line for an error line of ours."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def warn(msg):

@@ -536,10 +536,15 @@ def student_from_final(ckpt):
     return student
 
 
-def load_fitting(module, weights):
-    """Load `weights` into `module` when every tensor is there with its shape; True if it did."""
+def fits(module, weights):
+    """Whether `weights` holds every tensor of `module`, each with its shape."""
     own = module.state_dict()
-    if set(own) != set(weights) or any(own[k].shape != weights[k].shape for k in own):
+    return set(own) == set(weights) and all(own[k].shape == weights[k].shape for k in own)
+
+
+def load_fitting(module, weights):
+    """Load `weights` into `module` when they fit; True if it did."""
+    if not fits(module, weights):
         return False
     module.load_state_dict(weights)
     return True
@@ -567,11 +572,14 @@ def init_from(model, cfg, sup):
             (loaded if given and load_fitting(part, given) else fresh).append(name)
     head, text_head = ckpt.get("text_head"), model.text_head
     if text_head is not None:
-        fits = head is not None and load_fitting(text_head.proj, head["proj"]) \
-            and load_fitting(text_head.adaptor, head["adaptor"])
-        if fits:
+        # Both parts or neither: a proj loaded beside a fresh adaptor is no earlier text head.
+        both = head is not None and fits(text_head.proj, head["proj"]) \
+            and fits(text_head.adaptor, head["adaptor"])
+        if both:
+            text_head.proj.load_state_dict(head["proj"])
+            text_head.adaptor.load_state_dict(head["adaptor"])
             text_head.log_scale.data.fill_(math.log(head["logit_scale"]))
-        (loaded if fits else fresh).append("text head")
+        (loaded if both else fresh).append("text head")
     here = len(sup.class_text) if cfg.head == "cosine" else student.head.out_features
     return (f"--init {cfg.init}: loaded {', '.join(loaded)}; started fresh: "
             f"{', '.join(fresh) or 'nothing'}; {ckpt['num_classes']} classes there, {here} here"
@@ -879,14 +887,14 @@ def beton_for(cfg, split, accelerator):
     split_path = Path(cfg.data) / split
     # The key covers the split's text, the write settings and a stat of every image: an image
     # replaced under the same split line must not be trained on from the old cache.
-    images = image_stats(Path(cfg.data), read_split(split_path))
+    items = read_split(split_path)
+    images = image_stats(Path(cfg.data), items)
     key = hashlib.sha256(split_path.read_bytes() + f"|{images}|{cfg.max_res}|smart64".encode())
     path = Path(cfg.data) / ".ffcv" / f"{split_path.stem}-{key.hexdigest()[:16]}.beton"
     with accelerator.main_process_first():
         if accelerator.is_main_process and not path.exists():
             path.parent.mkdir(exist_ok=True)
             remove_stale_tmp(path.parent)
-            items = read_split(split_path)
             good = readable_rows(cfg, split_path, items, path.with_suffix(".errors.jsonl"))
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
             failure = None
@@ -2039,11 +2047,6 @@ def comma_list(text):
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
-def first_line(error):
-    """An exception's message as one line for an error line of ours."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
-
-
 # --- shared helpers: byte-identical copies of tests/shared_helpers.py (test_shared.py --sync)
 
 GROUPS = ("many", "medium", "few")
@@ -2094,6 +2097,11 @@ def parse_config(config_cls, argv=None, positional=(), defaults=None):
 def die(msg):
     """One line naming the stage, then exit 1: a user's mistake is a sentence, not a traceback."""
     sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
+
+
+def first_line(error):
+    """An exception's message as one line for an error line of ours."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
 
 
 def warn(msg):

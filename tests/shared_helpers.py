@@ -83,6 +83,11 @@ def die(msg):
     sys.exit(f"{Path(sys.argv[0]).name}: error: {msg}")
 
 
+def first_line(error):
+    """An exception's message as one line for an error line of ours."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
 def warn(msg):
     print(f"{Path(sys.argv[0]).name}: warning: {msg}", file=sys.stderr, flush=True)
 
@@ -296,8 +301,8 @@ def image_loader(root, items, transform):
             with Image.open(root / items[row][0]) as image:
                 return row, transform(rgb_image(image)), None
         except Exception as e:  # whatever PIL raises for a bad file: never a crash mid-run
-            first_line = str(e).splitlines()[0][:200] if str(e) else ""
-            return row, None, f"{type(e).__name__}: {first_line}"
+            message = str(e).splitlines()[0][:200] if str(e) else ""
+            return row, None, f"{type(e).__name__}: {message}"
     return load
 
 
