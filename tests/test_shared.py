@@ -47,13 +47,9 @@ def uses(name):
     return used & set(CANONICAL) - {name}
 
 
-def stages():
-    return [stage for stage in STAGES if (REPO / stage).is_file()]
-
-
 def test_every_copy_is_the_canonical_one():
     carried = {name: [] for name in CANONICAL}
-    for stage in stages():
+    for stage in STAGES:
         mine = top_level(REPO / stage)
         for name, (_, _, source) in CANONICAL.items():
             if name in mine:
@@ -161,7 +157,7 @@ def test_progress_is_lines_where_output_is_not_a_terminal():
 
 
 def sync():
-    for stage in stages():
+    for stage in STAGES:
         path = REPO / stage
         lines = path.read_text().splitlines(keepends=True)
         mine = top_level(path)
