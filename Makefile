@@ -14,7 +14,7 @@ TINY_VLM = $(DEMO)/tiny-vlm
 CAPTION_VLM = $(if $(filter tiny,$(VLM)),$(TINY_VLM),$(VLM))
 BUILD_TINY = $(if $(filter tiny,$(VLM)),$(PY) tests/tiny.py llava $(TINY_VLM))
 EPOCHS ?= 30
-# Seed of the demo's two trainings (init, crops, data order): README gives the spread of the results over seeds 0-2.
+# Seed of every training here (init, crops, data order): README gives the spread of the demo's results over seeds 0-2.
 SEED   ?= 0
 # Sized for 2 CPU cores; on a GPU raise EPOCHS and drop --max-new-tokens. A batch of 15 holds all 5 prompts of 3 images,
 # whose vision-tower work caption.py shares.
@@ -72,9 +72,9 @@ ablate: setup
 	$(call stage,ablate,3,6,embed the captions)
 	$(PY) encode.py --captions $(DEMO)/captions.jsonl --split $(DATA)/train.txt --model minilm --out $(DEMO)/text
 	$(call stage,ablate,4,6,train on the general prompt only)
-	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --overwrite --text $(DEMO)/text/text.npy --prompts general --out $(DEMO)/ablate-general
+	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --seed $(SEED) --overwrite --text $(DEMO)/text/text.npy --prompts general --out $(DEMO)/ablate-general
 	$(call stage,ablate,5,6,train on general + T1..T4)
-	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --overwrite --text $(DEMO)/text/text.npy --out $(DEMO)/ablate-all
+	$(PY) train.py --data $(DATA) --loss la --epochs $(EPOCHS) --seed $(SEED) --overwrite --text $(DEMO)/text/text.npy --out $(DEMO)/ablate-all
 	$(call stage,ablate,6,6,evaluate both)
 	$(PY) eval.py $(DEMO)/ablate-general/final.pt $(DEMO)/ablate-all/final.pt --data $(DATA) --split test --out $(DEMO)/ablate
 

@@ -8,9 +8,10 @@ import platform
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from shared_helpers import auto_dtype  # noqa: E402  (the stages' own decision, byte-identical)
+from shared_helpers import auto_dtype, has_native_bf16  # noqa: E402  (the stages' own decision)
 
 
 def describe():
@@ -22,7 +23,8 @@ def describe():
         cpuinfo = ""
     model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
     flags = sorted(set(re.findall(r"\b(avx512_bf16|amx_bf16|amx_tile|avx512f|avx2)\b", cpuinfo)))
-    native = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    # the stages' own test (it reads only device.type: a torch.device without importing torch)
+    native = has_native_bf16(SimpleNamespace(type="cpu"))
     gpu = "none"
     try:
         import torch
